@@ -1,0 +1,152 @@
+"""Generate a shard of samples: PNG images, a sample table and an activation store.
+
+Everything is written under temporary names and moved into place at the end, so a failed or
+killed job leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from icm.capture import capture_activations
+from icm.provenance import package_versions
+from icm.samples import Sample
+from icm.sites import denoiser_of, list_sites
+from icm.store import ActivationStoreWriter
+
+SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How each image is denoised; recorded in every artifact."""
+
+    steps: int
+    guidance_scale: float
+    resolution: int
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.resolution,
+            "width": self.resolution,
+        }
+
+
+def generators(samples: Sequence[Sample]) -> list[torch.Generator]:
+    """One CPU generator per sample: diffusers draws each latent from its own generator on
+    the CPU, so an image depends on its seed only (not batch, shard or device)."""
+    return [torch.Generator("cpu").manual_seed(s.seed) for s in samples]
+
+
+def generate_images(
+    pipe: Any, samples: Sequence[Sample], settings: SamplerSettings, **extra: Any
+) -> list[Image.Image]:
+    """Plain generation of ``samples`` in one pipeline call (no hooks)."""
+    result = pipe(
+        prompt=[s.prompt for s in samples],
+        generator=generators(samples),
+        output_type="pil",
+        **settings.pipeline_kwargs(),
+        **extra,
+    )
+    return list(result.images)
+
+
+def batches(items: Sequence[Sample], size: int) -> Iterator[Sequence[Sample]]:
+    if size < 1:
+        raise ValueError("batch size must be at least 1")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def image_name(sample: Sample) -> str:
+    return f"{sample.sample:06d}.png"
+
+
+def generate_shard(
+    pipe: Any,
+    samples: Sequence[Sample],
+    settings: SamplerSettings,
+    images_dir: str | Path,
+    table_path: str | Path,
+    store_path: str | Path,
+    *,
+    batch_size: int = 8,
+    sites: Sequence[str] | None = None,
+    store_dtype: str = "float32",
+    chunk_samples: int = 128,
+    attrs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> None:
+    """Generate ``samples`` in batches with capture on, writing images, table and store.
+
+    ``images_dir`` and ``store_path`` must not exist. Image paths in the table are relative
+    to the table's folder, so a results folder can be moved as a whole.
+    """
+    images_dir, table_path = Path(images_dir), Path(table_path)
+    sites = list(sites) if sites is not None else list_sites(denoiser_of(pipe))
+    attrs = {
+        **(attrs or {}),
+        "sites": sites,
+        "n_samples": len(samples),
+        "sampler": settings.__dict__,
+        "pooling": "mean over tokens of the attention module output",
+        "cfg_half": "conditional (second half of the [uncond, cond] batch)",
+        "store_dtype": store_dtype,
+        "versions": package_versions(),
+    }
+    if images_dir.exists():
+        raise FileExistsError(f"{images_dir} exists; remove it to regenerate")
+    partial_images = images_dir.with_name(images_dir.name + ".partial")
+    shutil.rmtree(partial_images, ignore_errors=True)
+    partial_images.mkdir(parents=True)
+    rows: list[dict[str, object]] = []
+    rel_images = Path(_relpath(images_dir, table_path.parent))
+    try:
+        with (
+            ActivationStoreWriter(store_path, samples, attrs, store_dtype, chunk_samples) as store,
+            capture_activations(pipe, sites) as cap,
+            tqdm(total=len(samples), desc="generate", unit="img", file=sys.stderr) as bar,
+        ):
+            bar.disable = not progress
+            for batch in batches(samples, batch_size):
+                images = generate_images(pipe, batch, settings)
+                store.write(cap.pop())
+                for sample, image in zip(batch, images, strict=True):
+                    image.save(partial_images / image_name(sample))
+                    rows.append({**sample.as_row(), "image": str(rel_images / image_name(sample))})
+                bar.update(len(batch))
+        partial_images.rename(images_dir)
+        write_table(table_path, rows)
+    except BaseException:
+        shutil.rmtree(partial_images, ignore_errors=True)
+        raise
+
+
+def _relpath(path: Path, start: Path) -> str:
+    return os.path.relpath(path.resolve(), start.resolve())
+
+
+def write_table(path: str | Path, rows: Sequence[dict[str, object]]) -> None:
+    """Write the sample table atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.rename(path)
