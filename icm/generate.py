@@ -140,13 +140,15 @@ def _relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
 
 
-def write_table(path: str | Path, rows: Sequence[dict[str, object]]) -> None:
-    """Write the sample table atomically (temporary file, then rename)."""
+def write_table(
+    path: str | Path, rows: Sequence[dict[str, object]], columns: Sequence[str] = SAMPLE_COLUMNS
+) -> None:
+    """Write a CSV table atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=SAMPLE_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
     tmp.rename(path)

@@ -17,6 +17,7 @@ sample has been written, so an interrupted job never leaves a store that looks c
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -148,7 +149,9 @@ class ActivationStoreWriter:
             shutil.rmtree(self.partial, ignore_errors=True)
             raise RuntimeError(f"store got {self.written} of {len(self.samples)} samples")
         self._flush()
-        zarr.consolidate_metadata(self.partial)
+        with warnings.catch_warnings():  # v3 consolidation is zarr-python's extension; xarray
+            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)  # reads it
+            zarr.consolidate_metadata(self.partial)
         self.partial.rename(self.path)
         return self.path
 

@@ -1,0 +1,89 @@
+"""Generation time with and without activation capture, as a ratio measured in one run.
+
+The model is the full-size SD1.5 architecture with random weights (built offline), so the
+hook count (32 sites) and tensor sizes are those of the real model; weights do not change the
+cost. Runs alternate plain / captured to cancel drift; the ratio is of the medians.
+
+    python benchmarks/capture_overhead.py                      # CPU: 128 px, 4 steps
+    python benchmarks/capture_overhead.py --device cuda --resolution 512 --steps 20 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from icm.capture import capture_activations
+from icm.models import build_sd15_pipeline
+
+
+def timed(fn, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+
+    pipe = build_sd15_pipeline("full", seed=0).to(args.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a photo of a person"] * args.batch
+
+    def generate() -> None:
+        generator = [torch.Generator("cpu").manual_seed(i) for i in range(args.batch)]
+        pipe(prompts, num_inference_steps=args.steps, height=args.resolution,
+             width=args.resolution, generator=generator, output_type="np")
+
+    def generate_captured() -> None:
+        with capture_activations(pipe) as cap:
+            generate()
+            cap.pop()  # includes the one device-to-host copy per batch
+
+    generate(), generate_captured()  # warm-up: allocator, kernels, caches
+    plain, captured = [], []
+    for i in range(args.repeats):
+        order = [(plain, generate), (captured, generate_captured)]
+        for times, fn in order if i % 2 == 0 else order[::-1]:
+            times.append(timed(fn, args.device))
+    result = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads}",
+        "dtype": str(dtype).removeprefix("torch."),
+        "resolution": args.resolution,
+        "steps": args.steps,
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "plain_median_s": statistics.median(plain),
+        "capture_median_s": statistics.median(captured),
+        "torch": torch.__version__,
+    }
+    result["ratio"] = result["capture_median_s"] / result["plain_median_s"]
+    print(json.dumps(result, indent=2))
+    print(f"| {result['device']} | {result['dtype']} | {args.resolution} px, {args.steps} steps, "
+          f"batch {args.batch} | {result['plain_median_s']:.3f} s | "
+          f"{result['capture_median_s']:.3f} s | {result['ratio']:.3f} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+# Stage 1: generate images from the concept's general prompts while capturing the
+# token-mean output of every attn1/attn2 site at every step (conditional CFG half).
+# One job per shard, so many GPU jobs run side by side; each writes its own Zarr store.
+
+
+rule generate_images:
+    input:
+        model=model_input,
+    output:
+        images=directory("results/{model}/{concept}/generation/shard-{shard}/images"),
+        samples="results/{model}/{concept}/generation/shard-{shard}/samples.csv",
+        store=directory("results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
+    log:
+        "logs/{model}/{concept}/generation/shard-{shard}.log",
+    params:
+        model=lambda wildcards: MODELS[wildcards.model],
+        source=lambda wildcards: model_source(wildcards.model),
+        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+        generation=config["generation"],
+    resources:
+        gpu=gpu_resources,
+        mem_mb=mem_resources,
+        runtime=runtime_resources,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/generate_images.py"
+
+
+rule merge_samples:
+    input:
+        shard_files("results/{model}/{concept}/generation/shard-{shard}/samples.csv"),
+    output:
+        "results/{model}/{concept}/generation/samples.csv",
+    log:
+        "logs/{model}/{concept}/generation/samples.log",
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/merge_samples.py"

@@ -1,0 +1,30 @@
+"""Shared fixtures. Tests never reach a model hub: everything is built offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """A random-weight SD1.5-architecture pipeline (tiny), shared read-only by tests."""
+    from icm.models import build_sd15_pipeline
+
+    pipe = build_sd15_pipeline("tiny", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_settings():
+    from icm.generate import SamplerSettings
+
+    return SamplerSettings(steps=4, guidance_scale=7.5, resolution=32)

@@ -1,0 +1,18 @@
+"""Snakemake adapter for rule generate_images."""
+
+from icm.jobs import generate_shard_job, logging_to
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    generate_shard_job(
+        model_name=sm.wildcards.model,
+        model=sm.params.model,
+        source=sm.params.source,
+        concept_name=sm.wildcards.concept,
+        concept=sm.params.concept,
+        generation=sm.params.generation,
+        shard=int(sm.wildcards.shard),
+        images_dir=sm.output.images,
+        table=sm.output.samples,
+        store=sm.output.store,
+    )
