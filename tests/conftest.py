@@ -18,7 +18,8 @@ def tiny_pipe():
     """A random-weight SD1.5-architecture pipeline (tiny), shared read-only by tests."""
     from icm.models import build_sd15_pipeline
 
-    pipe = build_sd15_pipeline("tiny", seed=0)
+    # ICM_TEST_DEVICE=cuda runs the pipeline-level tests on a GPU (see docs/development.md).
+    pipe = build_sd15_pipeline("tiny", seed=0, device=os.environ.get("ICM_TEST_DEVICE", "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -46,7 +46,7 @@ def test_means_equal_direct_computation(tiny_pipe, guidance):
         assert len(outputs) == 4  # one call per step
         # With guidance the batch is [uncond x4, cond x4]; the conditional half comes second.
         cond = [o.chunk(2)[1] if guidance > 1 else o for o in outputs]
-        expected = torch.stack([c.mean(dim=1) for c in cond], dim=1).numpy()
+        expected = torch.stack([c.mean(dim=1) for c in cond], dim=1).cpu().numpy()
         assert batch.activations[site].shape == (4, 4, outputs[0].shape[-1])
         np.testing.assert_allclose(batch.activations[site], expected, rtol=1e-6, atol=1e-6)
     assert batch.timesteps.shape == (4,)

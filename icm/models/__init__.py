@@ -6,7 +6,7 @@ from icm.models.configs import (
     sd15_unet_config,
     sd15_vae_config,
 )
-from icm.models.loading import ModelNotAvailableError, ModelSpec, denoiser, load_pipeline
+from icm.models.loading import ModelNotAvailableError, ModelSpec, load_pipeline
 from icm.models.tiny import build_sd15_pipeline, build_sd15_unet_on_meta, save_tiny_sd15
 from icm.models.tokenizer import build_clip_tokenizer
 
@@ -16,7 +16,6 @@ __all__ = [
     "build_clip_tokenizer",
     "build_sd15_pipeline",
     "build_sd15_unet_on_meta",
-    "denoiser",
     "load_pipeline",
     "save_tiny_sd15",
     "sd15_scheduler_config",

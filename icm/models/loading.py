@@ -79,15 +79,6 @@ class ModelSpec:
         return cls(name=name, **values)
 
 
-def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
-    """The network that is called once per step: a UNet or a DiT transformer."""
-    for attr in ("unet", "transformer"):
-        module = getattr(pipe, attr, None)
-        if module is not None:
-            return module
-    raise AttributeError(f"{type(pipe).__name__} has neither .unet nor .transformer")
-
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` means the GPU when there is one."""
     if str(device) == "auto":
