@@ -16,10 +16,10 @@ from icm.models import (
     build_clip_tokenizer,
     build_sd15_pipeline,
     build_sd15_unet_on_meta,
-    denoiser,
     load_pipeline,
     save_tiny_sd15,
 )
+from icm.sites import denoiser_of
 
 PROMPTS = ["a photo of a person"] * 2
 GEN_KW = dict(num_inference_steps=3, height=32, width=32, guidance_scale=7.5, output_type="np")
@@ -70,7 +70,7 @@ def test_tokenizer_single_tokens_and_round_trip(tmp_path):
 
 
 def test_tiny_pipeline_is_deterministic(tiny_pipe):
-    assert denoiser(tiny_pipe) is tiny_pipe.unet
+    assert denoiser_of(tiny_pipe) is tiny_pipe.unet
     first, second = _generate(tiny_pipe), _generate(tiny_pipe)
     assert first.shape == (2, 32, 32, 3)
     np.testing.assert_array_equal(first, second)
