@@ -7,10 +7,10 @@ CORES ?= 2
 # This workplace's machines hold torch 2.14.1 / torchvision 0.29.1 on disk and cap pip there
 # (/etc/xdg/pip); anywhere else pip resolves torch normally (override: make TORCH_PIN=...).
 TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvision==0.29.1,)
-DEMO_TARGET ?= results/tiny-sd15/gender/generation/samples.csv
+DEMO_TARGET ?= results/toy/color/generation/samples.csv
 PYTEST_FLAGS ?= -n 2 --durations=15
 
-.PHONY: install demo test check lint bench clean
+.PHONY: install demo test check lint bench clean toy-model toy-quality
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 
 demo: install  ## run the main job on the embedded default model
 	$(BIN)/snakemake --cores $(CORES) $(DEMO_TARGET)
-	$(BIN)/python -m icm inspect results/tiny-sd15/gender/generation/shard-000/activations.zarr
+	$(BIN)/python -m icm inspect results/toy/color/generation/shard-000/activations.zarr
 
 test: install  ## the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)
@@ -36,6 +36,14 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
+
+toy-model: install  ## retrain the toy model and its feature extractor from scratch (~45 min)
+	$(BIN)/snakemake --cores $(CORES) --forcerun train_toy_model train_toy_features \
+		-- resources/models/toy resources/models/toy-features.safetensors
+
+toy-quality: install  ## oracle read-out of the toy model (the numbers in docs/toy.md)
+	$(BIN)/snakemake --cores $(CORES) --forcerun measure_toy_quality -- results/toy/quality.md
+	cat results/toy/quality.md
 
 clean:
 	rm -rf results/models results/*/ logs .snakemake

@@ -13,6 +13,7 @@ validate(config, "schemas/config.schema.yaml")
 
 include: "rules/common.smk"
 include: "rules/models.smk"
+include: "rules/toy.smk"
 include: "rules/generate.smk"
 include: "rules/pending.smk"
 

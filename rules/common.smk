@@ -24,8 +24,11 @@ def model_source(name):
 
 
 def model_input(wildcards):
-    """A generation job depends on the model folder only when the workflow builds it."""
-    return built_model_dir(wildcards.model) if MODELS[wildcards.model]["builder"] else []
+    """A job depends on the model folder when it lives in this workflow (built by a rule, or
+    trained and committed under resources/), so that rebuilding it regenerates; hub ids and
+    folders outside the workflow are loaded as they are."""
+    source = model_source(wildcards.model)
+    return source if Path(source).parts[0] in ("results", "resources") else []
 
 
 def shard_ids(model):

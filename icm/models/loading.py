@@ -129,17 +129,28 @@ def _not_available(
     )
 
 
+def pipeline_class(family: str) -> type[DiffusionPipeline]:
+    """The class that loads a family: diffusers picks SD/SDXL/SANA/FLUX from model_index.json;
+    the toy pipeline is ours, so diffusers cannot find it by name."""
+    if family == "toy":
+        from icm.toy.pipeline import ToyPipeline
+
+        return ToyPipeline
+    return DiffusionPipeline
+
+
 def _from_hub(spec: ModelSpec, **kwargs: Any) -> DiffusionPipeline:
     """Cache first; one online try only when allowed (it fails fast without a network)."""
+    cls = pipeline_class(spec.family)
     try:
-        return DiffusionPipeline.from_pretrained(spec.source, local_files_only=True, **kwargs)
+        return cls.from_pretrained(spec.source, local_files_only=True, **kwargs)
     except _NOT_AVAILABLE as cached_error:
         if _offline():
             raise _not_available(
                 spec, f"hub id {spec.source!r} (HF_HUB_OFFLINE is set)", "not in the local cache"
             ) from cached_error
     try:
-        return DiffusionPipeline.from_pretrained(spec.source, **kwargs)
+        return cls.from_pretrained(spec.source, **kwargs)
     except _NOT_AVAILABLE as online_error:
         raise _not_available(
             spec, f"hub id {spec.source!r}", "not in the local cache and the download failed"
@@ -163,7 +174,7 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> Diffu
 
     local = Path(spec.source).expanduser()
     if local.is_dir():
-        pipe = DiffusionPipeline.from_pretrained(str(local), **kwargs)
+        pipe = pipeline_class(spec.family).from_pretrained(str(local), **kwargs)
     elif _looks_like_path(spec.source):
         raise _not_available(spec, f"local path {str(local)!r}", "no such directory", local=True)
     else:
