@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from icm.atomic import atomic_directory
 from icm.capture import capture_activations
 from icm.provenance import package_versions
 from icm.samples import Sample
@@ -108,32 +108,24 @@ def generate_shard(
         "store_dtype": store_dtype,
         "versions": package_versions(),
     }
-    if images_dir.exists():
-        raise FileExistsError(f"{images_dir} exists; remove it to regenerate")
-    partial_images = images_dir.with_name(images_dir.name + ".partial")
-    shutil.rmtree(partial_images, ignore_errors=True)
-    partial_images.mkdir(parents=True)
     rows: list[dict[str, object]] = []
     rel_images = Path(_relpath(images_dir, table_path.parent))
-    try:
-        with (
-            ActivationStoreWriter(store_path, samples, attrs, store_dtype, chunk_samples) as store,
-            capture_activations(pipe, sites) as cap,
-            tqdm(total=len(samples), desc="generate", unit="img", file=sys.stderr) as bar,
-        ):
-            bar.disable = not progress
-            for batch in batches(samples, batch_size):
-                images = generate_images(pipe, batch, settings)
-                store.write(cap.pop())
-                for sample, image in zip(batch, images, strict=True):
-                    image.save(partial_images / image_name(sample))
-                    rows.append({**sample.as_row(), "image": str(rel_images / image_name(sample))})
-                bar.update(len(batch))
-        partial_images.rename(images_dir)
-        write_table(table_path, rows)
-    except BaseException:
-        shutil.rmtree(partial_images, ignore_errors=True)
-        raise
+    with (
+        atomic_directory(images_dir) as partial_images,
+        ActivationStoreWriter(store_path, samples, attrs, store_dtype, chunk_samples) as store,
+        capture_activations(pipe, sites) as cap,
+        tqdm(total=len(samples), desc="generate", unit="img", file=sys.stderr,
+             disable=not progress) as bar,
+    ):
+        partial_images.mkdir()
+        for batch in batches(samples, batch_size):
+            images = generate_images(pipe, batch, settings)
+            store.write(cap.pop())
+            for sample, image in zip(batch, images, strict=True):
+                image.save(partial_images / image_name(sample))
+                rows.append({**sample.as_row(), "image": str(rel_images / image_name(sample))})
+            bar.update(len(batch))
+    write_table(table_path, rows)
 
 
 def _relpath(path: Path, start: Path) -> str:

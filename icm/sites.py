@@ -30,13 +30,19 @@ def site_kind(site: str) -> str:
     return site.rsplit(".", 1)[-1]
 
 
+# UNets register ``mid_block`` after ``up_blocks``; data flows down -> mid -> up.
+_FORWARD_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
 def list_sites(denoiser: nn.Module, kinds: Iterable[str] = ("attn1", "attn2")) -> list[str]:
-    """All sites of the given kinds, in module registration (= forward) order."""
+    """All sites of the given kinds, in forward order (registration order within a block
+    group; transformer blocks register in forward order already)."""
     wanted = set(kinds)
     unknown = wanted - set(SITE_KINDS)
     if unknown:
         raise ValueError(f"unknown site kinds {sorted(unknown)}; known: {sorted(SITE_KINDS)}")
-    return [name for name, _ in denoiser.named_modules() if name and site_kind(name) in wanted]
+    names = [name for name, _ in denoiser.named_modules() if name and site_kind(name) in wanted]
+    return sorted(names, key=lambda name: _FORWARD_RANK.get(name.split(".", 1)[0], 1))
 
 
 def resolve_sites(denoiser: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module]:

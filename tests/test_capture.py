@@ -89,6 +89,22 @@ def test_double_hooking_is_an_error_and_hooks_are_removed(tiny_pipe):
         pass
 
 
+def test_sites_are_listed_in_forward_order(tiny_pipe):
+    sites = list_sites(denoiser_of(tiny_pipe))
+    calls: list[str] = []
+    modules = dict(denoiser_of(tiny_pipe).named_modules())
+    handles = [modules[s].register_forward_hook(lambda m, a, o, s=s: calls.append(s))
+               for s in sites]
+    try:
+        tiny_pipe("a photo", num_inference_steps=1, height=32, width=32, output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == sites
+    assert [s.split(".")[0] for s in sites if s.endswith("attn1")][:3] == [
+        "down_blocks", "down_blocks", "mid_block"]
+
+
 def test_unknown_site_lists_valid_names(tiny_pipe):
     with pytest.raises(KeyError, match="mid_block.attentions.0.transformer_blocks.0.attn1"):
         capture_activations(tiny_pipe, sites=["mid_block.attn9"])

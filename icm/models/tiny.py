@@ -8,9 +8,6 @@ model's shapes and module names without its weights.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +21,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from icm.atomic import atomic_directory
 from icm.models.configs import (
     sd15_scheduler_config,
     sd15_text_encoder_config,
@@ -126,27 +124,11 @@ def build_sd15_pipeline(
 
 
 def save_tiny_sd15(path: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline as a diffusers directory, atomically.
-
-    Written to a hidden sibling first and renamed, so an interrupted build never
-    leaves a half-written model at ``path`` (Snakemake would trust it).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        build_sd15_pipeline("tiny", seed=seed).save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    """Save the tiny pipeline as a diffusers directory, atomically (an interrupted build never
+    leaves a half-written model at ``path``, which Snakemake would trust)."""
+    with atomic_directory(path, replace=True) as partial:
+        build_sd15_pipeline("tiny", seed=seed).save_pretrained(partial, safe_serialization=True)
+    return Path(path)
 
 
 def build_sd15_unet_on_meta() -> UNet2DConditionModel:
