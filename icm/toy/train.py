@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
+from icm.atomic import atomic_directory
 from icm.provenance import package_versions
 from icm.toy.pipeline import ToyPipeline, build_toy_pipeline, to_model_range, toy_scheduler_config
 from icm.toy.world import VOCABULARY, WorldConfig, make_dataset
@@ -126,11 +127,7 @@ def train_toy(
 
 def save_toy(pipe: ToyPipeline, record: dict[str, Any], path: str | Path) -> Path:
     """``save_pretrained`` (safetensors) plus the training record, moved into place at once."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    pipe.save_pretrained(partial, safe_serialization=True)
-    (partial / RECORD).write_text(json.dumps(record, indent=2))
-    if path.exists():
-        raise FileExistsError(f"{path} exists; remove it to retrain")
-    partial.rename(path)
-    return path
+    with atomic_directory(path) as partial:
+        pipe.save_pretrained(partial, safe_serialization=True)
+        (partial / RECORD).write_text(json.dumps(record, indent=2))
+    return Path(path)
