@@ -15,6 +15,8 @@ include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/toy.smk"
 include: "rules/generate.smk"
+include: "rules/labels.smk"
+include: "rules/probes.smk"
 include: "rules/pending.smk"
 
 

@@ -159,3 +159,25 @@ class ActivationStoreWriter:
 def open_store(path: str | Path) -> zarr.Group:
     """Open a finished store read-only."""
     return zarr.open_group(Path(path), mode="r")
+
+
+def read_sites(
+    stores: list[str | Path], sites: list[str] | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Concatenate shards: sample ids, ``{site: (samples, steps, channels)}``, timesteps.
+
+    ``sites=None`` reads every site; pass a subset to bound memory on large models.
+    """
+    groups = [open_store(p) for p in stores]
+    if not groups:
+        raise ValueError("no activation stores given")
+    names = sites or list(groups[0].attrs["sites"])
+    samples = np.concatenate([g["sample"][:] for g in groups])
+    arrays = {s: np.concatenate([g[s][:] for g in groups]) for s in names}
+    return samples, arrays, groups[0]["timestep"][:]
+
+
+def site_widths(store: str | Path) -> dict[str, int]:
+    """Channel width of every site in a store, in forward order."""
+    group = open_store(store)
+    return {s: group[s].shape[-1] for s in group.attrs["sites"]}

@@ -65,3 +65,41 @@ def steer_shard_files(wildcards):
         f"results/{wildcards.model}/{wildcards.concept}/steer/{wildcards.variant}/shard-{shard}/samples.csv"
         for shard in shard_ids(wildcards.model)
     ]
+
+
+def concept_pairs(concept):
+    """[negative, positive] class pairs of a concept (default: first class vs each other)."""
+    spec = CONCEPTS[concept]
+    if spec.get("pairs"):
+        return [tuple(p) for p in spec["pairs"]]
+    return [(spec["classes"][0], other) for other in spec["classes"][1:]]
+
+
+def pair_names(concept):
+    return [f"{negative}-{positive}" for negative, positive in concept_pairs(concept)]
+
+
+def pair_of(wildcards):
+    """The (negative, positive) pair a `{pair}` wildcard names."""
+    pairs = dict(zip(pair_names(wildcards.concept), concept_pairs(wildcards.concept)))
+    if wildcards.pair not in pairs:
+        raise ValueError(f"concept {wildcards.concept} has no pair {wildcards.pair}; "
+                         f"its pairs are {list(pairs)}")
+    return pairs[wildcards.pair]
+
+
+def pair_files(pattern):
+    """Input function: `pattern` formatted for every class pair of the concept."""
+
+    def files(wildcards):
+        return [pattern.format(model=wildcards.model, concept=wildcards.concept, pair=pair)
+                for pair in pair_names(wildcards.concept)]
+
+    return files
+
+
+def labeler_gpu(wildcards):
+    """Neural labelers use the model's GPU allotment; the toy oracle needs none."""
+    if CONCEPTS[wildcards.concept]["labeler"]["type"] == "oracle":
+        return 0
+    return gpu_resources(wildcards)

@@ -1,65 +1,15 @@
-# Stages 2-5, declared so that the whole DAG plans (`snakemake -n .../table.csv`) but NOT
+# Stages 4-5, declared so that the whole DAG plans (`snakemake -n .../table.csv`) but NOT
 # implemented yet: each job stops at once with the issue that will implement it. As a stage
 # lands it moves to its own rules/<stage>.smk with a real script.
 
 PLANNED_VARIANTS = ["original", "icm", "cross", "all", "random", "worst"]
 
 
-rule label_images:
-    input:
-        samples="results/{model}/{concept}/generation/samples.csv",
-    output:
-        "results/{model}/{concept}/labels.csv",
-    log:
-        "logs/{model}/{concept}/labels.log",
-    params:
-        stage="labels (issue 4)",
-    localrule: True
-    conda:
-        "../envs/generation.yaml"
-    script:
-        "../workflow_scripts/pending_stage.py"
-
-
-rule fit_probes:
-    input:
-        labels="results/{model}/{concept}/labels.csv",
-        stores=shard_files("results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
-    output:
-        scores="results/{model}/{concept}/probes/scores.csv",
-        directions="results/{model}/{concept}/probes/directions.safetensors",
-    log:
-        "logs/{model}/{concept}/probes/scores.log",
-    params:
-        stage="probes (issue 4)",
-    localrule: True
-    conda:
-        "../envs/generation.yaml"
-    script:
-        "../workflow_scripts/pending_stage.py"
-
-
-rule rank_sites:
-    input:
-        "results/{model}/{concept}/probes/scores.csv",
-    output:
-        "results/{model}/{concept}/ranking.csv",
-    log:
-        "logs/{model}/{concept}/ranking.log",
-    params:
-        stage="ranking (issue 4)",
-    localrule: True
-    conda:
-        "../envs/generation.yaml"
-    script:
-        "../workflow_scripts/pending_stage.py"
-
-
 rule steer_images:
     input:
         model=model_input,
         ranking="results/{model}/{concept}/ranking.csv",
-        directions="results/{model}/{concept}/probes/directions.safetensors",
+        directions=pair_files("results/{model}/{concept}/probes/{pair}/directions.safetensors"),
     output:
         "results/{model}/{concept}/steer/{variant}/shard-{shard}/samples.csv",
     log:

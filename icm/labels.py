@@ -1,0 +1,240 @@
+"""Pseudo-labels: which option did the model choose in each image?
+
+Three labelers behind one interface (``scores`` -> per-class scores, argmax is the label):
+
+* ``OracleLabeler``: the toy world's pixel oracle (ground truth there).
+* ``ClipLabeler``: CLIP zero-shot through open_clip. Each class is a group of text prompts and
+  the best-matching prompt of a group is the class's score, as in the paper's code.
+* ``FairFaceLabeler``: the FairFace ResNet-34 (18-way head) for gender, age and race, with
+  the paper's groupings.
+
+An optional margin drops ambiguous images (best minus second-best score below the margin):
+they get an empty label and ``kept = False``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+
+class LabelerNotAvailableError(RuntimeError):
+    """The labeler's weights are missing; raised before any image is labelled."""
+
+
+class Labeler(ABC):
+    """Scores images against ``classes``; higher is more likely."""
+
+    classes: list[str]
+    name: str
+
+    @abstractmethod
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(images, classes) scores; NaN where an image cannot be scored."""
+
+
+class OracleLabeler(Labeler):
+    """Colour or shape read from pixels (toy world only)."""
+
+    def __init__(self, attribute: str, classes: Sequence[str]) -> None:
+        if attribute not in ("color", "shape"):
+            raise ValueError(f"the oracle reads 'color' or 'shape', not {attribute!r}")
+        self.attribute, self.classes = attribute, list(classes)
+        self.name = f"toy oracle ({attribute})"
+
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        from icm.toy.oracle import oracle_label
+
+        out = np.full((len(images), len(self.classes)), np.nan)
+        for i, image in enumerate(images):
+            label = oracle_label(np.asarray(image.convert("RGB")))
+            table = label.color_scores if self.attribute == "color" else label.shape_scores
+            if table:
+                out[i] = [table.get(c, 0.0) for c in self.classes]
+        return out
+
+
+class ClipLabeler(Labeler):
+    """Zero-shot CLIP: cosine similarity of the image to each class's best prompt."""
+
+    def __init__(
+        self,
+        classes: Sequence[str],
+        prompts: Mapping[str, Sequence[str]] | None = None,
+        model: str = "ViT-L-14",
+        pretrained: str | None = "openai",
+        device: str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        import open_clip
+
+        self.classes = list(classes)
+        self.prompts = {c: list((prompts or {}).get(c) or [f"a photo of a {c}"]) for c in classes}
+        self.device, self.batch_size = device, batch_size
+        self.name = f"CLIP {model} ({pretrained or 'random weights'})"
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                model, pretrained=pretrained, device=device)
+        except Exception as error:  # open_clip raises several kinds for missing weights
+            raise LabelerNotAvailableError(
+                f"CLIP model {model!r} with weights {pretrained!r} could not be loaded: {error}\n"
+                "Offline, set `labeler.pretrained` in config.yaml to a local checkpoint file "
+                "(e.g. open_clip_pytorch_model.bin downloaded on a machine with internet)."
+            ) from error
+        self.model.eval()
+        tokenizer = open_clip.get_tokenizer(model)
+        with torch.no_grad():
+            texts = [p for c in self.classes for p in self.prompts[c]]
+            embedded = self.model.encode_text(tokenizer(texts).to(device)).float()
+        self.text = torch.nn.functional.normalize(embedded, dim=-1)
+        self.group = np.repeat(np.arange(len(self.classes)),
+                               [len(self.prompts[c]) for c in self.classes])
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im.convert("RGB"))
+                                 for im in images[start:start + self.batch_size]])
+            parts.append(self.model.encode_image(batch.to(self.device)).float())
+        return torch.nn.functional.normalize(torch.cat(parts), dim=-1)
+
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        similarity = (self.embed_images(images) @ self.text.T).cpu().numpy()
+        return np.stack([similarity[:, self.group == k].max(axis=1)
+                         for k in range(len(self.classes))], axis=1)
+
+
+# FairFace's 18 outputs: race (7), gender (2), age (9), in this order.
+FAIRFACE_RACE = ("white", "black", "latino_hispanic", "east_asian", "southeast_asian", "indian",
+                 "middle_eastern")
+FAIRFACE_GENDER = ("man", "woman")
+FAIRFACE_AGE = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")
+# The paper's groupings of FairFace outputs into classes.
+FAIRFACE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "gender": {"man": ("man",), "woman": ("woman",)},
+    "age": {"young": ("0-2", "3-9", "10-19"), "adult": ("20-29", "30-39", "40-49", "50-59"),
+            "old": ("60-69", "70+")},
+    "race": {"white": ("white",), "black": ("black",),
+             "asian": ("east_asian", "southeast_asian"), "indian": ("indian",)},
+}
+
+
+class FairFaceLabeler(Labeler):
+    """FairFace ResNet-34 probabilities summed into the paper's groups.
+
+    Race outputs outside the groups (latino/hispanic, middle eastern) are not classes; an
+    image whose most likely race is one of them gets NaN scores (no label).
+    """
+
+    def __init__(self, attribute: str, classes: Sequence[str], weights: str | None,
+                 device: str = "cpu", batch_size: int = 64) -> None:
+        import torchvision
+
+        if attribute not in FAIRFACE_GROUPS:
+            raise ValueError(f"FairFace reads {sorted(FAIRFACE_GROUPS)}, not {attribute!r}")
+        groups = FAIRFACE_GROUPS[attribute]
+        unknown = [c for c in classes if c not in groups]
+        if unknown:
+            raise ValueError(f"FairFace {attribute} classes are {list(groups)}; got {unknown}")
+        if not weights or not Path(weights).is_file():
+            raise LabelerNotAvailableError(
+                f"FairFace weights not found at {weights!r}. Download "
+                "res34_fair_align_multi_7_20190809.pt from the FairFace project on a machine "
+                "with internet and set `labeler.weights` in config.yaml to its path.")
+        self.attribute, self.classes, self.groups = attribute, list(classes), groups
+        self.device, self.batch_size = device, batch_size
+        self.name = f"FairFace ResNet-34 ({attribute})"
+        net = torchvision.models.resnet34(weights=None)
+        net.fc = torch.nn.Linear(net.fc.in_features, 18)
+        net.load_state_dict(load_state_dict(weights))
+        self.net = net.to(device).eval()
+        self.transform = torchvision.transforms.Compose([
+            torchvision.transforms.Resize((224, 224)),
+            torchvision.transforms.ToTensor(),
+            torchvision.transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ])
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+        """Per-output-name probabilities of the chosen attribute's head."""
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.transform(im.convert("RGB"))
+                                 for im in images[start:start + self.batch_size]])
+            parts.append(self.net(batch.to(self.device)).float().cpu())
+        logits = torch.cat(parts)
+        head, names = {"race": (slice(0, 7), FAIRFACE_RACE),
+                       "gender": (slice(7, 9), FAIRFACE_GENDER),
+                       "age": (slice(9, 18), FAIRFACE_AGE)}[self.attribute]
+        probs = torch.softmax(logits[:, head], dim=1).numpy()
+        return {name: probs[:, k] for k, name in enumerate(names)}
+
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        probs = self.probabilities(images)
+        out = np.stack([sum(probs[n] for n in self.groups[c]) for c in self.classes], axis=1)
+        grouped = {n for c in self.classes for n in self.groups[c]}
+        best = np.stack([probs[n] for n in probs], axis=1).argmax(axis=1)
+        outside = np.array([list(probs)[b] not in grouped for b in best])
+        out[outside] = np.nan
+        return out
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch state dict loaded with ``weights_only=True`` (no pickled code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = "cpu") -> Labeler:
+    """The labeler a concept's ``labeler`` config names; weights are checked here, up front."""
+    kind = spec.get("type", "clip")
+    if kind == "oracle":
+        return OracleLabeler(spec.get("attribute") or "color", classes)
+    if kind == "clip":
+        return ClipLabeler(classes, spec.get("prompts"), spec.get("model", "ViT-L-14"),
+                           spec.get("pretrained", "openai"), device=device)
+    if kind == "fairface":
+        return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
+                               device=device)
+    raise ValueError(f"unknown labeler type {kind!r}")
+
+
+def label_images(
+    samples: pd.DataFrame, image_root: str | Path, labeler: Labeler, margin: float = 0.0,
+    batch_size: int = 256,
+) -> pd.DataFrame:
+    """``labels.csv`` rows: sample, per-class scores, label, margin, kept."""
+    root = Path(image_root)
+    scores = []
+    for start in range(0, len(samples), batch_size):
+        paths = samples["image"].iloc[start:start + batch_size]
+        images = [Image.open(root / p) for p in paths]
+        scores.append(labeler.scores(images))
+    matrix = np.concatenate(scores) if scores else np.empty((0, len(labeler.classes)))
+    table = pd.DataFrame({"sample": samples["sample"].to_numpy(),
+                          "prompt_index": samples["prompt_index"].to_numpy()})
+    for k, name in enumerate(labeler.classes):
+        table[f"score_{name}"] = matrix[:, k]
+    ordered = np.sort(np.nan_to_num(matrix, nan=-np.inf), axis=1)
+    gap = ordered[:, -1] - ordered[:, -2] if matrix.shape[1] > 1 else np.full(len(matrix), np.inf)
+    valid = ~np.isnan(matrix).any(axis=1)
+    best = np.nan_to_num(matrix, nan=-np.inf).argmax(axis=1)
+    kept = valid & (gap >= margin)
+    table["label"] = np.where(kept, np.asarray(labeler.classes, dtype=object)[best], "")
+    table["margin"] = np.where(valid, gap, np.nan)
+    table["kept"] = kept
+    table.attrs["labeler"] = labeler.name
+    return table

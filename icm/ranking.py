@@ -1,0 +1,77 @@
+"""Rank sites by how well their probes read the choice once steering would begin.
+
+Score of a site = mean test accuracy over steps ``t0..S-1`` (and over the concept's class
+pairs), where ``t0`` is the steering start (paper: step 15 of 50, scaled to the schedule).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from icm.sites import SITE_KINDS, site_kind  # noqa: E402
+
+
+def steering_start(n_steps: int, start_of_50: int = 15) -> int:
+    """The paper's step 15 of 50, scaled to a schedule of ``n_steps`` steps."""
+    return min(n_steps - 1, round(start_of_50 * n_steps / 50))
+
+
+def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
+    """One row per site, best first. ``scores`` has columns site, step, pair, test_acc."""
+    late = scores[scores["step"] >= t0]
+    table = (late.groupby("site", sort=False)
+             .agg(mean_test_acc=("test_acc", "mean"), max_test_acc=("test_acc", "max"))
+             .reset_index())
+    table["kind"] = table["site"].map(site_kind)
+    table["block"] = table["site"].str.rsplit(".", n=1).str[0]
+    table = table.sort_values("mean_test_acc", ascending=False, kind="stable")
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    table["from_step"] = t0
+    return table.reset_index(drop=True)
+
+
+def kind_summary(ranking: pd.DataFrame) -> pd.DataFrame:
+    """Self- vs cross-attention: mean and best score per kind (the paper's section 4.3)."""
+    summary = ranking.groupby("kind").agg(
+        sites=("site", "count"), mean_test_acc=("mean_test_acc", "mean"),
+        best_test_acc=("mean_test_acc", "max")).reset_index()
+    summary["kind_name"] = summary["kind"].map(SITE_KINDS)
+    return summary
+
+
+def plot_heatmap(scores: pd.DataFrame, ranking: pd.DataFrame, path: str | Path,
+                 title: str = "") -> None:
+    """Site x step test-accuracy heatmap (as the paper's figures 4 and 10), sites in
+    forward order, pairs averaged, the steering start marked."""
+    grid = scores.pivot_table(index="site", columns="step", values="test_acc", aggfunc="mean",
+                              sort=False)
+    order = list(dict.fromkeys(scores["site"]))
+    grid = grid.loc[order]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * grid.shape[1] + 4), 0.32 * len(grid) + 1.5))
+    image = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0)
+    ax.set_yticks(range(len(grid)), [_short(s) for s in grid.index], fontsize=7)
+    ax.set_xlabel("denoising step")
+    ax.axvline(ranking["from_step"].iloc[0] - 0.5, color="white", linestyle="--", linewidth=1)
+    top = set(ranking.head(3)["site"])
+    for label in ax.get_yticklabels():
+        if any(_short(s) == label.get_text() for s in top):
+            label.set_fontweight("bold")
+    fig.colorbar(image, ax=ax, label="probe test accuracy")
+    ax.set_title(title or "probe test accuracy per site and step", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _short(site: str) -> str:
+    """``up_blocks.1.attentions.0.transformer_blocks.0.attn1`` -> ``up1.a0.t0.attn1``."""
+    return (site.replace("down_blocks.", "down").replace("up_blocks.", "up")
+            .replace("mid_block", "mid").replace(".attentions.", ".a")
+            .replace(".transformer_blocks.", ".t"))

@@ -1,0 +1,21 @@
+# Stage 2: pseudo-label every generated image with the concept's labeler (CLIP zero-shot,
+# FairFace, or the toy oracle). Missing labeler weights stop the job before any work.
+
+
+rule label_images:
+    input:
+        samples="results/{model}/{concept}/generation/samples.csv",
+        images=shard_files("results/{model}/{concept}/generation/shard-{shard}/images"),
+    output:
+        labels="results/{model}/{concept}/labels.csv",
+        sidecar="results/{model}/{concept}/labels.json",
+    log:
+        "logs/{model}/{concept}/labels.log",
+    params:
+        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+    resources:
+        gpu=labeler_gpu,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/label_images.py"

@@ -1,0 +1,50 @@
+# Stage 3: a linear probe per (site, step) for each class pair, then the site ranking.
+
+
+rule fit_probes:
+    input:
+        labels="results/{model}/{concept}/labels.csv",
+        stores=shard_files("results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
+    output:
+        scores="results/{model}/{concept}/probes/{pair}/scores.csv",
+        directions="results/{model}/{concept}/probes/{pair}/directions.safetensors",
+        meta="results/{model}/{concept}/probes/{pair}/directions.json",
+        heatmap=report(
+            "results/{model}/{concept}/probes/{pair}/heatmap.png",
+            category="probes",
+            caption="../docs/report/probe_heatmap.rst",
+        ),
+    log:
+        "logs/{model}/{concept}/probes/{pair}.log",
+    params:
+        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+        pair=pair_of,
+        probes=config["probes"],
+    resources:
+        gpu=gpu_resources,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/fit_probes.py"
+
+
+rule rank_sites:
+    input:
+        pair_files("results/{model}/{concept}/probes/{pair}/scores.csv"),
+    output:
+        ranking="results/{model}/{concept}/ranking.csv",
+        by_kind="results/{model}/{concept}/ranking_by_kind.csv",
+        heatmap=report(
+            "results/{model}/{concept}/ranking_heatmap.png",
+            category="probes",
+            caption="../docs/report/ranking_heatmap.rst",
+        ),
+    log:
+        "logs/{model}/{concept}/ranking.log",
+    params:
+        probes=config["probes"],
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/rank_sites.py"

@@ -1,0 +1,79 @@
+"""Labelers: the oracle is right on the toy world; CLIP and FairFace code paths run on
+random weights built offline; missing weights fail up front."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from icm.labels import (
+    ClipLabeler,
+    FairFaceLabeler,
+    LabelerNotAvailableError,
+    OracleLabeler,
+    label_images,
+    make_labeler,
+)
+from icm.toy.world import make_dataset
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    data = make_dataset(24, seed=5)
+    for i, image in enumerate(data.images):
+        Image.fromarray(image).save(root / f"{i}.png")
+    samples = pd.DataFrame({"sample": range(24), "prompt_index": 0,
+                            "image": [f"{i}.png" for i in range(24)]})
+    return root, samples, data
+
+
+def test_oracle_labels_are_ground_truth(toy_images):
+    root, samples, data = toy_images
+    table = label_images(samples, root, OracleLabeler("color", ["red", "green", "blue"]))
+    assert list(table["label"]) == data.colors
+    assert table["kept"].all()
+    strict = label_images(samples, root, OracleLabeler("color", ["red", "green", "blue"]),
+                          margin=2.0)  # scores are probabilities: no gap reaches 2
+    assert not strict["kept"].any() and (strict["label"] == "").all()
+
+
+def test_clip_scores_take_the_best_prompt_of_each_group(toy_images):
+    root, samples, _ = toy_images
+    torch.manual_seed(0)
+    labeler = ClipLabeler(["red", "blue"], {"red": ["a red shape", "a crimson thing"],
+                                            "blue": ["a blue shape"]},
+                          model="RN50", pretrained=None)
+    images = [Image.open(root / p) for p in samples["image"][:4]]
+    scores = labeler.scores(images)
+    per_prompt = (labeler.embed_images(images) @ labeler.text.T).numpy()
+    np.testing.assert_allclose(scores[:, 0], per_prompt[:, :2].max(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(scores[:, 1], per_prompt[:, 2], rtol=1e-5)
+
+
+def test_missing_clip_weights_fail_up_front():
+    with pytest.raises(LabelerNotAvailableError, match="labeler.pretrained"):
+        make_labeler({"type": "clip", "model": "RN50", "pretrained": "/nowhere/clip.bin"},
+                     ["woman", "man"])
+
+
+def test_fairface_groups_and_missing_weights(tmp_path, toy_images):
+    import torchvision
+    from safetensors.torch import save_file
+
+    with pytest.raises(LabelerNotAvailableError, match="labeler.weights"):
+        FairFaceLabeler("age", ["young", "adult", "old"], str(tmp_path / "missing.pt"))
+    torch.manual_seed(0)
+    net = torchvision.models.resnet34(weights=None)
+    net.fc = torch.nn.Linear(net.fc.in_features, 18)
+    save_file(net.state_dict(), tmp_path / "ff.safetensors")
+    root, samples, _ = toy_images
+    images = [Image.open(root / p) for p in samples["image"][:3]]
+    labeler = FairFaceLabeler("age", ["young", "adult", "old"], str(tmp_path / "ff.safetensors"))
+    probs = labeler.probabilities(images)
+    scores = labeler.scores(images)
+    np.testing.assert_allclose(scores[:, 0], probs["0-2"] + probs["3-9"] + probs["10-19"])
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)

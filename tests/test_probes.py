@@ -1,0 +1,76 @@
+"""Probes and ranking: a planted signal is found, the fast path agrees with scikit-learn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from icm.probes import Pair, ProbeDataError, fit_pair
+from icm.ranking import kind_summary, plot_heatmap, rank_sites, steering_start
+
+PAIR = Pair(negative="red", positive="green")
+
+
+def planted(n=240, steps=8, seed=0, signal_site="mid.attn1", from_step=3):
+    """Four sites of two widths; only ``signal_site`` carries the label, from ``from_step``."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(n) < 0.5, "green", "red")
+    sites = {"down.attn1": 16, "down.attn2": 16, "mid.attn1": 24, "mid.attn2": 24}
+    scales = {s: rng.uniform(0.5, 4.0, w) for s, w in sites.items()}  # unequal channel scales
+    acts = {s: rng.standard_normal((n, steps, w)) * scales[s] for s, w in sites.items()}
+    shift = np.where(labels == "green", 1.0, -1.0)[:, None] * 2.0 * scales[signal_site][3]
+    acts[signal_site][:, from_step:, 3] += shift
+    return acts, labels
+
+
+def scores_frame(results):
+    return pd.DataFrame([{"site": r.site, "step": s, "pair": r.pair.name, "test_acc": a}
+                         for r in results for s, a in enumerate(r.test_acc)])
+
+
+def test_planted_site_ranks_first_and_only_after_it_appears():
+    acts, labels = planted()
+    results = fit_pair(acts, labels, PAIR)
+    ranking = rank_sites(scores_frame(results), t0=3)
+    assert ranking.iloc[0]["site"] == "mid.attn1"
+    signal = next(r for r in results if r.site == "mid.attn1")
+    assert signal.test_acc[3:].min() > 0.85 and signal.test_acc[:3].max() < 0.75
+    assert list(kind_summary(ranking)["kind"]) == ["attn1", "attn2"]
+
+
+def test_fast_path_agrees_with_scikit_learn():
+    acts, labels = planted(seed=1)
+    fast = {r.site: r for r in fit_pair(acts, labels, PAIR, backend="torch")}
+    reference = {r.site: r for r in fit_pair(acts, labels, PAIR, backend="sklearn")}
+    gaps = [np.abs(fast[s].test_acc - reference[s].test_acc).mean() for s in acts]
+    assert np.mean(gaps) < 0.01
+    for site in acts:
+        cosine = np.sum(fast[site].directions * reference[site].directions, axis=1)
+        assert cosine.min() > 0.999
+
+
+def test_direction_is_unit_and_points_to_the_positive_class():
+    acts, labels = planted(seed=2)
+    signal = next(r for r in fit_pair(acts, labels, PAIR) if r.site == "mid.attn1")
+    np.testing.assert_allclose(np.linalg.norm(signal.directions, axis=1), 1.0, rtol=1e-6)
+    x = acts["mid.attn1"][:, 5]
+    projection = x @ signal.directions[5]
+    assert projection[labels == "green"].mean() > projection[labels == "red"].mean()
+    assert abs(signal.directions[5][3]) == np.abs(signal.directions[5]).max()
+
+
+def test_too_few_samples_name_the_class():
+    acts, labels = planted(n=60)
+    labels = labels.copy()
+    labels[np.flatnonzero(labels == "green")[3:]] = "blue"  # 3 greens left
+    with pytest.raises(ProbeDataError, match=r"too few samples of green .*'green': 3"):
+        fit_pair(acts, labels, PAIR)
+
+
+def test_steering_start_scales_with_the_schedule(tmp_path):
+    assert steering_start(50) == 15 and steering_start(20) == 6 and steering_start(1) == 0
+    acts, labels = planted()
+    scores = scores_frame(fit_pair(acts, labels, PAIR))
+    plot_heatmap(scores, rank_sites(scores, 3), tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 1000

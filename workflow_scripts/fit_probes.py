@@ -1,0 +1,9 @@
+"""Snakemake adapter for rule fit_probes."""
+
+from icm.jobs import fit_probes_job, logging_to
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    fit_probes_job(sm.params.concept, sm.params.probes, sm.params.pair, sm.input.labels,
+                   list(sm.input.stores), sm.output.scores, sm.output.directions,
+                   sm.output.meta, sm.output.heatmap)

@@ -1,0 +1,7 @@
+"""Snakemake adapter for rule label_images."""
+
+from icm.jobs import label_images_job, logging_to
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    label_images_job(sm.params.concept, sm.input.samples, sm.output.labels, sm.output.sidecar)
