@@ -109,13 +109,15 @@ def fit_torch(
     test: np.ndarray,
     device: str | torch.device = "cpu",
     iterations: int = 50,
-    tol: float = 1e-8,
+    tol: float = 1e-5,
     chunk_bytes: int = 1 << 29,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fast path: every problem in ``x`` (samples, problems, channels) at once.
 
     Minimises sum(log-loss) + ||w||^2 / 2 (scikit-learn's default objective, C=1, intercept
-    unpenalised) on train-standardised features by Newton's method, batched over problems.
+    unpenalised) on train-standardised features by Newton's method, batched over problems,
+    until the gradient of the mean loss is below ``tol`` everywhere (scikit-learn's lbfgs
+    stops at 1e-4 on the same scale).
     Float64 on the CPU; float32 on a GPU, where the Hessian (at least the identity on the
     weights) is well enough conditioned for a Cholesky solve and float64 is slow.
     """
@@ -142,6 +144,8 @@ def fit_torch(
         for _ in range(iterations):
             p = torch.sigmoid(torch.einsum("pnc,pc->pn", zp, w))
             grad = torch.einsum("pnc,pn->pc", zp, p - yt) + penalty * w
+            if grad.abs().max() <= tol * len(tr):
+                break
             curvature = (p * (1 - p)).unsqueeze(-1)
             hessian = torch.bmm((zp * curvature).transpose(1, 2), zp) + torch.diag(penalty)
             hessian.diagonal(dim1=-2, dim2=-1).add_(1e-6)  # intercept-only degenerate cases
@@ -151,8 +155,6 @@ def fit_torch(
             else:
                 step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
             w -= step
-            if step.abs().max() < (tol if dtype == torch.float64 else 1e-5):
-                break
         weights[part] = w
 
     logits = torch.einsum("pnc,pc->pn", z, weights).cpu().numpy()

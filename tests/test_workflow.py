@@ -15,16 +15,18 @@ import xarray as xr
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs"]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
+                  "resources", "docs/report"]
 TEST_CONFIG = ROOT / "tests" / "data" / "tiny-workflow.yaml"
 
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
     for name in WORKFLOW_FILES:
-        source = ROOT / name
+        source, target = ROOT / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if source.is_dir() else shutil.copy
-        copy(source, tmp_path / name)
+        copy(source, target)
     return tmp_path
 
 
@@ -97,3 +99,23 @@ def test_tiny_generation_end_to_end(workdir):
 
     again = snakemake(workdir, "--cores", "2", target)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_toy_color_through_ranking(workdir):
+    """Stages 1-3 on the committed toy model: the colour choice is found where it is read."""
+    import pandas as pd
+
+    result = snakemake(workdir, "--cores", "2", "results/toy/color/ranking.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = workdir / "results/toy/color"
+    labels = pd.read_csv(base / "labels.csv", keep_default_na=False)
+    assert len(labels) == 160 and set(labels["label"]) <= {"red", "green", "blue"}
+    for pair in ("red-green", "red-blue"):
+        scores = pd.read_csv(base / f"probes/{pair}/scores.csv")
+        assert len(scores) == 14 * 20 and (base / f"probes/{pair}/heatmap.png").exists()
+    ranking = pd.read_csv(base / "ranking.csv")
+    assert list(ranking["rank"]) == list(range(1, 15))
+    assert ranking.iloc[0]["mean_test_acc"] > 0.9  # the colour is linearly readable somewhere
+    by_kind = pd.read_csv(base / "ranking_by_kind.csv").set_index("kind")
+    assert by_kind.loc["attn1", "sites"] == by_kind.loc["attn2", "sites"] == 7
