@@ -1,0 +1,47 @@
+"""One function per workflow job, taking plain config mappings and paths.
+
+The Snakemake adapters in ``workflow_scripts/`` only unpack ``snakemake.*`` and call these,
+so every job can also be run (and tested) from Python without Snakemake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+from icm.jobs.generation import (
+    build_model_job,
+    concept_samples,
+    generate_shard_job,
+    merge_samples_job,
+)
+from icm.jobs.probing import fit_probes_job, label_images_job, rank_sites_job
+from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
+
+__all__ = [
+    "build_model_job", "concept_samples", "fit_probes_job", "generate_shard_job",
+    "label_images_job", "logging_to", "merge_samples_job", "rank_sites_job", "toy_quality_job",
+    "train_toy_features_job", "train_toy_job",
+]
+
+
+@contextlib.contextmanager
+def logging_to(path: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Send logging, warnings, progress bars and any traceback of the job to its log file."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", buffering=1) as handle, contextlib.redirect_stderr(handle):
+        logging.basicConfig(stream=handle, level=logging.INFO, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.captureWarnings(True)
+        try:
+            yield
+        except BaseException:
+            traceback.print_exc(file=handle)
+            raise

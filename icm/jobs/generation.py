@@ -1,0 +1,95 @@
+"""Jobs of stages 0-1: build the models the workflow makes, generate shards, merge tables."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from icm.generate import SAMPLE_COLUMNS, SamplerSettings, generate_shard, write_table
+from icm.models import ModelSpec, load_pipeline, save_tiny_sd15
+from icm.samples import Sample, plan_samples, shard_samples
+
+log = logging.getLogger("icm")
+
+
+def concept_samples(
+    concept: Mapping[str, Any], model: Mapping[str, Any], generation: Mapping[str, Any]
+) -> list[Sample]:
+    """The full sample plan of a (model, concept) generation."""
+    per_prompt = model.get("samples_per_prompt") or concept["samples_per_prompt"]
+    return plan_samples(concept["prompts"], per_prompt, generation["base_seed"])
+
+
+
+def generate_shard_job(
+    *,
+    model_name: str,
+    model: Mapping[str, Any],
+    source: str,
+    concept_name: str,
+    concept: Mapping[str, Any],
+    generation: Mapping[str, Any],
+    shard: int,
+    images_dir: str | Path,
+    table: str | Path,
+    store: str | Path,
+) -> None:
+    """Generate one shard. The model loads first, so missing weights stop the job before
+    anything is written."""
+    spec = ModelSpec.from_config(model_name, {**model, "source": source})
+    samples = concept_samples(concept, model, generation)
+    mine = shard_samples(samples, model["n_shards"], shard, model["batch_size"])
+    log.info("%s/%s shard %d: samples %d..%d of %d", model_name, concept_name, shard,
+             mine[0].sample, mine[-1].sample, len(samples))
+    pipe = load_pipeline(spec, device=generation["device"])
+    attrs = {
+        "model": {"name": model_name, "family": spec.family, "source": source,
+                  "dtype": spec.dtype, "scheduler": type(pipe.scheduler).__name__},
+        "concept": concept_name,
+        "prompts": list(concept["prompts"]),
+        "samples_per_prompt": len(samples) // len(concept["prompts"]),
+        "base_seed": generation["base_seed"],
+        "seed_rule": "numpy SeedSequence([base_seed, prompt_index, repeat]), first uint32",
+        "shard": shard,
+        "n_shards": model["n_shards"],
+    }
+    generate_shard(
+        pipe,
+        mine,
+        SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution),
+        images_dir,
+        table,
+        store,
+        batch_size=model["batch_size"],
+        store_dtype=generation["store_dtype"],
+        chunk_samples=generation["chunk_samples"],
+        attrs=attrs,
+    )
+
+
+
+def merge_samples_job(shard_tables: Sequence[str | Path], output: str | Path) -> None:
+    """Concatenate shard sample tables; image paths become relative to the merged table."""
+    output = Path(output)
+    rows: list[dict[str, object]] = []
+    for shard, table in enumerate(shard_tables):
+        table = Path(table)
+        with table.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                image = os.path.relpath(table.parent / row["image"], output.parent)
+                rows.append({**row, "image": image, "shard": shard})
+    write_table(output, rows, columns=[*SAMPLE_COLUMNS, "shard"])
+
+
+
+def build_model_job(builder: str, output: str | Path, seed: int = 0) -> None:
+    """Build a model that the workflow makes itself instead of downloading."""
+    if builder != "tiny-sd15":
+        raise ValueError(f"unknown model builder {builder!r}")
+    save_tiny_sd15(Path(output), seed=seed)
+    print(f"built {builder} into {output}", file=sys.stderr)

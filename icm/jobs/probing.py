@@ -1,0 +1,127 @@
+"""Jobs of stages 2-3: label images, fit probes per class pair, rank sites."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from icm.generate import write_table
+from icm.models.loading import resolve_device
+
+log = logging.getLogger("icm")
+
+
+def _write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    import json
+
+    Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+
+def label_images_job(
+    concept: Mapping[str, Any], samples_csv: str | Path, output: str | Path,
+    sidecar: str | Path, device: str = "auto",
+) -> None:
+    """Label every generated image; the labeler loads (and fails) before any work."""
+    import pandas as pd
+
+    from icm.labels import label_images, make_labeler
+    from icm.provenance import package_versions
+
+    labeler = make_labeler(concept["labeler"], concept["classes"],
+                           device=str(resolve_device(device)))
+    samples = pd.read_csv(samples_csv)
+    table = label_images(samples, Path(samples_csv).parent, labeler,
+                         margin=concept["labeler"]["margin"])
+    write_table(output, table.to_dict("records"), columns=list(table.columns))
+    counts = table.loc[table["kept"], "label"].value_counts().to_dict()
+    _write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
+                          "margin": concept["labeler"]["margin"], "counts": counts,
+                          "dropped": int((~table["kept"]).sum()), "versions": package_versions()})
+    log.info("labelled %d images: %s", len(table), counts)
+
+
+
+def fit_probes_job(
+    concept: Mapping[str, Any], probes: Mapping[str, Any], pair: tuple[str, str],
+    labels_csv: str | Path, stores: Sequence[str | Path], output_scores: str | Path,
+    output_directions: str | Path, output_meta: str | Path, output_heatmap: str | Path,
+) -> None:
+    """Fit one class pair's probes for every (site, step); write scores, directions, heatmap."""
+    import numpy as np
+    import pandas as pd
+    from safetensors.numpy import save_file
+
+    from icm.probes import Pair, fit_pair
+    from icm.provenance import package_versions
+    from icm.ranking import plot_heatmap, rank_sites, steering_start
+    from icm.sites import site_kind
+    from icm.store import read_sites, site_widths
+
+    target = Pair(negative=pair[0], positive=pair[1])
+    labels = pd.read_csv(labels_csv, keep_default_na=False)
+    labels = labels[labels["kept"].astype(str) == "True"].set_index("sample")["label"]
+    device = str(resolve_device(probes["device"]))
+    widths = site_widths(stores[0])
+    rows, directions = [], {}
+    for width in dict.fromkeys(widths.values()):  # one width group at a time bounds memory
+        group = [s for s, w in widths.items() if w == width]
+        samples, arrays, timesteps = read_sites(list(stores), group)
+        keep = np.isin(samples, labels.index)
+        y = labels.loc[samples[keep]].to_numpy()
+        results = fit_pair({s: a[keep] for s, a in arrays.items()}, y, target,
+                           backend=probes["backend"], test_size=probes["test_size"],
+                           seed=probes["seed"], min_per_class=probes["min_per_class"],
+                           device=device)
+        for r in results:
+            directions[r.site] = r.directions.astype(np.float32)
+            for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc)):
+                rows.append({"site": r.site, "kind": site_kind(r.site), "step": step,
+                             "timestep": float(timesteps[step]), "pair": target.name,
+                             "negative": target.negative, "positive": target.positive,
+                             "train_acc": float(tr), "test_acc": float(te), "n_train": r.n_train,
+                             "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
+                             f"n_{target.positive}": r.counts[target.positive]})
+    order = list(widths)
+    scores = pd.DataFrame(rows).sort_values(["site", "step"], key=lambda c: c.map(
+        order.index) if c.name == "site" else c, kind="stable")
+    Path(output_scores).parent.mkdir(parents=True, exist_ok=True)
+    write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
+    save_file({s: directions[s] for s in order}, str(output_directions),
+              metadata={"pair": target.name, "positive": target.positive})
+    _write_json(output_meta, {
+        "format": "icm-directions/1",
+        "pair": target.name, "positive": target.positive, "negative": target.negative,
+        "meaning": "unit vector per (site, step) in unscaled activation space; adding it moves "
+                   "toward the positive class",
+        "backend": probes["backend"], "test_size": probes["test_size"], "seed": probes["seed"],
+        "concept": {k: concept[k] for k in ("prompts", "classes")},
+        "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc")}
+                    for row in scores.to_dict("records")],
+        "versions": package_versions(),
+    })
+    t0 = steering_start(int(scores["step"].max()) + 1, probes["steer_start_of_50"])
+    plot_heatmap(scores, rank_sites(scores, t0), output_heatmap,
+                 title=f"probe test accuracy, {target.negative} vs {target.positive}")
+
+
+
+def rank_sites_job(
+    probes: Mapping[str, Any], scores_csvs: Sequence[str | Path], output_ranking: str | Path,
+    output_by_kind: str | Path, output_heatmap: str | Path,
+) -> None:
+    """Rank sites over all pairs; write ranking, self- vs cross-attention summary, heatmap."""
+    import pandas as pd
+
+    from icm.ranking import kind_summary, plot_heatmap, rank_sites, steering_start
+
+    scores = pd.concat([pd.read_csv(p) for p in scores_csvs], ignore_index=True)
+    t0 = steering_start(int(scores["step"].max()) + 1, probes["steer_start_of_50"])
+    ranking = rank_sites(scores, t0)
+    write_table(output_ranking, ranking.to_dict("records"), columns=list(ranking.columns))
+    summary = kind_summary(ranking)
+    write_table(output_by_kind, summary.to_dict("records"), columns=list(summary.columns))
+    plot_heatmap(scores, ranking, output_heatmap,
+                 title=f"probe test accuracy (mean over {scores['pair'].nunique()} pairs)")
