@@ -119,3 +119,20 @@ def test_toy_color_through_ranking(workdir):
     assert ranking.iloc[0]["mean_test_acc"] > 0.9  # the colour is linearly readable somewhere
     by_kind = pd.read_csv(base / "ranking_by_kind.csv").set_index("kind")
     assert by_kind.loc["attn1", "sites"] == by_kind.loc["attn2", "sites"] == 7
+
+
+@pytest.mark.slow
+def test_train_toy_model_rule_retrains_into_a_loadable_model(workdir, tmp_path):
+    """`make toy-model`'s rule, with a tiny budget: retrains over the committed weights."""
+    from icm.models import ModelSpec, load_pipeline
+
+    quick = tmp_path / "quick-train.yaml"
+    quick.write_text("toy:\n  train: {steps: 3, batch_size: 4, n_train: 32, warmup_steps: 1}\n")
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(quick), "--cores", "2",
+                       "--forcerun", "train_toy_model", "--", "resources/models/toy")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = (workdir / "resources/models/toy/icm_toy.json").read_text()
+    assert '"steps": 3' in record
+    pipe = load_pipeline(ModelSpec(name="toy", family="toy", dtype="float32",
+                                   source=str(workdir / "resources/models/toy")), device="cpu")
+    assert type(pipe).__name__ == "ToyPipeline"
