@@ -39,9 +39,11 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
 
-toy-model: install  ## retrain the toy model and its feature extractor from scratch (~45 min)
+toy-model: install  ## retrain the toy model and its feature extractor (~40 min), install them
 	$(BIN)/snakemake --cores $(CORES) --forcerun train_toy_model train_toy_features \
-		-- resources/models/toy resources/models/toy-features.safetensors
+		-- results/models/toy results/models/toy-features.safetensors
+	rm -rf resources/models/toy && cp -r results/models/toy resources/models/toy
+	cp results/models/toy-features.safetensors results/models/toy-features.json resources/models/
 
 toy-quality: install  ## oracle read-out of the toy model (the numbers in docs/toy.md)
 	$(BIN)/snakemake --cores $(CORES) --forcerun measure_toy_quality -- results/toy/quality.md

@@ -106,6 +106,12 @@ def test_toy_color_through_ranking(workdir):
     """Stages 1-3 on the committed toy model: the colour choice is found where it is read."""
     import pandas as pd
 
+    # A fresh clone's file times are arbitrary: make the committed weights look oldest, which
+    # is how a checkout can leave them, and check that nothing plans to retrain them.
+    for path in (workdir / "resources").rglob("*"):
+        os.utime(path, (0, 0))
+    plan = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/ranking.csv")
+    assert "train_toy" not in plan.stdout + plan.stderr
     result = snakemake(workdir, "--cores", "2", "results/toy/color/ranking.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     base = workdir / "results/toy/color"
@@ -123,16 +129,16 @@ def test_toy_color_through_ranking(workdir):
 
 @pytest.mark.slow
 def test_train_toy_model_rule_retrains_into_a_loadable_model(workdir, tmp_path):
-    """`make toy-model`'s rule, with a tiny budget: retrains over the committed weights."""
+    """`make toy-model`'s rule, with a tiny budget, trains a loadable model into results/."""
     from icm.models import ModelSpec, load_pipeline
 
     quick = tmp_path / "quick-train.yaml"
     quick.write_text("toy:\n  train: {steps: 3, batch_size: 4, n_train: 32, warmup_steps: 1}\n")
     result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(quick), "--cores", "2",
-                       "--forcerun", "train_toy_model", "--", "resources/models/toy")
+                       "results/models/toy")
     assert result.returncode == 0, result.stderr[-3000:]
-    record = (workdir / "resources/models/toy/icm_toy.json").read_text()
+    record = (workdir / "results/models/toy/icm_toy.json").read_text()
     assert '"steps": 3' in record
     pipe = load_pipeline(ModelSpec(name="toy", family="toy", dtype="float32",
-                                   source=str(workdir / "resources/models/toy")), device="cpu")
+                                   source=str(workdir / "results/models/toy")), device="cpu")
     assert type(pipe).__name__ == "ToyPipeline"
