@@ -148,9 +148,9 @@ class SiteHooks:
         try:
             hooked |= keys
             stack.callback(hooked.difference_update, keys)
-            clock = _CLOCKS.get(self.denoiser) or _CLOCKS.setdefault(
-                self.denoiser, DenoisingClock(self.pipe)
-            )
+            clock = _CLOCKS.get(self.denoiser)
+            if clock is None:
+                clock = _CLOCKS[self.denoiser] = DenoisingClock(self.pipe)
             self.clock = clock.acquire()
             stack.callback(clock.release)
             for site, module in self.modules.items():

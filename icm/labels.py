@@ -228,10 +228,11 @@ def label_images(
                           "prompt_index": samples["prompt_index"].to_numpy()})
     for k, name in enumerate(labeler.classes):
         table[f"score_{name}"] = matrix[:, k]
-    ordered = np.sort(np.nan_to_num(matrix, nan=-np.inf), axis=1)
+    filled = np.nan_to_num(matrix, nan=-np.inf)
+    ordered = np.sort(filled, axis=1)
     gap = ordered[:, -1] - ordered[:, -2] if matrix.shape[1] > 1 else np.full(len(matrix), np.inf)
     valid = ~np.isnan(matrix).any(axis=1)
-    best = np.nan_to_num(matrix, nan=-np.inf).argmax(axis=1)
+    best = filled.argmax(axis=1)
     kept = valid & (gap >= margin)
     table["label"] = np.where(kept, np.asarray(labeler.classes, dtype=object)[best], "")
     table["margin"] = np.where(valid, gap, np.nan)

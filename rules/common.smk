@@ -35,16 +35,20 @@ def shard_ids(model):
     return [f"{i:03d}" for i in range(MODELS[model]["n_shards"])]
 
 
-def shard_files(pattern):
-    """Input function: `pattern` formatted for every shard of the wildcards' model."""
+def expand_over(pattern, key, values):
+    """Input function: `pattern` with the job's wildcards filled in, once per value of `key`
+    (e.g. every shard of the model, every class pair of the concept)."""
 
     def files(wildcards):
-        return [
-            pattern.format(model=wildcards.model, concept=wildcards.concept, shard=shard)
-            for shard in shard_ids(wildcards.model)
-        ]
+        known = dict(wildcards.items())
+        return [pattern.format(**known, **{key: value}) for value in values(wildcards)]
 
     return files
+
+
+def shard_files(pattern):
+    """`pattern` for every shard of the wildcards' model."""
+    return expand_over(pattern, "shard", lambda wildcards: shard_ids(wildcards.model))
 
 
 def gpu_resources(wildcards):
@@ -58,13 +62,6 @@ def mem_resources(wildcards):
 def runtime_resources(wildcards):
     return MODELS[wildcards.model]["resources"]["runtime"]
 
-
-def steer_shard_files(wildcards):
-    """Steered sample tables of every shard of one variant."""
-    return [
-        f"results/{wildcards.model}/{wildcards.concept}/steer/{wildcards.variant}/shard-{shard}/samples.csv"
-        for shard in shard_ids(wildcards.model)
-    ]
 
 
 def concept_pairs(concept):
@@ -89,13 +86,8 @@ def pair_of(wildcards):
 
 
 def pair_files(pattern):
-    """Input function: `pattern` formatted for every class pair of the concept."""
-
-    def files(wildcards):
-        return [pattern.format(model=wildcards.model, concept=wildcards.concept, pair=pair)
-                for pair in pair_names(wildcards.concept)]
-
-    return files
+    """`pattern` for every class pair of the wildcards' concept."""
+    return expand_over(pattern, "pair", lambda wildcards: pair_names(wildcards.concept))
 
 
 def labeler_gpu(wildcards):

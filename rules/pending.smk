@@ -30,7 +30,7 @@ rule steer_images:
 
 rule compute_metrics:
     input:
-        steer_shard_files,
+        shard_files("results/{model}/{concept}/steer/{variant}/shard-{shard}/samples.csv"),
     output:
         "results/{model}/{concept}/metrics/{variant}.json",
     log:
