@@ -1,17 +1,19 @@
 """Probe fitting: batched torch fast path vs the scikit-learn reference, on the same data.
 
-Reports the speed ratio measured in one run and how far the test accuracies differ (goal:
-at least 10x faster, within 1 point on average).
+Reports the ratio of median times measured in one run (alternating fresh-process runs)
+and how far the test accuracies differ (goal: at least 10x faster, within 1 point on
+average).
 
     python benchmarks/probe_speed.py                                  # synthetic, SD1.5-like widths
-    python benchmarks/probe_speed.py --stores results/toy/color/generation/shard-*/activations.zarr \
-        --labels results/toy/color/labels.csv --pair red green        # real toy activations
+    python benchmarks/probe_speed.py --labels results/toy/color/labels.csv --pair red green \
+        --stores results/toy/color/generation/shard-*/activations.zarr  # real toy activations
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -45,6 +47,29 @@ def from_stores(stores: list[str], labels_csv: str, pair: list[str]):
     return acts, labels, Pair(pair[0], pair[1])
 
 
+def load(args: argparse.Namespace):
+    if args.stores:
+        acts, labels, pair = from_stores(args.stores, args.labels, args.pair)
+        return acts, labels, pair, f"stores ({len(args.stores)} shards)"
+    acts, labels, pair = synthetic(args.samples, args.steps, args.widths)
+    return acts, labels, pair, (f"synthetic {args.samples} samples x {args.steps} steps, "
+                                f"widths {args.widths}")
+
+
+def timed_run(args: argparse.Namespace, backend: str):
+    """One backend in a fresh process: load the data, fit once untimed (imports, kernel
+    selection, first-touch of memory), then time a second full fit."""
+    torch.set_num_threads(args.threads)
+    acts, labels, pair, _ = load(args)
+    fit_pair(acts, labels, pair, backend=backend, device=args.device)
+    start = time.perf_counter()
+    results = fit_pair(acts, labels, pair, backend=backend, device=args.device)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, {r.site: (r.test_acc, r.directions) for r in results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=1000)
@@ -55,31 +80,30 @@ def main() -> None:
     parser.add_argument("--pair", nargs=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; medians")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.stores:
-        acts, labels, pair = from_stores(args.stores, args.labels, args.pair)
-        data = f"stores ({len(args.stores)} shards)"
-    else:
-        acts, labels, pair = synthetic(args.samples, args.steps, args.widths)
-        data = f"synthetic {args.samples} samples x {args.steps} steps, widths {args.widths}"
+    acts, _, _, data = load(args)
 
-    timings, results = {}, {}
-    for backend in ("sklearn", "torch"):
-        start = time.perf_counter()
-        results[backend] = {r.site: r for r in fit_pair(acts, labels, pair, backend=backend,
-                                                        device=args.device)}
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        timings[backend] = time.perf_counter() - start
-    gaps = [np.abs(results["torch"][s].test_acc - results["sklearn"][s].test_acc) for s in acts]
-    cosines = [np.sum(results["torch"][s].directions * results["sklearn"][s].directions, axis=1)
-               for s in acts]
+    # Every timed run is its own process, alternating between backends so that drifts in
+    # machine load hit both alike. In one process the backends disturb each other (on 2 cores
+    # the run after a scikit-learn run was up to 2x slower: allocator and BLAS thread state).
+    spawn = multiprocessing.get_context("spawn")
+    runs, results = {"sklearn": [], "torch": []}, {}
+    for _ in range(args.repeats):
+        for backend in ("sklearn", "torch"):
+            with spawn.Pool(1) as pool:
+                seconds, results[backend] = pool.apply(timed_run, (args, backend))
+            runs[backend].append(seconds)
+    timings = {backend: float(np.median(t)) for backend, t in runs.items()}
+    gaps = [np.abs(results["torch"][s][0] - results["sklearn"][s][0]) for s in acts]
+    cosines = [np.sum(results["torch"][s][1] * results["sklearn"][s][1], axis=1) for s in acts]
     report = {
         "data": data,
         "probes": int(sum(np.shape(a)[1] for a in acts.values())),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads}",
+        "repeats": args.repeats,
+        "runs_s": {backend: [round(t, 3) for t in times] for backend, times in runs.items()},
         "sklearn_s": timings["sklearn"],
         "torch_s": timings["torch"],
         "speedup": timings["sklearn"] / timings["torch"],

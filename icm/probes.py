@@ -4,9 +4,13 @@ Reference path (the paper's, appendix A): scikit-learn ``StandardScaler`` +
 ``LogisticRegression(max_iter=1000)`` per (site, step), stratified train/test split.
 
 Fast path: the same objective (L2-regularised logistic regression, C=1, unpenalised
-intercept, on standardised features) solved for all steps of all equal-width sites at once by
-batched Newton iterations in torch, on the GPU when present. Same problem, same split, so the
-two agree to solver tolerance; ``benchmarks/probe_speed.py`` measures the speed-up.
+intercept, on standardised features) solved for all equal-width sites at once by damped,
+batched Newton iterations in torch, on the GPU when present: steps in order, each
+warm-started from the previous step's solution, with converged problems leaving the batch.
+The Newton system is solved in the primal (C x C Hessian) or, for features wider than the
+training set, the dual (N x N Gram matrix) form, whichever costs less. Same problem, same
+split, so the two backends agree to solver tolerance; ``benchmarks/probe_speed.py``
+measures the speed-up.
 
 A steering direction is the probe weight mapped back to unscaled space (divided by the
 scaler's scale) and unit-normalised: adding it to an activation moves along the probe's
@@ -15,6 +19,7 @@ decision axis toward the positive class.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -26,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 Backend = Literal["torch", "sklearn"]
+log = logging.getLogger(__name__)
 
 
 class ProbeDataError(ValueError):
@@ -94,75 +100,185 @@ def fit_sklearn(
     directions = np.empty((steps, x.shape[2]))
     for step in range(steps):
         scaler = StandardScaler().fit(x[train, step])
-        model = LogisticRegression(max_iter=max_iter).fit(scaler.transform(x[train, step]), y[train])
-        train_acc[step] = model.score(scaler.transform(x[train, step]), y[train])
+        scaled = scaler.transform(x[train, step])
+        model = LogisticRegression(max_iter=max_iter).fit(scaled, y[train])
+        train_acc[step] = model.score(scaled, y[train])
         test_acc[step] = model.score(scaler.transform(x[test, step]), y[test])
         raw = model.coef_[0] / scaler.scale_
         directions[step] = raw / max(np.linalg.norm(raw), 1e-12)
     return train_acc, test_acc, directions
 
 
+def _objective(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+               penalty: torch.Tensor) -> torch.Tensor:
+    """sum(log-loss) + ||w||^2 / 2 per problem, accumulated in float64 so that float32 noise
+    does not decide the line search."""
+    logits, w = logits.double(), w.double()
+    loss = torch.nn.functional.softplus(logits) - y.double() * logits
+    return loss.sum(dim=1) + 0.5 * (penalty.double() * w * w).sum(dim=1)
+
+
+def _primal_step(z: torch.Tensor, d: torch.Tensor, grad: torch.Tensor,
+                 penalty: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Newton direction from the (C+1)^2 Hessian Z'DZ + diag(penalty): 2NC^2 per problem.
+    ``scratch`` (at least z's shape) holds DZ, so no block of z's size is allocated per call."""
+    weighted = torch.mul(z, d.unsqueeze(-1), out=scratch[: len(z)])
+    hessian = torch.bmm(weighted.transpose(1, 2), z)
+    hessian.diagonal(dim1=-2, dim2=-1).add_(penalty + 1e-6)  # 1e-6: intercept-only cases
+    factor, info = torch.linalg.cholesky_ex(hessian)
+    if bool(info.any()):  # not positive definite numerically: fall back to LU
+        return torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
+    return torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
+
+
+def _dual_step(z: torch.Tensor, gram: torch.Tensor, d: torch.Tensor,
+               grad: torch.Tensor) -> torch.Tensor:
+    """The same Newton direction through the N x N Gram matrix K = XX' (N^3/3 per problem),
+    for features wider than the sample count.
+
+    With A = X'DX + I (weights) and s = sqrt(d), Woodbury gives
+    A^-1 v = v - X' S (I + SKS)^-1 S X v, where I + SKS has eigenvalues >= 1; the
+    unpenalised intercept is eliminated through its Schur complement c - u'A^-1 u,
+    u = X'd, c = sum(d).
+    """
+    x = z[..., :-1]
+    s = d.sqrt()
+    inner = gram * s.unsqueeze(2) * s.unsqueeze(1)
+    inner.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    factor = torch.linalg.cholesky(inner)
+    u = torch.bmm(d.unsqueeze(1), x).squeeze(1)
+    rhs = torch.stack([grad[:, :-1], u], dim=-1)  # (P, C, 2)
+    inner_solution = torch.cholesky_solve(s.unsqueeze(-1) * torch.bmm(x, rhs), factor)
+    solved = rhs - torch.bmm(x.transpose(1, 2), s.unsqueeze(-1) * inner_solution)
+    a_grad, a_u = solved[..., 0], solved[..., 1]
+    schur = d.sum(dim=1) - (u * a_u).sum(dim=1) + 1e-6
+    intercept = (grad[:, -1] - (u * a_grad).sum(dim=1)) / schur
+    return torch.cat([a_grad - intercept.unsqueeze(1) * a_u, intercept.unsqueeze(1)], dim=1)
+
+
+def use_dual(samples: int, channels: int, iterations: int = 4) -> bool:
+    """Whether the Gram-matrix form is cheaper: forming K once (2N^2C) plus N^3/3 per
+    Newton iteration, against 2NC^2 + C^3/3 per iteration in the primal form."""
+    primal = iterations * (2 * samples * channels**2 + channels**3 / 3)
+    dual = 2 * samples**2 * channels + iterations * samples**3 / 3
+    return dual < primal
+
+
+def _newton(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Tensor,
+            tol: float, iterations: int, gram: torch.Tensor | None = None,
+            scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Damped Newton on every problem of ``z`` (P, N, C+1) at once, from ``w`` (P, C+1).
+
+    Converged problems leave the batch (active set), so the Newton system, the dominant
+    cost, is only solved for those still moving. A step that raises the objective is halved
+    (backtracking), which keeps warm starts safe. With ``gram`` (P, N, N; X X' without the
+    intercept column) the step is solved in the N-dimensional dual form. Returns a mask of
+    the problems that met ``tol``.
+    """
+    active = torch.arange(len(w), device=w.device)
+    za = z
+    if scratch is None and gram is None:
+        scratch = torch.empty_like(z)
+    logits = torch.bmm(za, w.unsqueeze(-1)).squeeze(-1)
+    objective = _objective(logits, y, w, penalty)
+    converged = torch.zeros(len(w), dtype=torch.bool, device=w.device)
+    for _ in range(iterations):
+        wa = w[active]
+        p = torch.sigmoid(logits)
+        grad = torch.bmm((p - y).unsqueeze(1), za).squeeze(1) + penalty * wa
+        done = grad.abs().amax(dim=1) <= tol * len(y)
+        converged[active[done]] = True
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = ~done
+            active, za, wa, p = active[keep], za[keep], wa[keep], p[keep]
+            grad, logits, objective = grad[keep], logits[keep], objective[keep]
+            gram = gram[keep] if gram is not None else None
+        d = p * (1 - p)
+        step = (_primal_step(za, d, grad, penalty, scratch) if gram is None
+                else _dual_step(za, gram, d, grad))
+        size = torch.ones(len(wa), 1, dtype=wa.dtype, device=wa.device)
+        for _ in range(20):
+            trial = wa - size * step
+            trial_logits = torch.bmm(za, trial.unsqueeze(-1)).squeeze(-1)
+            trial_objective = _objective(trial_logits, y, trial, penalty)
+            worse = trial_objective > objective + 1e-6 * (1 + objective.abs())
+            if not bool(worse.any()):
+                break
+            size[worse] /= 2
+        w[active], logits, objective = trial, trial_logits, trial_objective
+    return converged
+
+
 def fit_torch(
-    x: np.ndarray | torch.Tensor,
+    x: np.ndarray,
     y: np.ndarray,
     train: np.ndarray,
     test: np.ndarray,
     device: str | torch.device = "cpu",
-    iterations: int = 50,
-    tol: float = 1e-5,
-    chunk_bytes: int = 1 << 29,
+    iterations: int = 100,
+    tol: float = 1e-4,
+    dtype: torch.dtype = torch.float32,
+    solver: Literal["auto", "primal", "dual"] = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast path: every problem in ``x`` (samples, problems, channels) at once.
+    """Fast path: all sites of one width at once. x (samples, sites, steps, channels).
 
     Minimises sum(log-loss) + ||w||^2 / 2 (scikit-learn's default objective, C=1, intercept
-    unpenalised) on train-standardised features by Newton's method, batched over problems,
-    until the gradient of the mean loss is below ``tol`` everywhere (scikit-learn's lbfgs
-    stops at 1e-4 on the same scale).
-    Float64 on the CPU; float32 on a GPU, where the Hessian (at least the identity on the
-    weights) is well enough conditioned for a Cholesky solve and float64 is slow.
+    unpenalised) on train-standardised features by damped Newton, batched over sites, until
+    the gradient of the mean loss is below ``tol``: scikit-learn's lbfgs stopping rule (gtol 1e-4
+    on the mean loss), which Newton overshoots by orders of magnitude in its last step.
+    Steps are solved in order, each warm-started from the previous step's solution: the
+    activations of neighbouring steps are close, so this halves the Newton iterations.
+    Only one step's activations are on the device at a time. ``solver`` picks the primal or
+    dual Newton system; "auto" takes the cheaper (``use_dual``). Float32 by default: the
+    Newton direction tolerates it, and the objective of the line search is summed in float64.
+
+    Returns train and test accuracy (sites, steps) and unit directions in unscaled space
+    (sites, steps, channels).
     """
     device = torch.device(device)
-    dtype = torch.float32 if device.type == "cuda" else torch.float64
-    x = torch.as_tensor(x, device=device).to(dtype).transpose(0, 1)  # (P, N, C)
-    problems, _, channels = x.shape
-    y_all = torch.as_tensor(y, dtype=dtype, device=device)
-    tr = torch.as_tensor(train, device=device)
-    mean = x[:, tr].mean(dim=1, keepdim=True)
-    scale = x[:, tr].std(dim=1, unbiased=False, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # as StandardScaler does
-    z = torch.cat([(x - mean) / scale, torch.ones_like(x[..., :1])], dim=-1)  # (P, N, C+1)
+    _, sites, steps, channels = np.shape(x)
+    y = np.asarray(y)
+    y_train = torch.as_tensor(y[train], dtype=dtype, device=device)
     penalty = torch.ones(channels + 1, dtype=dtype, device=device)
     penalty[-1] = 0.0  # intercept
-
-    weights = torch.zeros(problems, channels + 1, dtype=dtype, device=device)
-    per_problem = (channels + 1) ** 2 * x.element_size() * 3
-    chunk = max(1, chunk_bytes // per_problem)
-    zt, yt = z[:, tr], y_all[tr]
-    for start in range(0, problems, chunk):
-        part = slice(start, start + chunk)
-        w, zp = weights[part], zt[part]
-        for _ in range(iterations):
-            p = torch.sigmoid(torch.einsum("pnc,pc->pn", zp, w))
-            grad = torch.einsum("pnc,pn->pc", zp, p - yt) + penalty * w
-            if grad.abs().max() <= tol * len(tr):
-                break
-            curvature = (p * (1 - p)).unsqueeze(-1)
-            hessian = torch.bmm((zp * curvature).transpose(1, 2), zp) + torch.diag(penalty)
-            hessian.diagonal(dim1=-2, dim2=-1).add_(1e-6)  # intercept-only degenerate cases
-            factor, info = torch.linalg.cholesky_ex(hessian)
-            if bool(info.any()):  # not positive definite numerically: fall back to LU
-                step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
-            else:
-                step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
-            w -= step
-        weights[part] = w
-
-    logits = torch.einsum("pnc,pc->pn", z, weights).cpu().numpy()
-    y_np = np.asarray(y)
-    train_acc = _accuracy(logits[:, train], y_np[train])
-    test_acc = _accuracy(logits[:, test], y_np[test])
-    raw = (weights[:, :-1] / scale.squeeze(1)).cpu().numpy()
-    directions = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    train_acc, test_acc = np.empty((sites, steps)), np.empty((sites, steps))
+    directions = np.empty((sites, steps, channels))
+    unconverged = 0
+    dual = use_dual(len(train), channels + 1) if solver == "auto" else solver == "dual"
+    weights = torch.zeros(sites, channels + 1, dtype=dtype, device=device)
+    # Reused across steps: fresh blocks of this size cost page faults on every step.
+    z = torch.empty(sites, len(train), channels + 1, dtype=dtype, device=device)
+    z[..., channels] = 1.0  # intercept column
+    scratch = None if dual else torch.empty_like(z)
+    for step in range(steps):
+        xt = torch.as_tensor(x[train, :, step], device=device).to(dtype)  # (N, S, C), a copy
+        # Plain two-pass statistics, in place: on the CPU, torch.var_mean and
+        # cat+transpose over this layout are several times slower.
+        mean = xt.mean(dim=0)
+        xt -= mean
+        std = torch.linalg.vector_norm(xt, dim=0) / len(train) ** 0.5
+        scale = torch.where(std > 0, std, torch.ones_like(std))  # as StandardScaler does
+        z[..., :channels].copy_((xt / scale).transpose(0, 1))
+        gram = None
+        if dual:
+            gram = torch.bmm(z[..., :channels], z[..., :channels].transpose(1, 2))
+        converged = _newton(z, y_train, weights, penalty, tol, iterations, gram, scratch)
+        unconverged += int((~converged).sum())
+        # Unscaled form of the probe, for the held-out rows and the steering direction.
+        coef = weights[:, :-1] / scale  # (S, C)
+        bias = weights[:, -1] - (mean * coef).sum(dim=1)
+        x_test = torch.as_tensor(x[test, :, step], device=device).to(dtype)  # (N_test, S, C)
+        test_logits = torch.einsum("nsc,sc->sn", x_test, coef) + bias[:, None]
+        train_logits = torch.bmm(z, weights.unsqueeze(-1)).squeeze(-1)
+        train_acc[:, step] = _accuracy(train_logits.cpu().numpy(), y[train])
+        test_acc[:, step] = _accuracy(test_logits.cpu().numpy(), y[test])
+        raw = coef.double().cpu().numpy()
+        directions[:, step] = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+    if unconverged:
+        log.warning("%d of %d probes did not reach tol=%g in %d Newton iterations",
+                    unconverged, sites * steps, tol, iterations)
     return train_acc, test_acc, directions
 
 
@@ -179,15 +295,15 @@ def fit_pair(
     """Probes for every site and step. ``activations[site]`` is (samples, steps, channels),
     rows aligned with ``labels``; samples of other classes are left out."""
     labels = np.asarray(labels)
-    keep = np.isin(labels, [pair.negative, pair.positive])
+    keep = np.flatnonzero(np.isin(labels, [pair.negative, pair.positive]))
     counts = check_counts(labels[keep], pair, min_per_class)
-    y = (labels[keep] == pair.positive).astype(np.int64)
-    train, test = split_indices(y, test_size, seed)
+    y = (labels == pair.positive).astype(np.int64)  # rows of other classes are never used
+    train, test = (keep[part] for part in split_indices(y[keep], test_size, seed))
 
     results: list[ProbeResult] = []
     if backend == "sklearn":
         for site, x in activations.items():
-            tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x)[keep], y, train, test)
+            tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test)
             results.append(ProbeResult(site, pair, tr_acc, te_acc, dirs, len(train), len(test),
                                        counts))
         return results
@@ -198,12 +314,10 @@ def fit_pair(
     for site, x in activations.items():
         by_width.setdefault(np.shape(x)[-1], []).append(site)
     for sites in by_width.values():
-        stacked = np.concatenate([np.asarray(activations[s])[keep] for s in sites], axis=1)
+        stacked = np.stack([np.asarray(activations[s]) for s in sites], axis=1)
         tr_acc, te_acc, dirs = fit_torch(stacked, y, train, test, device=device)
-        steps = np.shape(activations[sites[0]])[1]
         for k, site in enumerate(sites):
-            part = slice(k * steps, (k + 1) * steps)
-            results.append(ProbeResult(site, pair, tr_acc[part], te_acc[part], dirs[part],
-                                       len(train), len(test), counts))
+            results.append(ProbeResult(site, pair, tr_acc[k], te_acc[k], dirs[k], len(train),
+                                       len(test), counts))
     order = list(activations)
     return sorted(results, key=lambda r: order.index(r.site))

@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from icm.probes import Pair, ProbeDataError, fit_pair
+from icm.probes import (
+    Pair,
+    ProbeDataError,
+    fit_pair,
+    fit_sklearn,
+    fit_torch,
+    split_indices,
+    use_dual,
+)
 from icm.ranking import kind_summary, plot_heatmap, rank_sites, steering_start
 
 PAIR = Pair(negative="red", positive="green")
@@ -74,3 +83,37 @@ def test_steering_start_scales_with_the_schedule(tmp_path):
     scores = scores_frame(fit_pair(acts, labels, PAIR))
     plot_heatmap(scores, rank_sites(scores, 3), tmp_path / "h.png")
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_dual_form_solves_the_same_problem_as_the_primal():
+    """Features wider than the training set: the Gram-matrix (Woodbury) Newton step must give
+    the primal solution, which scikit-learn confirms."""
+    rng = np.random.default_rng(3)
+    n, steps, width = 80, 3, 120
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    x = rng.standard_normal((n, 2, steps, width)) * rng.uniform(0.5, 3.0, width)
+    x[:, :, :, 0] += np.where(y == 1, 1.5, -1.5)[:, None, None]
+    train, test = split_indices(y, 0.25, 0)
+    assert use_dual(len(train), width + 1) and not use_dual(len(train), 16)
+    primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64)
+    dual = fit_torch(x, y, train, test, solver="dual", dtype=torch.float64)
+    np.testing.assert_allclose(dual[2], primal[2], atol=1e-6)
+    np.testing.assert_array_equal(dual[1], primal[1])
+    reference = fit_sklearn(x[:, 0], y, train, test)
+    assert np.sum(reference[2] * dual[2][0], axis=1).min() > 0.999
+
+
+def test_warm_starts_survive_a_label_flip_between_steps():
+    """Each step starts from the previous step's solution; when the signal reverses sign
+    between steps that start is far off, and backtracking must still reach the optimum."""
+    rng = np.random.default_rng(4)
+    n, width = 200, 12
+    y = (rng.random(n) < 0.5).astype(np.int64)
+    sign = np.where(y == 1, 1.0, -1.0)
+    x = rng.standard_normal((n, 1, 4, width))
+    x[:, 0, :, 0] += 4.0 * sign[:, None] * np.array([1.0, -1.0, 1.0, -1.0])  # nearly separable
+    train, test = split_indices(y, 0.2, 0)
+    fast = fit_torch(x, y, train, test)
+    reference = fit_sklearn(x[:, 0], y, train, test)
+    assert np.sum(reference[2] * fast[2][0], axis=1).min() > 0.999
+    assert np.sign(fast[2][0, :, 0]).tolist() == [1.0, -1.0, 1.0, -1.0]
