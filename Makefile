@@ -7,7 +7,7 @@ CORES ?= 2
 # This workplace's machines hold torch 2.14.1 / torchvision 0.29.1 on disk and cap pip there
 # (/etc/xdg/pip); anywhere else pip resolves torch normally (override: make TORCH_PIN=...).
 TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvision==0.29.1,)
-DEMO_TARGET ?= results/toy/color/ranking.csv
+DEMO_TARGET ?= results/toy/color/table.csv
 PYTEST_FLAGS ?= -n 2 --durations=15
 
 .PHONY: install demo test check lint bench clean toy-model toy-quality
@@ -26,6 +26,8 @@ demo: install  ## run the main job on the embedded default model
 	$(BIN)/python -m icm inspect results/toy/color/generation/shard-000/activations.zarr
 	@echo; echo "Top sites (results/toy/color/ranking.csv; heatmap: results/toy/color/ranking_heatmap.png):"
 	@head -6 results/toy/color/ranking.csv | cut -d, -f1-4 | column -t -s,
+	@echo; echo "Debiasing by steering (results/toy/color/table.csv; grid.png, metrics.png beside it):"
+	@cut -d, -f1-8 results/toy/color/table.csv | column -t -s,
 
 test: install  ## the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)

@@ -17,7 +17,8 @@ include: "rules/toy.smk"
 include: "rules/generate.smk"
 include: "rules/labels.smk"
 include: "rules/probes.smk"
-include: "rules/pending.smk"
+include: "rules/steer.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -40,8 +40,8 @@ def describe_store(path: str | Path) -> str:
     lines = [f"store      {path}"]
     model = attrs.get("model", {})
     if isinstance(model, dict):
-        lines.append(f"model      {model.get('name')} ({model.get('family')}, {model.get('source')}, "
-                     f"{model.get('dtype')}, {model.get('scheduler')})")
+        lines.append(f"model      {model.get('name')} ({model.get('family')}, "
+                     f"{model.get('source')}, {model.get('dtype')}, {model.get('scheduler')})")
     for key in ("concept", "shard", "n_shards", "base_seed", "pooling", "cfg_half", "store_dtype"):
         if key in attrs:
             lines.append(f"{key:<10} {attrs[key]}")

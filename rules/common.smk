@@ -31,6 +31,18 @@ def model_input(wildcards):
     return source if Path(source).parts[0] in ("results", "resources") else []
 
 
+def concept_params(*keys):
+    """Param function: only the concept settings a rule reads. Snakemake reruns a job when
+    its params change, so passing the whole concept would rerun generation when, say, one
+    steering variant's alpha is edited."""
+
+    def params(wildcards):
+        spec = CONCEPTS[wildcards.concept]
+        return {key: spec[key] for key in keys}
+
+    return params
+
+
 def shard_ids(model):
     return [f"{i:03d}" for i in range(MODELS[model]["n_shards"])]
 
@@ -95,3 +107,79 @@ def labeler_gpu(wildcards):
     if CONCEPTS[wildcards.concept]["labeler"]["type"] == "oracle":
         return 0
     return gpu_resources(wildcards)
+
+
+# -- steering and evaluation (stages 4-5) ----------------------------------------------
+
+VARIANTS = config["steering"]["variants"]
+
+
+def variant_spec(wildcards):
+    """The resolved variant: its site selection and this concept's alpha for it. Only this
+    variant's alpha is in its params, so editing another variant's alpha reruns nothing here."""
+    variant = VARIANTS[wildcards.variant]
+    alphas = CONCEPTS[wildcards.concept]["steering"]["alpha"]
+    return {
+        "sites": variant["sites"],
+        "alpha": float(alphas.get(wildcards.variant, variant["alpha"])),
+        "k": config["steering"]["k"],
+        "seed": config["steering"]["seed"],
+    }
+
+
+def steer_concept(wildcards):
+    """What steering reads of the concept (not the alpha table, see variant_spec)."""
+    spec = CONCEPTS[wildcards.concept]
+    return {
+        "prompts": spec["prompts"],
+        "classes": spec["classes"],
+        "pairs": [list(p) for p in concept_pairs(wildcards.concept)],
+        "steering": {k: v for k, v in spec["steering"].items() if k != "alpha"},
+    }
+
+
+def pair_directions(wildcards):
+    return {
+        name: f"results/{wildcards.model}/{wildcards.concept}/probes/{name}/directions.safetensors"
+        for name in pair_names(wildcards.concept)
+    }
+
+
+ORIGINAL = next((name for name, v in VARIANTS.items() if v["sites"] == "none"), None)
+
+
+def is_toy(wildcards):
+    return MODELS[wildcards.model]["family"] == "toy"
+
+
+def fid_reference(wildcards):
+    """What clean-fid compares against: a folder, a custom-statistics name, or nothing."""
+    reference = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"]
+    if reference == "toy-world":
+        return f"results/{wildcards.model}/{wildcards.concept}/reference/images"
+    if reference and reference.startswith("stats:"):
+        return reference.removeprefix("stats:")
+    return reference
+
+
+def variant_shards(variant, name):
+    return lambda wildcards: [
+        f"results/{wildcards.model}/{wildcards.concept}/steer/{variant or wildcards.variant}/"
+        f"shard-{shard}/{name}"
+        for shard in shard_ids(wildcards.model)
+    ]
+
+
+def metric_inputs(wildcards):
+    inputs = {
+        "steered": variant_shards(None, "samples.csv")(wildcards),
+        "images": variant_shards(None, "images")(wildcards),
+    }
+    if ORIGINAL and wildcards.variant != ORIGINAL:
+        inputs["original"] = variant_shards(ORIGINAL, "samples.csv")(wildcards)
+    reference = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"]
+    if reference and not reference.startswith("stats:"):
+        inputs["reference"] = fid_reference(wildcards)
+    if is_toy(wildcards):
+        inputs["toy_features"] = config["toy"]["features"]["path"]
+    return inputs

@@ -15,7 +15,7 @@ rule generate_images:
     params:
         model=lambda wildcards: MODELS[wildcards.model],
         source=lambda wildcards: model_source(wildcards.model),
-        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+        concept=concept_params("prompts", "samples_per_prompt"),
         generation=config["generation"],
     resources:
         gpu=gpu_resources,

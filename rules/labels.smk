@@ -12,7 +12,7 @@ rule label_images:
     log:
         "logs/{model}/{concept}/labels.log",
     params:
-        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+        concept=concept_params("labeler", "classes"),
     resources:
         gpu=labeler_gpu,
     conda:

@@ -17,7 +17,7 @@ rule fit_probes:
     log:
         "logs/{model}/{concept}/probes/{pair}.log",
     params:
-        concept=lambda wildcards: CONCEPTS[wildcards.concept],
+        concept=concept_params("prompts", "classes"),
         pair=pair_of,
         probes=config["probes"],
     resources:

@@ -38,12 +38,18 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run or dry run: rule -> number of jobs."""
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    rows = [line.split() for line in table.splitlines()]
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
+
+
 def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir):
     result = snakemake(workdir, "-n", "results/sd15/gender/table.csv")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
-    jobs = {line.split()[0]: int(line.split()[1]) for line in out.splitlines()
-            if len(line.split()) == 2 and line.split()[1].isdigit()}
+    jobs = job_counts(out)
     assert jobs["generate_images"] == 4  # sd15: n_shards 4
     for stage in ("merge_samples", "label_images", "fit_probes", "rank_sites", "collect_table"):
         assert jobs[stage] == 1
@@ -102,17 +108,18 @@ def test_tiny_generation_end_to_end(workdir):
 
 
 @pytest.mark.slow
-def test_toy_color_through_ranking(workdir):
-    """Stages 1-3 on the committed toy model: the colour choice is found where it is read."""
+def test_toy_color_through_the_table(workdir, tmp_path):
+    """Stages 1-5 on the committed toy model: the colour choice is found where it is read,
+    steering it changes only steered batches, and the table compares the variants."""
     import pandas as pd
 
     # A fresh clone's file times are arbitrary: make the committed weights look oldest, which
     # is how a checkout can leave them, and check that nothing plans to retrain them.
     for path in (workdir / "resources").rglob("*"):
         os.utime(path, (0, 0))
-    plan = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/ranking.csv")
+    plan = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/table.csv")
     assert "train_toy" not in plan.stdout + plan.stderr
-    result = snakemake(workdir, "--cores", "2", "results/toy/color/ranking.csv")
+    result = snakemake(workdir, "--cores", "2", "results/toy/color/table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     base = workdir / "results/toy/color"
     labels = pd.read_csv(base / "labels.csv", keep_default_na=False)
@@ -125,6 +132,37 @@ def test_toy_color_through_ranking(workdir):
     assert ranking.iloc[0]["mean_test_acc"] > 0.9  # the colour is linearly readable somewhere
     by_kind = pd.read_csv(base / "ranking_by_kind.csv").set_index("kind")
     assert by_kind.loc["attn1", "sites"] == by_kind.loc["attn2", "sites"] == 7
+
+    table = pd.read_csv(base / "table.csv").set_index("variant")
+    assert list(table.index) == ["original", "icm", "cross", "all", "random", "worst"]
+    assert (table["n_images"] == 40).all() and table["FD"].notna().all()
+    assert np.isnan(table.loc["original", "CLIP-I"]) and table.loc["icm", "CLIP-I"] <= 1
+    assert "toy features" in table.loc["icm", "FID_backend"]
+    assert table.loc["icm", "layers"].count(";") == 2 and table.loc["icm", "alpha"] == 6
+    assert (base / "grid.png").exists() and (base / "metrics.png").exists()
+    # Same seeds everywhere: an unsteered batch (target red, which has no direction) is the
+    # original image bit for bit; a steered one differs.
+    original = pd.read_csv(base / "steer/original/shard-000/samples.csv")
+    icm = pd.read_csv(base / "steer/icm/shard-000/samples.csv")
+    assert list(icm["seed"]) == list(original["seed"])
+    assert set(icm.loc[~icm["steered"], "target"]) <= {"red"} and icm["steered"].any()
+    for (_, a), (_, b) in zip(original.iterrows(), icm.iterrows()):
+        pixels = [np.asarray(Image.open(base / "steer" / v / "shard-000" / r["image"]))
+                  for v, r in (("original", a), ("icm", b))]
+        assert np.array_equal(*pixels) != bool(b["steered"])
+
+    # Changing one variant's alpha plans only that variant's steering and metrics again.
+    again = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/table.csv")
+    assert "Nothing to be done" in again.stdout + again.stderr
+    edit = tmp_path / "alpha.yaml"
+    edit.write_text("concepts: {color: {steering: {alpha: {icm: 7}}}}\n")
+    plan = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(edit), "--cores", "2",
+                     "-n", "results/toy/color/table.csv")
+    out = plan.stdout + plan.stderr
+    jobs = job_counts(out)
+    assert jobs == {"steer_images": 1, "compute_metrics": 1, "plot_grid": 1,
+                    "collect_table": 1, "total": 4}, out[-2000:]
+    assert "variant=icm" in out and "variant=cross" not in out
 
 
 @pytest.mark.slow

@@ -13,6 +13,12 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from icm.jobs.evaluation import (
+    collect_table_job,
+    compute_metrics_job,
+    plot_grid_job,
+    render_reference_job,
+)
 from icm.jobs.generation import (
     build_model_job,
     concept_samples,
@@ -20,12 +26,14 @@ from icm.jobs.generation import (
     merge_samples_job,
 )
 from icm.jobs.probing import fit_probes_job, label_images_job, rank_sites_job
+from icm.jobs.steering import steer_shard_job
 from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
 
 __all__ = [
-    "build_model_job", "concept_samples", "fit_probes_job", "generate_shard_job",
-    "label_images_job", "logging_to", "merge_samples_job", "rank_sites_job", "toy_quality_job",
-    "train_toy_features_job", "train_toy_job",
+    "build_model_job", "collect_table_job", "compute_metrics_job", "concept_samples",
+    "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
+    "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
+    "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
 ]
 
 

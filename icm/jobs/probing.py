@@ -8,15 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from icm.generate import write_table
+from icm.jobs.records import write_json
 from icm.models.loading import resolve_device
 
 log = logging.getLogger("icm")
-
-
-def _write_json(path: str | Path, data: Mapping[str, Any]) -> None:
-    import json
-
-    Path(path).write_text(json.dumps(data, indent=2, default=str))
 
 
 
@@ -37,7 +32,7 @@ def label_images_job(
                          margin=concept["labeler"]["margin"])
     write_table(output, table.to_dict("records"), columns=list(table.columns))
     counts = table.loc[table["kept"], "label"].value_counts().to_dict()
-    _write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
+    write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
                           "margin": concept["labeler"]["margin"], "counts": counts,
                           "dropped": int((~table["kept"]).sum()), "versions": package_versions()})
     log.info("labelled %d images: %s", len(table), counts)
@@ -91,7 +86,7 @@ def fit_probes_job(
     write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
     save_file({s: directions[s] for s in order}, str(output_directions),
               metadata={"pair": target.name, "positive": target.positive})
-    _write_json(output_meta, {
+    write_json(output_meta, {
         "format": "icm-directions/1",
         "pair": target.name, "positive": target.positive, "negative": target.negative,
         "meaning": "unit vector per (site, step) in unscaled activation space; adding it moves "

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from icm.generate import SamplerSettings
+from icm.jobs.records import write_json
 from icm.models import ModelSpec, load_pipeline
 from icm.models.loading import resolve_device
 
@@ -50,8 +51,6 @@ def toy_quality_job(
     output_markdown: str | Path, n_per_prompt: int = 64, threads: int = 2,
 ) -> None:
     """Oracle read-out of the toy model's fidelity and planted bias (docs/toy.md)."""
-    import json
-
     from icm.toy.quality import measure_quality, quality_markdown
 
     torch.set_num_threads(threads)
@@ -61,5 +60,5 @@ def toy_quality_job(
     result = measure_quality(pipe, settings, n_per_prompt=n_per_prompt,
                              batch_size=model["batch_size"])
     result["model"] = {"name": model_name, "source": source}
-    Path(output_json).write_text(json.dumps(result, indent=2))
+    write_json(output_json, result)
     Path(output_markdown).write_text(quality_markdown(result) + "\n")

@@ -1,0 +1,234 @@
+"""Jobs of stage 5: score each variant's images (FD, FID, CLIP-I, CLIP-T) and collect the table.
+
+Every metric names its backend in the output: the toy world has no CLIP or Inception
+weights, so there image similarity and FID use the toy feature extractor, and text alignment
+is the share of images whose oracle-read attributes match the prompt (docs/toy.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from icm.generate import write_table
+from icm.jobs.records import write_json
+from icm.labels import label_images, make_labeler
+from icm.models.loading import resolve_device
+from icm.provenance import package_versions
+
+log = logging.getLogger("icm")
+
+TABLE_COLUMNS = ["variant", "FD", "FID", "CLIP-I", "CLIP-T", "n_images", "alpha", "selection",
+                 "layers", "FD_backend", "FID_backend", "CLIP-I_backend", "CLIP-T_backend"]
+
+
+def read_shards(tables: Sequence[str | Path]) -> pd.DataFrame:
+    """Concatenate shard tables, image paths made absolute, ordered by sample."""
+    parts = []
+    for table in tables:
+        frame = pd.read_csv(table, keep_default_na=False)
+        frame["image"] = [str((Path(table).parent / p).resolve()) for p in frame["image"]]
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True).sort_values("sample", ignore_index=True)
+
+
+def load_images(paths: Sequence[str]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+def render_reference_job(
+    world: Mapping[str, Any], concept: Mapping[str, Any], n: int, seed: int, output: str | Path
+) -> None:
+    """Toy-world "real" images for FID: the world as configured, except that the concept's
+    attribute follows the concept's reference distribution (uniform by default)."""
+    from icm.atomic import atomic_directory
+    from icm.debias import target_probabilities
+    from icm.toy.world import WorldConfig, make_dataset
+
+    classes = list(concept["classes"])
+    reference = dict(zip(classes, target_probabilities(classes, concept.get("reference")),
+                         strict=True))
+    attribute = concept["labeler"].get("attribute") or "color"
+    config = dict(world)
+    if attribute == "color":
+        shapes = (WorldConfig.from_dict(config).color_given_shape or {}).keys()
+        config["color_given_shape"] = {s: {c: reference.get(c, 0.0)
+                                           for c in ("red", "green", "blue")} for s in shapes}
+    else:
+        config["shape_probs"] = {s: reference.get(s, 0.0) for s in ("circle", "square",
+                                                                    "triangle")}
+    data = make_dataset(n, seed, WorldConfig.from_dict(config))
+    with atomic_directory(output) as partial:
+        partial.mkdir()
+        for i, image in enumerate(data.images):
+            Image.fromarray(image).save(partial / f"{i:06d}.png")
+    log.info("rendered %d reference images with %s %s", n, attribute, reference)
+
+
+def _fid(images: Sequence[str], reference: str, backend: str, toy_features: str | None,
+         device: str) -> float:
+    """clean-fid wants one folder: link the variant's images (spread over shards) into one."""
+    from icm.metrics import compute_fid
+
+    with tempfile.TemporaryDirectory() as folder:
+        for i, path in enumerate(images):
+            os.symlink(path, Path(folder) / f"{i:06d}{Path(path).suffix}")
+        return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
+                           device=device)
+
+
+def compute_metrics_job(
+    *,
+    toy: bool,
+    concept: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    variant: str,
+    steered: Sequence[str | Path],
+    original: Sequence[str | Path],
+    fid_reference: str | None,
+    toy_features: str | None,
+    output: str | Path,
+) -> None:
+    """Metrics of one variant. ``original``: the unsteered variant's shard tables, for CLIP-I
+    (same seeds, paired by sample); empty when this is the original itself."""
+    from icm.metrics import (
+        ClipEmbedder,
+        ToyFeatureEmbedder,
+        clip_t,
+        fairness_discrepancy,
+        paired_cosine,
+        prompt_agreement,
+    )
+
+    device = str(resolve_device(evaluation["device"]))
+    classes = list(concept["classes"])
+    spec = concept["evaluation"]["labeler"] or concept["labeler"]
+    labeler = make_labeler(spec, classes, device=device)  # fails here if weights are missing
+    if toy:
+        if not toy_features:
+            raise ValueError("the toy model's metrics need the toy feature extractor")
+        embedder: Any = ToyFeatureEmbedder(toy_features, device=device)
+    else:
+        embedder = ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"],
+                                device=device)
+    rows = read_shards(steered)
+    images = load_images(rows["image"])
+    labels = label_images(rows, "/", labeler, margin=float(spec.get("margin", 0.0)))["label"]
+    fd, fd_per_prompt = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
+                                             concept.get("reference"))
+    embeddings = embedder.embed_images(images)
+    clip_i = math.nan
+    if original:
+        base = read_shards(original).set_index("sample").loc[rows["sample"]]
+        clip_i = paired_cosine(embeddings, embedder.embed_images(load_images(base["image"])))
+    if toy:
+        text_alignment = prompt_agreement(list(rows["prompt"]), images)
+        text_backend = "toy oracle: prompt attributes present"
+    else:
+        text_alignment = clip_t(embeddings, embedder.embed_texts(list(rows["prompt"])))
+        text_backend = f"{embedder.name} cosine"
+    fid, fid_backend = math.nan, "none (no fid_reference)"
+    if fid_reference:
+        backend = "toy" if toy else "inception"
+        fid = _fid(list(rows["image"]), fid_reference, backend, toy_features, device)
+        fid_backend = ("clean-fid, toy features" if toy else "clean-fid, Inception") + \
+            f" vs {fid_reference}"
+    counts = labels[labels != ""].value_counts().to_dict()
+    result = {
+        "variant": variant, "n_images": len(rows), "FD": fd, "FD_per_prompt": fd_per_prompt,
+        "FID": fid, "CLIP-I": clip_i, "CLIP-T": text_alignment, "label_counts": counts,
+        "targets": rows["target"].value_counts().to_dict(),
+        "steered_images": int(rows["steered"].astype(str).eq("True").sum()),
+        "backends": {"FD": labeler.name, "FID": fid_backend,
+                     "CLIP-I": f"{embedder.name} cosine (steered vs original, same seed)",
+                     "CLIP-T": text_backend},
+        "versions": package_versions(),
+    }
+    write_json(output, result)
+    log.info("%s: FD %.3f FID %.2f CLIP-I %.3f CLIP-T %.3f (%s)", variant, fd, fid, clip_i,
+             text_alignment, counts)
+
+
+def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Path],
+                      output: str | Path, plot: str | Path | None = None) -> pd.DataFrame:
+    """``table.csv``: a row per variant with its metrics, alpha, sites and metric backends;
+    ``plot``: the same as bar charts."""
+    rows = []
+    for metrics_path, record_path in zip(metrics, records, strict=True):
+        result = json.loads(Path(metrics_path).read_text())
+        record = json.loads(Path(record_path).read_text())
+        rows.append({
+            "variant": result["variant"], "FD": result["FD"], "FID": result["FID"],
+            "CLIP-I": result["CLIP-I"], "CLIP-T": result["CLIP-T"],
+            "n_images": result["n_images"], "alpha": record["alpha"],
+            "selection": record["selection"], "layers": ";".join(record["sites"]),
+            **{f"{k}_backend": v for k, v in result["backends"].items()},
+        })
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    write_table(output, table.to_dict("records"), columns=TABLE_COLUMNS)
+    if plot:
+        plot_metrics(table, plot)
+    return table
+
+
+def plot_metrics(table: pd.DataFrame, output: str | Path) -> None:
+    """One bar chart per metric, a bar per variant: the table at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["FD", "FID", "CLIP-I", "CLIP-T"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
+    for ax, metric in zip(axes, metrics, strict=True):
+        ax.bar(table["variant"], table[metric].astype(float), color="tab:blue")
+        better = "lower" if metric in ("FD", "FID") else "higher"
+        ax.set_title(f"{metric} ({better} is better)", fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def plot_grid_job(variant_tables: Mapping[str, Sequence[str | Path]], columns: int,
+                  output: str | Path) -> None:
+    """Rows: variants (first: the original); columns: the same samples (seeds) in each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {v: read_shards(t) for v, t in variant_tables.items()}
+    first = next(iter(frames.values()))
+    picks = np.linspace(0, len(first) - 1, min(columns, len(first))).astype(int)
+    samples = first["sample"].iloc[picks].tolist()
+    fig, axes = plt.subplots(len(frames), len(samples), squeeze=False,
+                             figsize=(1.2 * len(samples) + 1, 1.2 * len(frames) + 0.4))
+    for r, (variant, frame) in enumerate(frames.items()):
+        indexed = frame.set_index("sample")
+        for c, sample in enumerate(samples):
+            ax = axes[r][c]
+            ax.imshow(load_images([indexed.loc[sample, "image"]])[0])
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(variant, rotation=0, ha="right", va="center")
+            if r == 0:
+                ax.set_title(f"#{sample}\n{indexed.loc[sample, 'target']}", fontsize=7)
+    fig.suptitle("same seeds per column; column title: sample and its batch's target", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,143 @@
+"""Job of stage 4: generate one shard of one layer-selection variant with debiasing steering."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from icm.atomic import atomic_directory
+from icm.debias import batch_target, class_pushes, select_sites, target_probabilities
+from icm.generate import (
+    SAMPLE_COLUMNS,
+    SamplerSettings,
+    batches,
+    generate_images,
+    image_name,
+    write_table,
+)
+from icm.jobs.records import write_json
+from icm.models import ModelSpec, load_pipeline
+from icm.provenance import package_versions
+from icm.ranking import steering_start
+from icm.samples import Sample, plan_samples, shard_samples
+from icm.steering import steer_activations
+
+log = logging.getLogger("icm")
+
+STEER_COLUMNS = [*SAMPLE_COLUMNS, "target", "steered"]
+
+
+def steering_samples(
+    concept: Mapping[str, Any], model: Mapping[str, Any], base_seed: int
+) -> list[Sample]:
+    """The evaluation plan: the concept's prompts with the generation's seed rule, so sample
+    (prompt, repeat) has the same seed in every variant and in the probing run."""
+    per_prompt = model.get("samples_per_prompt") or concept["steering"]["samples_per_prompt"]
+    return plan_samples(concept["prompts"], per_prompt, base_seed)
+
+
+def load_directions(paths: Mapping[str, str | Path], sites: list[str]) -> dict[str, dict]:
+    """{pair: {site: (steps, channels)}} for the chosen sites, from the probes' safetensors."""
+    from safetensors.numpy import load_file
+
+    return {pair: {s: v for s, v in load_file(str(path)).items() if s in sites}
+            for pair, path in paths.items()}
+
+
+def steer_shard_job(
+    *,
+    model_name: str,
+    model: Mapping[str, Any],
+    source: str,
+    concept_name: str,
+    concept: Mapping[str, Any],
+    generation: Mapping[str, Any],
+    probes: Mapping[str, Any],
+    variant_name: str,
+    variant: Mapping[str, Any],
+    shard: int,
+    ranking: str | Path,
+    directions: Mapping[str, str | Path],
+    images_dir: str | Path,
+    table: str | Path,
+    record: str | Path,
+) -> None:
+    """Generate one shard of a variant: each batch gets a target class; if the class has a
+    direction and the variant sites and a non-zero alpha, the batch is steered toward it.
+
+    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``k``, ``seed``.
+    """
+    spec = ModelSpec.from_config(model_name, {**model, "source": source})
+    classes = list(concept["classes"])
+    pairs = [tuple(p) for p in concept["pairs"]]
+    sites = select_sites(pd.read_csv(ranking), variant["sites"], variant["k"], variant["seed"])
+    pushes = class_pushes(classes, pairs)
+    probs = target_probabilities(classes, concept["steering"]["target_probs"])
+    vectors = load_directions(directions, sites)
+    start = steering_start(spec.steps, probes["steer_start_of_50"])
+    for pair, per_site in vectors.items():
+        for site, v in per_site.items():
+            if v.shape[0] != spec.steps:
+                raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but the "
+                                 f"model samples {spec.steps}: refit the probes")
+    samples = steering_samples(concept, model, generation["base_seed"])
+    batch_size = concept["steering"].get("batch_size") or model["batch_size"]
+    mine = shard_samples(samples, model["n_shards"], shard, batch_size)
+    log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %d at %s",
+             model_name, concept_name, variant_name, shard, len(mine), variant["alpha"], start,
+             sites)
+    pipe = load_pipeline(spec, device=generation["device"])
+    settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
+    rows: list[dict[str, object]] = []
+    rel = Path(os.path.relpath(Path(images_dir).resolve(), Path(table).parent.resolve()))
+    with (atomic_directory(images_dir) as partial,
+          tqdm(total=len(mine), desc=f"steer {variant_name}", unit="img", file=sys.stderr) as bar):
+        partial.mkdir()
+        for batch in batches(mine, batch_size):
+            # Shards are cut on the global batch grid, so this index is shard-independent.
+            index = batch[0].sample // batch_size
+            target = batch_target(classes, probs, variant["seed"], index,
+                                  concept["steering"]["target_draw"])
+            push = pushes[target]
+            steered = bool(push is not None and sites and variant["alpha"] != 0)
+            if steered:
+                assert push is not None
+                chosen = {s: push.sign * vectors[push.pair][s] for s in sites}
+                with steer_activations(pipe, chosen, variant["alpha"], start):
+                    images = generate_images(pipe, batch, settings)
+            else:
+                images = generate_images(pipe, batch, settings)
+            for sample, image in zip(batch, images, strict=True):
+                image.save(partial / image_name(sample))
+                rows.append({**sample.as_row(), "image": str(rel / image_name(sample)),
+                             "target": target, "steered": steered})
+            bar.update(len(batch))
+    write_table(table, rows, STEER_COLUMNS)
+    write_json(record, {
+        "model": {"name": model_name, "source": source, "steps": spec.steps},
+        "concept": concept_name,
+        "variant": variant_name,
+        "selection": variant["sites"],
+        "sites": sites,
+        "alpha": variant["alpha"],
+        "k": variant["k"],
+        "batch_size": batch_size,
+        "seed": variant["seed"],
+        "start_step": start,
+        "pushes": {c: None if p is None else {"pair": p.pair, "sign": p.sign}
+                   for c, p in pushes.items()},
+        "target_draw": concept["steering"]["target_draw"],
+        "target_probs": dict(zip(classes, np.round(probs, 6).tolist(), strict=True)),
+        "shard": shard,
+        "n_shards": model["n_shards"],
+        "base_seed": generation["base_seed"],
+        "versions": package_versions(),
+    })

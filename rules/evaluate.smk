@@ -1,0 +1,88 @@
+# Stage 5: score every variant (FD, FID, CLIP-I, CLIP-T), then the table, its plot and the
+# image grid. CLIP-I compares each image with the original variant's image of the same seed.
+
+rule render_reference:
+    output:
+        directory("results/{model}/{concept}/reference/images"),
+    log:
+        "logs/{model}/{concept}/reference.log",
+    params:
+        world=config["toy"]["world"],
+        concept=concept_params("classes", "labeler", "reference"),
+        n=1000,
+        seed=12345,
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/render_reference.py"
+
+
+rule compute_metrics:
+    input:
+        unpack(metric_inputs),
+    output:
+        "results/{model}/{concept}/metrics/{variant}.json",
+    log:
+        "logs/{model}/{concept}/metrics/{variant}.log",
+    params:
+        toy=is_toy,
+        concept=concept_params("classes", "prompts", "labeler", "evaluation", "reference"),
+        evaluation=config["evaluation"],
+        fid_reference=fid_reference,
+    wildcard_constraints:
+        variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+    resources:
+        gpu=labeler_gpu,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/compute_metrics.py"
+
+
+rule collect_table:
+    input:
+        metrics=expand("results/{{model}}/{{concept}}/metrics/{variant}.json", variant=VARIANTS),
+        records=expand(
+            "results/{{model}}/{{concept}}/steer/{variant}/shard-000/steering.json",
+            variant=VARIANTS,
+        ),
+        grid="results/{model}/{concept}/grid.png",  # asking for the table builds the grid
+    output:
+        table="results/{model}/{concept}/table.csv",
+        plot=report(
+            "results/{model}/{concept}/metrics.png",
+            category="steering",
+            caption="../docs/report/metrics.rst",
+        ),
+    log:
+        "logs/{model}/{concept}/table.log",
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/collect_table.py"
+
+
+rule plot_grid:
+    input:
+        unpack(
+            lambda wildcards: {
+                variant: variant_shards(variant, "samples.csv")(wildcards) for variant in VARIANTS
+            }
+        ),
+    output:
+        report(
+            "results/{model}/{concept}/grid.png",
+            category="steering",
+            caption="../docs/report/grid.rst",
+        ),
+    log:
+        "logs/{model}/{concept}/grid.log",
+    params:
+        columns=config["evaluation"]["grid_columns"],
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/plot_grid.py"

@@ -1,0 +1,72 @@
+"""Debiasing plan: who gets pushed which way, per-batch targets, sites per variant."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from icm.debias import Push, batch_target, class_pushes, select_sites, target_probabilities
+
+
+def test_pushes_follow_the_paper():
+    race = class_pushes(["white", "black", "asian", "indian"],
+                        [("white", "black"), ("white", "indian"), ("white", "asian")])
+    assert race["white"] is None and race["black"] == Push("white-black", 1.0)
+    age = class_pushes(["young", "adult", "old"], [("young", "old")])
+    assert age == {"young": Push("young-old", -1.0), "adult": None,
+                   "old": Push("young-old", 1.0)}
+    gender = class_pushes(["woman", "man"], [("woman", "man")])
+    assert gender["woman"].sign == -1.0 and gender["man"].sign == 1.0
+
+
+@pytest.mark.parametrize("draw", ["quasi", "random"])
+def test_batch_targets_are_reproducible_and_follow_the_probabilities(draw):
+    classes = ["red", "green", "blue"]
+    p = target_probabilities(classes, {"red": 0.5, "green": 0.25, "blue": 0.25})
+    draws = [batch_target(classes, p, 0, b, draw) for b in range(4000)]
+    assert draws[:50] == [batch_target(classes, p, 0, b, draw) for b in range(50)]
+    share = {c: draws.count(c) / len(draws) for c in classes}
+    assert abs(share["red"] - 0.5) < 0.03 and abs(share["blue"] - 0.25) < 0.03
+    assert draws != [batch_target(classes, p, 1, b, draw) for b in range(4000)]
+
+
+def test_quasi_draws_balance_every_short_run_of_batches():
+    """Ten batches (one prompt's worth) hold each of three classes 2 to 4 times, wherever
+    the run starts; independent draws often do not."""
+    classes = ["red", "green", "blue"]
+    p = target_probabilities(classes)
+    quasi = [batch_target(classes, p, 0, b) for b in range(1000)]
+    counts = [[quasi[s:s + 10].count(c) for c in classes] for s in range(990)]
+    assert min(map(min, counts)) >= 2 and max(map(max, counts)) <= 4
+    random = [batch_target(classes, p, 0, b, "random") for b in range(1000)]
+    spread = [max(random[s:s + 10].count(c) for c in classes) for s in range(0, 990, 10)]
+    assert max(spread) >= 6
+    np.testing.assert_allclose(target_probabilities(classes), 1 / 3)
+    with pytest.raises(ValueError, match="sum to 1"):
+        target_probabilities(classes, {"red": 0.5})
+
+
+def ranking():
+    rows = []
+    accs = {"b0": (0.9, 0.7), "b1": (0.95, 0.8), "b2": (0.6, 0.55), "b3": (0.8, 0.75)}
+    for block, (self_acc, cross_acc) in accs.items():
+        rows += [{"site": f"{block}.attn1", "kind": "attn1", "block": block, "acc": self_acc},
+                 {"site": f"{block}.attn2", "kind": "attn2", "block": block, "acc": cross_acc}]
+    table = pd.DataFrame(rows).sort_values("acc", ascending=False)
+    table["rank"] = np.arange(1, len(table) + 1)
+    return table
+
+
+def test_site_selection_per_variant():
+    table = ranking()
+    assert select_sites(table, "top", 2) == ["b1.attn1", "b0.attn1"]
+    assert select_sites(table, "cross", 2) == ["b1.attn2", "b0.attn2"]
+    assert select_sites(table, "worst", 2) == ["b3.attn1", "b2.attn1"]
+    assert select_sites(table, "none", 2) == []
+    assert len(select_sites(table, "all", 2)) == 8
+    random = select_sites(table, "random", 2, seed=3)
+    assert random == select_sites(table, "random", 2, seed=3)
+    assert len(set(random)) == 2 and all(s.endswith("attn1") for s in random)
+    with pytest.raises(ValueError, match="k=5"):
+        select_sites(table, "top", 5)

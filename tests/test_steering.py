@@ -1,0 +1,90 @@
+"""Steering: alpha 0 changes nothing, the shift lands exactly where and when it should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icm.hooks import DoubleHookError, SiteHooks
+from icm.sites import denoiser_of, list_sites, output_tensor
+from icm.steering import steer_activations
+
+PROMPTS = ["a photo of a person", "a portrait of a woman"]
+STEPS = 4
+
+
+def run(pipe, seed=0):
+    generator = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(PROMPTS))]
+    return pipe(PROMPTS, num_inference_steps=STEPS, height=32, width=32, guidance_scale=7.5,
+                generator=generator, output_type="np").images
+
+
+class RowMeans(SiteHooks):
+    """Records the token mean of every row (both CFG halves) of a site at every step."""
+
+    purpose = "record"
+
+    def __init__(self, pipe, sites):
+        super().__init__(pipe, sites, cfg="all")
+        self.means: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+
+    def on_output(self, site, step, output):
+        self.means[site].append(output_tensor(output).mean(dim=1).detach().clone())
+
+
+def directions_for(pipe, sites, seed=0):
+    rng = np.random.default_rng(seed)
+    modules = dict(denoiser_of(pipe).named_modules())
+    out = {}
+    for site in sites:
+        width = modules[site].to_out[0].out_features
+        v = rng.standard_normal((STEPS, width)).astype(np.float32)
+        out[site] = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return out
+
+
+def test_alpha_zero_reproduces_the_unsteered_image_bit_for_bit(tiny_pipe):
+    sites = list_sites(denoiser_of(tiny_pipe))
+    plain = run(tiny_pipe)
+    with steer_activations(tiny_pipe, directions_for(tiny_pipe, sites), alpha=0.0, start_step=0):
+        steered = run(tiny_pipe)
+    np.testing.assert_array_equal(steered, plain)
+    with steer_activations(tiny_pipe, directions_for(tiny_pipe, sites), alpha=5.0, start_step=1):
+        moved = run(tiny_pipe)
+    assert np.abs(moved - plain).max() > 1e-3
+
+
+def test_shift_is_alpha_v_on_the_conditional_half_from_the_start_step(tiny_pipe):
+    site = [s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn1")][0]
+    directions = directions_for(tiny_pipe, [site])
+    t0, alpha = 2, 3.0
+    with RowMeans(tiny_pipe, [site]) as plain:
+        run(tiny_pipe)
+    with steer_activations(tiny_pipe, directions, alpha, t0), RowMeans(tiny_pipe, [site]) as hit:
+        run(tiny_pipe)
+    before, after = plain.means[site], hit.means[site]
+    for step in range(t0):  # nothing happens before the start step
+        torch.testing.assert_close(after[step], before[step], rtol=0, atol=0)
+    # At t0 the inputs are still identical, so the output moves by exactly alpha * v on the
+    # conditional rows (the second half of [uncond, cond]) and not at all on the others.
+    half = before[t0].shape[0] // 2
+    shift = after[t0] - before[t0]
+    expected = alpha * torch.as_tensor(directions[site][t0])
+    torch.testing.assert_close(shift[half:], expected.expand_as(shift[half:]), rtol=0, atol=1e-5)
+    assert shift[:half].abs().max() == 0
+
+
+def test_hooks_are_exclusive_and_always_removed(tiny_pipe):
+    site = list_sites(denoiser_of(tiny_pipe))[0]
+    directions = directions_for(tiny_pipe, [site])
+    with steer_activations(tiny_pipe, directions, 1.0, 0):
+        with pytest.raises(DoubleHookError):
+            with steer_activations(tiny_pipe, directions, 1.0, 0):
+                pass
+    with pytest.raises(RuntimeError, match="directions cover 2 steps"):
+        short = {site: directions[site][:2]}
+        with steer_activations(tiny_pipe, short, 1.0, 0):
+            run(tiny_pipe)
+    unet = denoiser_of(tiny_pipe)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())

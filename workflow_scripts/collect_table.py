@@ -1,0 +1,8 @@
+"""Snakemake adapter for rule collect_table."""
+
+from icm.jobs import collect_table_job, logging_to
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    collect_table_job(list(sm.input.metrics), list(sm.input.records), sm.output.table,
+                      sm.output.plot)

@@ -1,0 +1,17 @@
+"""Snakemake adapter for rule compute_metrics."""
+
+from icm.jobs import compute_metrics_job, logging_to
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    compute_metrics_job(
+        toy=sm.params.toy,
+        concept=sm.params.concept,
+        evaluation=sm.params.evaluation,
+        variant=sm.wildcards.variant,
+        steered=list(sm.input.steered),
+        original=list(sm.input.get("original", [])),
+        fid_reference=sm.params.fid_reference,
+        toy_features=sm.input.get("toy_features"),
+        output=sm.output[0],
+    )

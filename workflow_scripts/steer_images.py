@@ -1,0 +1,23 @@
+"""Snakemake adapter for rule steer_images."""
+
+from icm.jobs import logging_to, steer_shard_job
+
+sm = snakemake  # noqa: F821 (injected by Snakemake)
+with logging_to(sm.log[0]):
+    steer_shard_job(
+        model_name=sm.wildcards.model,
+        model=sm.params.model,
+        source=sm.params.source,
+        concept_name=sm.wildcards.concept,
+        concept=sm.params.concept,
+        generation=sm.params.generation,
+        probes=sm.params.probes,
+        variant_name=sm.wildcards.variant,
+        variant=sm.params.variant,
+        shard=int(sm.wildcards.shard),
+        ranking=sm.input.ranking,
+        directions=sm.params.directions,
+        images_dir=sm.output.images,
+        table=sm.output.samples,
+        record=sm.output.record,
+    )
