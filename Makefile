@@ -27,7 +27,7 @@ demo: install  ## run the main job on the embedded default model
 	@echo; echo "Top sites (results/toy/color/ranking.csv; heatmap: results/toy/color/ranking_heatmap.png):"
 	@head -6 results/toy/color/ranking.csv | cut -d, -f1-4 | column -t -s,
 	@echo; echo "Debiasing by steering (results/toy/color/table.csv; grid.png, metrics.png beside it):"
-	@cut -d, -f1-8 results/toy/color/table.csv | column -t -s,
+	@$(BIN)/python -c "import pandas as pd; t = pd.read_csv('results/toy/color/table.csv'); print(t.iloc[:, :8].round(3).to_string(index=False))"
 
 test: install  ## the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)

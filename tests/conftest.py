@@ -29,3 +29,11 @@ def tiny_settings():
     from icm.generate import SamplerSettings
 
     return SamplerSettings(steps=4, guidance_scale=7.5, resolution=32)
+
+
+@pytest.fixture()
+def workdir(tmp_path):
+    """A temporary copy of the workflow to run Snakemake in."""
+    from workflow_helpers import copy_workflow
+
+    return copy_workflow(tmp_path)

@@ -4,45 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
-                  "resources", "docs/report"]
-TEST_CONFIG = ROOT / "tests" / "data" / "tiny-workflow.yaml"
-
-
-@pytest.fixture()
-def workdir(tmp_path: Path) -> Path:
-    for name in WORKFLOW_FILES:
-        source, target = ROOT / name, tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if source.is_dir() else shutil.copy
-        copy(source, target)
-    return tmp_path
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
-    )
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a Snakemake run or dry run: rule -> number of jobs."""
-    table = output.split("Job stats:")[1].split("\n\n")[0]
-    rows = [line.split() for line in table.splitlines()]
-    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
+from workflow_helpers import TEST_CONFIG, job_counts, snakemake
 
 
 def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir):
@@ -180,3 +147,51 @@ def test_train_toy_model_rule_retrains_into_a_loadable_model(workdir, tmp_path):
     pipe = load_pipeline(ModelSpec(name="toy", family="toy", dtype="float32",
                                    source=str(workdir / "results/models/toy")), device="cpu")
     assert type(pipe).__name__ == "ToyPipeline"
+
+
+@pytest.mark.slow
+def test_a_killed_shard_leaves_nothing_complete_and_only_it_is_redone(workdir, tmp_path):
+    """SIGKILL the whole run while a generation shard is half written: its outputs must not
+    exist under their final names, and the rerun must redo that shard and nothing else."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    more = tmp_path / "more.yaml"  # enough batches that the kill lands mid-shard
+    more.write_text("concepts: {probe-test: {samples_per_prompt: 40}}\n")
+    target = "results/tiny-sd15/probe-test/generation/samples.csv"
+    base = workdir / "results/tiny-sd15/probe-test/generation"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), str(more),
+         "--cores", "1", target],
+        cwd=workdir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # one shard done, the other's images half written
+            done = [k for k in ("000", "001") if (base / f"shard-{k}/samples.csv").exists()]
+            partial = [p for p in base.glob("shard-*/images.partial") if any(p.iterdir())]
+            if done and partial:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached a half-written shard")
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    killed = "001" if done == ["000"] else "000"
+    assert not (base / f"shard-{killed}/samples.csv").exists()
+    assert not (base / f"shard-{killed}/images").exists()
+    assert not (base / f"shard-{killed}/activations.zarr").exists()
+    finished = base / f"shard-{done[0]}/samples.csv"
+    before = finished.stat().st_mtime_ns
+
+    assert snakemake(workdir, "--unlock", target).returncode == 0  # the killed run's lock
+    rerun = snakemake(workdir, str(more), "--cores", "1", target)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    jobs = job_counts(rerun.stdout + rerun.stderr)
+    assert jobs.get("generate_images") == 1 and jobs.get("build_model") is None
+    assert f"shard={killed}" in rerun.stdout + rerun.stderr
+    assert finished.stat().st_mtime_ns == before
+    assert (base / f"shard-{killed}/samples.csv").exists() and (base / "samples.csv").exists()

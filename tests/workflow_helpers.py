@@ -1,0 +1,39 @@
+"""Helpers for the tests that run Snakemake for real in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
+                  "resources", "docs/report"]
+TEST_CONFIG = ROOT / "tests" / "data" / "tiny-workflow.yaml"
+
+
+def copy_workflow(tmp_path: Path) -> Path:
+    """The files a workflow run needs, copied into ``tmp_path`` (results stay out of ROOT)."""
+    for name in WORKFLOW_FILES:
+        source, target = ROOT / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if source.is_dir() else shutil.copy
+        copy(source, target)
+    return tmp_path
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run or dry run: rule -> number of jobs."""
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    rows = [line.split() for line in table.splitlines()]
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}
