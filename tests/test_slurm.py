@@ -34,7 +34,7 @@ def cluster():
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the SLURM test: {reason}; see tests/slurm/cluster.sh")
         pytest.skip(reason)
-    env = {**os.environ, "ICM_SLURM_STATE": STATE, "SLURM_CONF": f"{STATE}/slurm.conf"}
+    env = {**os.environ, "ICM_SLURM_STATE": STATE}
     subprocess.run(["bash", str(CLUSTER), "stop"], env=env, check=False)  # an earlier run's
     shutil.rmtree(STATE, ignore_errors=True)
     subprocess.run(["bash", str(CLUSTER), "start"], env=env, check=True, capture_output=True)

@@ -5,18 +5,20 @@
 #   tests/slurm/cluster.sh start     # munged, slurmctld, slurmd; waits until the node is idle
 #   tests/slurm/cluster.sh stop      # stops exactly the daemons `start` started
 #
-# Needs root and no systemd. Everything lives in $ICM_SLURM_STATE (default /tmp/icm-slurm):
-# its own slurm.conf (point SLURM_CONF there to use the cluster), munge key and socket, and
-# ports 16817/16818, so a real SLURM or munge on the machine is left alone. The node
-# advertises a placeholder `gpu` gres (no device file)
-# (four /dev/null-like device files) so that jobs asking for --gpus can be scheduled; what
-# runs in them sees no GPU.
+# Needs root and no systemd. State, logs, the munge key and socket live in $ICM_SLURM_STATE
+# (default /tmp/icm-slurm) and the daemons use ports 16817/16818, so a real munge is left
+# alone. The config must be /etc/slurm/slurm.conf (Snakemake's jobstep plugin drops
+# SLURM_CONF inside jobs): `start` refuses to overwrite one it did not write, and `stop`
+# removes its own. The node advertises four placeholder GPUs (/dev/null-like device files)
+# so that jobs asking for --gpus can be scheduled; what runs in them sees no GPU.
 set -euo pipefail
 
 STATE=${ICM_SLURM_STATE:-/tmp/icm-slurm}
 MUNGE=$STATE/munge
 HOST=$(hostname -s)
-export SLURM_CONF=$STATE/slurm.conf
+CONF_DIR=/etc/slurm
+MARK="# Written by tests/slurm/cluster.sh: a one-node test cluster."
+export SLURM_CONF=$CONF_DIR/slurm.conf
 
 install() {
     if command -v slurmctld >/dev/null && command -v munged >/dev/null; then
@@ -31,9 +33,13 @@ write_config() {
     local cpus mem_mb
     cpus=$(nproc)
     mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-    mkdir -p "$STATE"/{spool,state,log}
+    if [ -e "$SLURM_CONF" ] && ! grep -qxF "$MARK" "$SLURM_CONF"; then
+        echo "$SLURM_CONF exists and is not the test cluster's: not touching it" >&2
+        exit 1
+    fi
+    mkdir -p "$STATE"/{spool,state,log} "$CONF_DIR"
     cat > "$SLURM_CONF" <<CONF
-# Written by tests/slurm/cluster.sh: a one-node test cluster.
+$MARK
 ClusterName=icm-test
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -66,7 +72,8 @@ CONF
     for i in 0 1 2 3; do
         [ -e "$STATE/dev/gpu$i" ] || mknod "$STATE/dev/gpu$i" c 1 3
     done
-    echo "NodeName=$HOST Name=gpu File=$STATE/dev/gpu[0-3]" > "$STATE/gres.conf"
+    printf '%s\nNodeName=%s Name=gpu File=%s/dev/gpu[0-3]\n' "$MARK" "$HOST" "$STATE" \
+        > "$CONF_DIR/gres.conf"
 }
 
 start_munge() {
@@ -108,6 +115,9 @@ stop() {
             for _ in $(seq 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
             rm -f "$STATE/$daemon.pid"
         fi
+    done
+    for file in "$SLURM_CONF" "$CONF_DIR/gres.conf"; do
+        if [ -e "$file" ] && grep -qxF "$MARK" "$file"; then rm -f "$file"; fi
     done
 }
 
