@@ -73,41 +73,28 @@ class ClipLabeler(Labeler):
         device: str = "cpu",
         batch_size: int = 32,
     ) -> None:
-        import open_clip
+        from icm.metrics import ClipEmbedder, MetricBackendNotAvailableError
 
         self.classes = list(classes)
         self.prompts = {c: list((prompts or {}).get(c) or [f"a photo of a {c}"]) for c in classes}
-        self.device, self.batch_size = device, batch_size
-        self.name = f"CLIP {model} ({pretrained or 'random weights'})"
-        try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=device)
-        except Exception as error:  # open_clip raises several kinds for missing weights
+        try:  # the same open_clip towers as the CLIP-I/CLIP-T metrics
+            self.embedder = ClipEmbedder(model, pretrained, device=device, batch_size=batch_size)
+        except MetricBackendNotAvailableError as error:
             raise LabelerNotAvailableError(
-                f"CLIP model {model!r} with weights {pretrained!r} could not be loaded: {error}\n"
-                "Offline, set `labeler.pretrained` in config.yaml to a local checkpoint file "
-                "(e.g. open_clip_pytorch_model.bin downloaded on a machine with internet)."
+                f"{error}\nFor the labeler, set `labeler.pretrained` in config.yaml to that "
+                "local checkpoint file."
             ) from error
-        self.model.eval()
-        tokenizer = open_clip.get_tokenizer(model)
-        with torch.no_grad():
-            texts = [p for c in self.classes for p in self.prompts[c]]
-            embedded = self.model.encode_text(tokenizer(texts).to(device)).float()
-        self.text = torch.nn.functional.normalize(embedded, dim=-1)
+        self.name = self.embedder.name
+        texts = [p for c in self.classes for p in self.prompts[c]]
+        self.text = self.embedder.embed_texts(texts)  # (prompts, D), unit rows
         self.group = np.repeat(np.arange(len(self.classes)),
                                [len(self.prompts[c]) for c in self.classes])
 
-    @torch.no_grad()
-    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        parts = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im.convert("RGB"))
-                                 for im in images[start:start + self.batch_size]])
-            parts.append(self.model.encode_image(batch.to(self.device)).float())
-        return torch.nn.functional.normalize(torch.cat(parts), dim=-1)
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embedder.embed_images(images)
 
     def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
-        similarity = (self.embed_images(images) @ self.text.T).cpu().numpy()
+        similarity = self.embed_images(images) @ self.text.T
         return np.stack([similarity[:, self.group == k].max(axis=1)
                          for k in range(len(self.classes))], axis=1)
 

@@ -18,12 +18,14 @@ log = logging.getLogger("icm")
 
 
 def concept_samples(
-    concept: Mapping[str, Any], model: Mapping[str, Any], generation: Mapping[str, Any]
+    concept: Mapping[str, Any], model: Mapping[str, Any], generation: Mapping[str, Any],
+    per_prompt: int | None = None,
 ) -> list[Sample]:
-    """The full sample plan of a (model, concept) generation."""
-    per_prompt = model.get("samples_per_prompt") or concept["samples_per_prompt"]
+    """The sample plan of a (model, concept) run: the concept's prompts, ``per_prompt``
+    repeats (default: the generation's; a model's ``samples_per_prompt`` overrides both) and
+    the seed rule, so sample (prompt, repeat) has one seed in every stage that uses it."""
+    per_prompt = model.get("samples_per_prompt") or per_prompt or concept["samples_per_prompt"]
     return plan_samples(concept["prompts"], per_prompt, generation["base_seed"])
-
 
 
 def generate_shard_job(

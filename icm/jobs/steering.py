@@ -23,25 +23,17 @@ from icm.generate import (
     image_name,
     write_table,
 )
+from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
 from icm.models import ModelSpec, load_pipeline
 from icm.provenance import package_versions
 from icm.ranking import steering_start
-from icm.samples import Sample, plan_samples, shard_samples
+from icm.samples import shard_samples
 from icm.steering import steer_activations
 
 log = logging.getLogger("icm")
 
 STEER_COLUMNS = [*SAMPLE_COLUMNS, "target", "steered"]
-
-
-def steering_samples(
-    concept: Mapping[str, Any], model: Mapping[str, Any], base_seed: int
-) -> list[Sample]:
-    """The evaluation plan: the concept's prompts with the generation's seed rule, so sample
-    (prompt, repeat) has the same seed in every variant and in the probing run."""
-    per_prompt = model.get("samples_per_prompt") or concept["steering"]["samples_per_prompt"]
-    return plan_samples(concept["prompts"], per_prompt, base_seed)
 
 
 def load_directions(paths: Mapping[str, str | Path], sites: list[str]) -> dict[str, dict]:
@@ -88,7 +80,8 @@ def steer_shard_job(
             if v.shape[0] != spec.steps:
                 raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but the "
                                  f"model samples {spec.steps}: refit the probes")
-    samples = steering_samples(concept, model, generation["base_seed"])
+    samples = concept_samples(concept, model, generation,
+                              concept["steering"]["samples_per_prompt"])
     batch_size = concept["steering"].get("batch_size") or model["batch_size"]
     mine = shard_samples(samples, model["n_shards"], shard, batch_size)
     log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %d at %s",
