@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from icm.probes import Pair
+
 SELECTIONS = ("none", "top", "cross", "all", "random", "worst")
 
 
@@ -39,8 +41,8 @@ def class_pushes(
     """How steering reaches each class (None: the class is left unpushed)."""
     pushes: dict[str, Push | None] = {}
     for cls in classes:
-        positive = [f"{n}-{p}" for n, p in pairs if p == cls]
-        negative = [f"{n}-{p}" for n, p in pairs if n == cls]
+        positive = [Pair(n, p).name for n, p in pairs if p == cls]
+        negative = [Pair(n, p).name for n, p in pairs if n == cls]
         if positive:
             pushes[cls] = Push(positive[0], +1.0)
         elif len(negative) == 1:

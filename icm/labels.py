@@ -211,6 +211,13 @@ def label_images(
         images = [Image.open(root / p) for p in paths]
         scores.append(labeler.scores(images))
     matrix = np.concatenate(scores) if scores else np.empty((0, len(labeler.classes)))
+    return label_table(samples, matrix, labeler, margin)
+
+
+def label_table(samples: pd.DataFrame, matrix: np.ndarray, labeler: Labeler,
+                margin: float = 0.0) -> pd.DataFrame:
+    """Labels from per-class scores (rows aligned with ``samples``): the best class where the
+    scores are valid and it beats the second best by ``margin``, else an empty label."""
     table = pd.DataFrame({"sample": samples["sample"].to_numpy(),
                           "prompt_index": samples["prompt_index"].to_numpy()})
     for k, name in enumerate(labeler.classes):

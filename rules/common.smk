@@ -138,13 +138,6 @@ def steer_concept(wildcards):
     }
 
 
-def pair_directions(wildcards):
-    return {
-        name: f"results/{wildcards.model}/{wildcards.concept}/probes/{name}/directions.safetensors"
-        for name in pair_names(wildcards.concept)
-    }
-
-
 ORIGINAL = next((name for name, v in VARIANTS.items() if v["sites"] == "none"), None)
 
 
@@ -162,21 +155,19 @@ def fid_reference(wildcards):
     return reference
 
 
-def variant_shards(variant, name):
-    return lambda wildcards: [
-        f"results/{wildcards.model}/{wildcards.concept}/steer/{variant or wildcards.variant}/"
-        f"shard-{shard}/{name}"
-        for shard in shard_ids(wildcards.model)
-    ]
+def steer_files(name, variant="{variant}"):
+    """Input function: `name` in every shard folder of a steering variant (default: the
+    job's own `{variant}`)."""
+    return shard_files(f"results/{{model}}/{{concept}}/steer/{variant}/shard-{{shard}}/{name}")
 
 
 def metric_inputs(wildcards):
     inputs = {
-        "steered": variant_shards(None, "samples.csv")(wildcards),
-        "images": variant_shards(None, "images")(wildcards),
+        "steered": steer_files("samples.csv")(wildcards),
+        "images": steer_files("images")(wildcards),
     }
     if ORIGINAL and wildcards.variant != ORIGINAL:
-        inputs["original"] = variant_shards(ORIGINAL, "samples.csv")(wildcards)
+        inputs["original"] = steer_files("samples.csv", ORIGINAL)(wildcards)
     reference = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"]
     if reference and not reference.startswith("stats:"):
         inputs["reference"] = fid_reference(wildcards)

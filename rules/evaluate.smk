@@ -68,7 +68,7 @@ rule plot_grid:
     input:
         unpack(
             lambda wildcards: {
-                variant: variant_shards(variant, "samples.csv")(wildcards) for variant in VARIANTS
+                variant: steer_files("samples.csv", variant)(wildcards) for variant in VARIANTS
             }
         ),
     output:

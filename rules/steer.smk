@@ -20,7 +20,6 @@ rule steer_images:
         generation=config["generation"],
         probes=config["probes"],
         variant=variant_spec,
-        directions=pair_directions,
     wildcard_constraints:
         variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
     resources:

@@ -16,7 +16,7 @@ with logging_to(sm.log[0]):
         variant=sm.params.variant,
         shard=int(sm.wildcards.shard),
         ranking=sm.input.ranking,
-        directions=sm.params.directions,
+        directions=list(sm.input.directions),
         images_dir=sm.output.images,
         table=sm.output.samples,
         record=sm.output.record,

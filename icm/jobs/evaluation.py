@@ -22,7 +22,7 @@ from PIL import Image
 
 from icm.generate import write_table
 from icm.jobs.records import write_json
-from icm.labels import label_images, make_labeler
+from icm.labels import label_table, make_labeler
 from icm.models.loading import resolve_device
 from icm.provenance import package_versions
 
@@ -127,7 +127,8 @@ def compute_metrics_job(
                                 device=device)
     rows = read_shards(steered)
     images = load_images(rows["image"])
-    labels = label_images(rows, "/", labeler, margin=float(spec.get("margin", 0.0)))["label"]
+    margin = float(spec.get("margin", 0.0))
+    labels = label_table(rows, labeler.scores(images), labeler, margin)["label"]
     fd, fd_per_prompt = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
                                              concept.get("reference"))
     embeddings = embedder.embed_images(images)

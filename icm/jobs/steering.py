@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from icm.generate import (
 from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
 from icm.models import ModelSpec, load_pipeline
+from icm.probes import Pair
 from icm.provenance import package_versions
 from icm.ranking import steering_start
 from icm.samples import shard_samples
@@ -36,12 +37,14 @@ log = logging.getLogger("icm")
 STEER_COLUMNS = [*SAMPLE_COLUMNS, "target", "steered"]
 
 
-def load_directions(paths: Mapping[str, str | Path], sites: list[str]) -> dict[str, dict]:
-    """{pair: {site: (steps, channels)}} for the chosen sites, from the probes' safetensors."""
+def load_directions(pairs: Sequence[Sequence[str]], paths: Sequence[str | Path],
+                    sites: list[str]) -> dict[str, dict]:
+    """{pair name: {site: (steps, channels)}} for the chosen sites, from the probes'
+    safetensors; ``paths`` are in the order of ``pairs``."""
     from safetensors.numpy import load_file
 
-    return {pair: {s: v for s, v in load_file(str(path)).items() if s in sites}
-            for pair, path in paths.items()}
+    return {Pair(*pair).name: {s: v for s, v in load_file(str(path)).items() if s in sites}
+            for pair, path in zip(pairs, paths, strict=True)}
 
 
 def steer_shard_job(
@@ -57,7 +60,7 @@ def steer_shard_job(
     variant: Mapping[str, Any],
     shard: int,
     ranking: str | Path,
-    directions: Mapping[str, str | Path],
+    directions: Sequence[str | Path],
     images_dir: str | Path,
     table: str | Path,
     record: str | Path,
@@ -65,7 +68,8 @@ def steer_shard_job(
     """Generate one shard of a variant: each batch gets a target class; if the class has a
     direction and the variant sites and a non-zero alpha, the batch is steered toward it.
 
-    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``k``, ``seed``.
+    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``k``, ``seed``;
+    ``directions`` are the probes' safetensors files in the order of ``concept["pairs"]``.
     """
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     classes = list(concept["classes"])
@@ -73,7 +77,7 @@ def steer_shard_job(
     sites = select_sites(pd.read_csv(ranking), variant["sites"], variant["k"], variant["seed"])
     pushes = class_pushes(classes, pairs)
     probs = target_probabilities(classes, concept["steering"]["target_probs"])
-    vectors = load_directions(directions, sites)
+    vectors = load_directions(pairs, directions, sites)
     start = steering_start(spec.steps, probes["steer_start_of_50"])
     for pair, per_site in vectors.items():
         for site, v in per_site.items():
