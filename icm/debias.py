@@ -1,9 +1,11 @@
 """Debiasing by steering (paper section 4, appendix B): which sites, which way, which batch.
 
-* Sites per layer-selection variant, from the site ranking: ``top`` (the ICM choice: the k
+* Sites per layer-selection variant, from a site ranking: ``top`` (the ICM choice: the k
   best self-attention sites), ``cross`` (the cross-attention sites of those same blocks),
   ``all``, ``random`` (k seeded self-attention sites), ``worst`` (the k lowest-ranked
-  self-attention sites), ``none`` (the original, unsteered model).
+  self-attention sites), ``none`` (the original, unsteered model). By default each pair's
+  direction steers the sites of that pair's own ranking (paper Table 6 selects layers per
+  direction); ``steering.sites_per: concept`` uses one ranking of the concept for all.
 * Which direction pushes toward each class: a pair's positive class is reached with +v, the
   negative class of a single pair with -v; a class that is the negative of several pairs
   (the majority class the pairs are built around, e.g. white or adult) gets no push.
@@ -84,8 +86,11 @@ def batch_target(classes: Sequence[str], probs: np.ndarray, seed: int, batch_ind
     return classes[min(int(np.searchsorted(edges, position, side="right")), len(classes) - 1)]
 
 
-def select_sites(ranking: pd.DataFrame, selection: str, k: int, seed: int = 0) -> list[str]:
-    """Sites a layer-selection variant steers, from ``ranking.csv`` (best first)."""
+def select_sites(ranking: pd.DataFrame, selection: str, k: int,
+                 seed: int | Sequence[int] = 0) -> list[str]:
+    """Sites a layer-selection variant steers, from a ranking (``ranking.csv`` or one pair's
+    rows of ``ranking_by_pair.csv``). ``random`` draws from the self-attention sites in name
+    order, so its draw does not depend on the ranking."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown site selection {selection!r}; use one of {SELECTIONS}")
     ranked = ranking.sort_values("rank")
@@ -101,12 +106,29 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int, seed: int = 0) -
     if selection == "worst":
         return list(self_attention["site"][-k:])
     if selection == "random":
-        rng = np.random.default_rng(seed)
-        chosen = rng.choice(len(self_attention), size=k, replace=False)
-        return list(self_attention["site"].iloc[np.sort(chosen)])
+        names = sorted(self_attention["site"])
+        chosen = np.random.default_rng(seed).choice(len(names), size=k, replace=False)
+        return [names[i] for i in np.sort(chosen)]
     # cross: the cross-attention sites of the blocks the top self-attention sites live in
     blocks = list(self_attention["block"][:k])
     cross = ranked[(ranked["kind"] == "attn2") & ranked["block"].isin(blocks)]
     if len(cross) < len(blocks):
         raise ValueError(f"no cross-attention site in some of the blocks {blocks}")
     return list(cross["site"])
+
+
+def sites_per_pair(concept_ranking: pd.DataFrame, pair_ranking: pd.DataFrame | None,
+                   pairs: Sequence[str], selection: str, k: int, seed: int) -> dict[str, list[str]]:
+    """{pair name: sites its direction steers}. With ``pair_ranking`` (``ranking_by_pair.csv``)
+    each pair selects from its own ranking and ``random`` draws per pair (seed, pair index);
+    without it every pair gets the concept ranking's selection."""
+    if pair_ranking is None:
+        chosen = select_sites(concept_ranking, selection, k, seed)
+        return {pair: list(chosen) for pair in pairs}
+    out = {}
+    for index, pair in enumerate(pairs):
+        rows = pair_ranking[pair_ranking["pair"] == pair]
+        if rows.empty:
+            raise ValueError(f"the per-pair ranking has no rows for pair {pair!r}")
+        out[pair] = select_sites(rows, selection, k, [seed, index])
+    return out

@@ -22,6 +22,7 @@ from icm.atomic import atomic_directory
 from icm.capture import capture_activations
 from icm.provenance import package_versions
 from icm.samples import Sample
+from icm.schedule import denoising_timesteps, train_timesteps
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
 
@@ -98,11 +99,18 @@ def generate_shard(
     """
     images_dir, table_path = Path(images_dir), Path(table_path)
     sites = list(sites) if sites is not None else list_sites(denoiser_of(pipe))
+    planned = denoising_timesteps(pipe.scheduler, settings.steps)
     attrs = {
         **(attrs or {}),
         "sites": sites,
         "n_samples": len(samples),
         "sampler": settings.__dict__,
+        # The step axis is the pipeline's loop: PNDM runs 51 iterations for 50 steps.
+        "denoising_steps": len(planned),
+        "num_train_timesteps": train_timesteps(pipe.scheduler),
+        "scheduler": {"class": type(pipe.scheduler).__name__,
+                      "config": {k: v for k, v in pipe.scheduler.config.items()
+                                 if not k.startswith("_")}},
         "pooling": "mean over tokens of the attention module output",
         "cfg_half": "conditional (second half of the [uncond, cond] batch)",
         "store_dtype": store_dtype,

@@ -5,7 +5,8 @@ Both uses share three pieces:
 * a per-denoiser *registry* so a site is hooked at most once per purpose (double hooking
   is an error, not a silent second copy of every activation);
 * a *denoising clock* that turns "the n-th denoiser call since the scheduler was set up" into
-  the step index that keys captures, probes and steering alike;
+  the step index that keys captures, probes and steering alike: the pipeline's own
+  denoising-loop index (``icm.schedule``; schedulers of order 2 are refused);
 * an explicit choice of which half of a classifier-free-guidance batch a hook sees. Diffusers
   concatenates ``[unconditional, conditional]``, so the conditional half is the second one.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from icm.schedule import check_scheduler
 from icm.sites import denoiser_of, resolve_sites
 
 CFGMode = Literal["auto", "cond_half", "all"]
@@ -43,9 +45,11 @@ class DenoisingClock:
     """Counts denoiser calls since the scheduler last set its timesteps.
 
     Every diffusers pipeline calls ``scheduler.set_timesteps`` once at the start of a
-    generation and the denoiser once per step (the CFG halves travel in one batch), so this
-    count is the step index. The timestep value passed to the denoiser is kept beside it.
-    One clock is shared by all contexts on a pipeline (reference counted).
+    generation and the denoiser once per loop iteration (the CFG halves travel in one
+    batch), so this count is the loop index. More calls than the scheduler has timesteps
+    (a separate unconditional call, say) is an error, not a silently shifted step axis. The
+    timestep value passed to the denoiser is kept beside it. One clock is shared by all
+    contexts on a pipeline (reference counted).
     """
 
     def __init__(self, pipe: Any) -> None:
@@ -72,6 +76,7 @@ class DenoisingClock:
 
     def _install(self) -> None:
         scheduler = self.pipe.scheduler
+        check_scheduler(scheduler)
         original = scheduler.set_timesteps
 
         # An instance attribute shadows the method; functools.wraps keeps the signature that
@@ -97,6 +102,12 @@ class DenoisingClock:
 
     def _tick(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.step += 1
+        planned = getattr(self.pipe.scheduler, "timesteps", None)
+        if planned is not None and self.step >= len(planned):
+            raise RuntimeError(
+                f"denoiser call {self.step + 1} but the scheduler planned {len(planned)} "
+                "timesteps: this pipeline calls the denoiser more than once per step, which "
+                "capture and steering do not support")
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if isinstance(t, torch.Tensor):
             t = t.flatten()[0].item() if t.numel() else None

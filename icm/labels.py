@@ -39,6 +39,11 @@ class Labeler(ABC):
     def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(images, classes) scores; NaN where an image cannot be scored."""
 
+    def class_probabilities(self, images: Sequence[Image.Image]) -> np.ndarray | None:
+        """(images, classes) probabilities of every image, for a probability-based FD;
+        None for labelers whose scores are not probabilities (CLIP cosines, the oracle)."""
+        return None
+
 
 class OracleLabeler(Labeler):
     """Colour or shape read from pixels (toy world only)."""
@@ -72,13 +77,15 @@ class ClipLabeler(Labeler):
         pretrained: str | None = "openai",
         device: str = "cpu",
         batch_size: int = 32,
+        checkpoint_tag: str | None = None,
     ) -> None:
-        from icm.metrics import ClipEmbedder, MetricBackendNotAvailableError
+        from icm.clip import ClipEmbedder, MetricBackendNotAvailableError
 
         self.classes = list(classes)
         self.prompts = {c: list((prompts or {}).get(c) or [f"a photo of a {c}"]) for c in classes}
         try:  # the same open_clip towers as the CLIP-I/CLIP-T metrics
-            self.embedder = ClipEmbedder(model, pretrained, device=device, batch_size=batch_size)
+            self.embedder = ClipEmbedder(model, pretrained, device=device, batch_size=batch_size,
+                                         checkpoint_tag=checkpoint_tag)
         except MetricBackendNotAvailableError as error:
             raise LabelerNotAvailableError(
                 f"{error}\nFor the labeler, set `labeler.pretrained` in config.yaml to that "
@@ -117,8 +124,12 @@ FAIRFACE_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
 class FairFaceLabeler(Labeler):
     """FairFace ResNet-34 probabilities summed into the paper's groups.
 
-    Race outputs outside the groups (latino/hispanic, middle eastern) are not classes; an
-    image whose most likely race is one of them gets NaN scores (no label).
+    Outputs outside the concept's classes (latino/hispanic and middle eastern for race, or a
+    group the concept leaves out, such as adult for classes [young, old]) are groups of
+    their own: an image is labelled with the most likely group, compared as groups (asian
+    0.30 + 0.30 beats latino 0.35), and gets NaN scores (no label) only when an outside
+    group wins. ``class_probabilities`` keeps every image, as the paper's FD does (the
+    classes' probabilities as they are; for race they need not sum to 1).
     """
 
     def __init__(self, attribute: str, classes: Sequence[str], weights: str | None,
@@ -150,7 +161,7 @@ class FairFaceLabeler(Labeler):
         ])
 
     @torch.no_grad()
-    def probabilities(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    def raw_probabilities(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         """Per-output-name probabilities of the chosen attribute's head."""
         parts = []
         for start in range(0, len(images), self.batch_size):
@@ -164,14 +175,28 @@ class FairFaceLabeler(Labeler):
         probs = torch.softmax(logits[:, head], dim=1).numpy()
         return {name: probs[:, k] for k, name in enumerate(names)}
 
-    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
-        probs = self.probabilities(images)
-        out = np.stack([sum(probs[n] for n in self.groups[c]) for c in self.classes], axis=1)
+    def _grouped(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities of the classes (N, K) and of the outside groups (N, G)."""
+        probs = self.raw_probabilities(images)
+        inside = np.stack([sum(probs[n] for n in self.groups[c]) for c in self.classes], axis=1)
         grouped = {n for c in self.classes for n in self.groups[c]}
-        best = np.stack([probs[n] for n in probs], axis=1).argmax(axis=1)
-        outside = np.array([list(probs)[b] not in grouped for b in best])
-        out[outside] = np.nan
+        outside_groups = [members for name, members in FAIRFACE_GROUPS[self.attribute].items()
+                          if name not in self.classes]
+        covered = {n for members in FAIRFACE_GROUPS[self.attribute].values() for n in members}
+        outside_groups += [(n,) for n in probs if n not in covered and n not in grouped]
+        outside = (np.stack([sum(probs[n] for n in g) for g in outside_groups], axis=1)
+                   if outside_groups else np.zeros((len(inside), 0)))
+        return inside, outside
+
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        inside, outside = self._grouped(images)
+        out = inside.copy()
+        if outside.shape[1]:
+            out[outside.max(axis=1) > inside.max(axis=1)] = np.nan
         return out
+
+    def class_probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self._grouped(images)[0]
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -192,7 +217,8 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
         return OracleLabeler(spec.get("attribute") or "color", classes)
     if kind == "clip":
         return ClipLabeler(classes, spec.get("prompts"), spec.get("model", "ViT-L-14"),
-                           spec.get("pretrained", "openai"), device=device)
+                           spec.get("pretrained", "openai"), device=device,
+                           checkpoint_tag=spec.get("checkpoint_tag"))
     if kind == "fairface":
         return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
                                device=device)

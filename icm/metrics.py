@@ -3,7 +3,8 @@
 * Fairness discrepancy (FD, paper appendix D): distance of the labelled class distribution from
   a reference (uniform by default), per prompt, averaged over prompts.
 * Similarity: CLIP-I (a steered image against the original of the same seed) and CLIP-T (an
-  image against its prompt), from embeddings of ``ClipEmbedder``; in the toy world the
+  image against its prompt), from embeddings of ``icm.clip.ClipEmbedder`` (QuickGELU for
+  OpenAI's weights); in the toy world the
   ``ToyFeatureEmbedder`` stands in for CLIP's image tower and ``prompt_agreement`` (the pixel
   oracle against the prompt's words) for CLIP-T.
 * FID through clean-fid, with its Inception features or the toy world's feature net.
@@ -26,6 +27,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# CLIP lives in icm.clip (shared with the labeler); metric callers import it from here too.
+from icm.clip import ClipEmbedder, MetricBackendNotAvailableError  # noqa: F401
+from icm.clip import unit_rows as _unit_rows
+
 #: Where clean-fid's Inception weights come from, and (``_inception_weights_path``) where its
 #: ``InceptionV3W`` looks for them; kept beside the check so a test can point both elsewhere.
 _INCEPTION_URL = (
@@ -36,10 +41,6 @@ _INCEPTION_FILE = "inception-2015-12-05.pt"
 #: Seconds a socket may stall while fetching the Inception weights (clean-fid sets none).
 _DOWNLOAD_TIMEOUT_S = 30.0
 FID_BACKENDS: tuple[str, ...] = ("inception", "toy")
-
-
-class MetricBackendNotAvailableError(RuntimeError):
-    """A metric's model weights are missing; raised before any image is processed."""
 
 
 # --- fairness ------------------------------------------------------------------------------
@@ -113,13 +114,28 @@ def fairness_discrepancy(
     return (float(np.mean(values)) if values else float("nan")), per_prompt
 
 
+def fairness_discrepancy_from_probabilities(
+    probabilities: np.ndarray,
+    prompts: Sequence[str],
+    classes: Sequence[str],
+    reference: Mapping[str, float] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """FD as the paper's evaluation computes it: per prompt, ||mean class probability -
+    reference||_2 over every image (none dropped), then the mean over prompts. The class
+    probabilities are used as they are (FairFace race: they need not sum to 1)."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.shape != (len(prompts), len(classes)):
+        raise ValueError(f"probabilities of shape {probabilities.shape}, expected "
+                         f"({len(prompts)}, {len(classes)})")
+    target = _reference_vector(classes, reference)
+    order = list(dict.fromkeys(prompts))
+    prompts = np.asarray(prompts, dtype=object)
+    per_prompt = {p: float(np.linalg.norm(probabilities[prompts == p].mean(axis=0) - target))
+                  for p in order}
+    return float(np.mean(list(per_prompt.values()))), per_prompt
+
+
 # --- similarity ----------------------------------------------------------------------------
-
-
-def _unit_rows(x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """float32 rows scaled to unit L2 norm (a zero row stays zero)."""
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    return torch.nn.functional.normalize(x, dim=-1).numpy()
 
 
 def paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -143,58 +159,6 @@ def clip_t(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
     ``2.5 * max(cos, 0)`` and the x100 convention are affine in it, so comparisons carry over).
     """
     return paired_cosine(image_embeddings, text_embeddings)
-
-
-class ClipEmbedder:
-    """open_clip image and text towers; embeddings are L2-normalised float32 numpy rows."""
-
-    def __init__(
-        self,
-        model: str = "ViT-L-14",
-        pretrained: str | None = "openai",
-        device: str = "cpu",
-        batch_size: int = 32,
-    ) -> None:
-        import open_clip
-
-        self.device, self.batch_size = device, batch_size
-        self.name = f"CLIP {model} ({pretrained or 'random weights'})"
-        try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=device)
-        except Exception as error:  # open_clip raises several kinds for missing weights
-            raise MetricBackendNotAvailableError(
-                f"CLIP model {model!r} with weights {pretrained!r} could not be loaded: {error}\n"
-                "Offline, pass `pretrained` as a local checkpoint file (e.g. "
-                "open_clip_pytorch_model.bin downloaded on a machine with internet)."
-            ) from error
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model)
-
-    @torch.no_grad()
-    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, D) unit-norm image embeddings."""
-        parts = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im.convert("RGB"))
-                                 for im in images[start:start + self.batch_size]])
-            parts.append(self.model.encode_image(batch.to(self.device)).float().cpu())
-        return self._finish(parts)
-
-    @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """(N, D) unit-norm text embeddings."""
-        parts = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size]))
-            parts.append(self.model.encode_text(tokens.to(self.device)).float().cpu())
-        return self._finish(parts)
-
-    def _finish(self, parts: list[torch.Tensor]) -> np.ndarray:
-        """Batches -> one unit-norm array; (0, D) for no input."""
-        if not parts:
-            return np.zeros((0, getattr(self.model.visual, "output_dim", 0)), np.float32)
-        return _unit_rows(torch.cat(parts))
 
 
 def _load_toy_net(path: str | Path, device: str) -> torch.nn.Module:

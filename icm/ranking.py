@@ -1,7 +1,9 @@
 """Rank sites by how well their probes read the choice once steering would begin.
 
 Score of a site = mean test accuracy over steps ``t0..S-1`` (and over the concept's class
-pairs), where ``t0`` is the steering start (paper: step 15 of 50, scaled to the schedule).
+pairs), where ``t0`` is the steering start: the paper's step 15 of 50, mapped by timestep
+(``icm.schedule.start_step``). Each pair is also ranked on its own probes
+(``rank_per_pair``): a pair's steering direction uses the sites that read that pair best.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from icm.schedule import start_step  # noqa: E402
 from icm.sites import SITE_KINDS, site_kind  # noqa: E402
 
 
-def steering_start(n_steps: int, start_of_50: int = 15) -> int:
-    """The paper's step 15 of 50, scaled to a schedule of ``n_steps`` steps."""
-    return min(n_steps - 1, round(start_of_50 * n_steps / 50))
+def scores_start_step(scores: pd.DataFrame, start_of_50: int) -> int:
+    """The steering start of a scores table (columns step, timestep, num_train_timesteps)."""
+    steps = scores.groupby("step", sort=True)["timestep"].first()
+    if list(steps.index) != list(range(len(steps))):
+        raise ValueError(f"scores cover steps {list(steps.index)}, not 0..{len(steps) - 1}")
+    train = int(scores["num_train_timesteps"].iloc[0])
+    return start_step(steps.to_numpy(), train, start_of_50)
 
 
 def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
@@ -35,6 +42,16 @@ def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["from_step"] = t0
     return table.reset_index(drop=True)
+
+
+def rank_per_pair(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
+    """``rank_sites`` on each pair's own scores, stacked, with a ``pair`` column first."""
+    parts = []
+    for pair, group in scores.groupby("pair", sort=False):
+        ranked = rank_sites(group, t0)
+        ranked.insert(0, "pair", pair)
+        parts.append(ranked)
+    return pd.concat(parts, ignore_index=True)
 
 
 def kind_summary(ranking: pd.DataFrame) -> pd.DataFrame:

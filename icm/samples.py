@@ -1,8 +1,15 @@
 """Which samples a concept's generation makes, with which seed, in which shard.
 
-A sample is one image of one prompt. Its seed depends on the base seed, the prompt's index
-and the repeat number only, never on the batch or shard it lands in, so any sample can be
-regenerated alone. Growing ``samples_per_prompt`` keeps every existing sample's seed.
+A sample is one image of one prompt. Its seed depends on the base seed, its seed stream,
+the prompt's index and the repeat number only, never on the batch or shard it lands in, so
+any sample can be regenerated alone. Growing ``samples_per_prompt`` keeps every existing
+sample's seed.
+
+Each purpose draws from its own seed stream (``SEED_STREAMS``): the localization samples
+the probes are fitted on, the calibration samples that tune steering, and the evaluation
+samples steering is judged on. The stream is the top two bits of the 32-bit seed (the
+bits torch's CPU generator uses), so the streams are disjoint by construction: no
+evaluation image shares its initial noise with an image the probes saw.
 
 Shards are cut on the global batch grid (whole batches of ``batch_size``), so a sample meets
 the same batch companions whatever the number of shards, and its image is bit-identical.
@@ -30,22 +37,36 @@ class Sample:
         return asdict(self)
 
 
-def sample_seed(base_seed: int, prompt_index: int, repeat: int) -> int:
-    """A well-mixed 32-bit seed from (base seed, prompt index, repeat) via numpy's SeedSequence."""
-    entropy = [int(base_seed), int(prompt_index), int(repeat)]
+#: Seed streams by purpose; the value is the top two bits of every seed of the stream.
+SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation": 2}
+SEED_RULE = ("stream << 30 | low 30 bits of numpy SeedSequence([base_seed, stream, "
+             "prompt_index, repeat]).generate_state(1, uint32); streams " +
+             ", ".join(f"{k} {v}" for k, v in SEED_STREAMS.items()))
+
+
+def sample_seed(base_seed: int, prompt_index: int, repeat: int,
+                stream: str = "localization") -> int:
+    """A well-mixed 32-bit seed of (base seed, stream, prompt index, repeat) via numpy's
+    SeedSequence, its top two bits naming the stream."""
+    if stream not in SEED_STREAMS:
+        raise ValueError(f"unknown seed stream {stream!r}; known: {list(SEED_STREAMS)}")
+    code = SEED_STREAMS[stream]
+    entropy = [int(base_seed), code, int(prompt_index), int(repeat)]
     if min(entropy) < 0:
         raise ValueError(f"seeds and indices must be non-negative, got {entropy}")
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+    low = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
+    return (code << 30) | (low & (2**30 - 1))
 
 
-def plan_samples(prompts: Sequence[str], samples_per_prompt: int, base_seed: int) -> list[Sample]:
+def plan_samples(prompts: Sequence[str], samples_per_prompt: int, base_seed: int,
+                 stream: str = "localization") -> list[Sample]:
     """All samples of a generation, prompt-major: prompt 0's repeats first."""
     if samples_per_prompt < 1:
         raise ValueError("samples_per_prompt must be at least 1")
     if not prompts:
         raise ValueError("a generation needs at least one prompt")
     return [
-        Sample(p * samples_per_prompt + r, p, r, prompt, sample_seed(base_seed, p, r))
+        Sample(p * samples_per_prompt + r, p, r, prompt, sample_seed(base_seed, p, r, stream))
         for p, prompt in enumerate(prompts)
         for r in range(samples_per_prompt)
     ]

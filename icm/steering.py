@@ -43,10 +43,12 @@ class ActivationSteering(SiteHooks):
         alpha: float,
         start_step: int,
         cfg: CFGMode = "auto",
+        timesteps: np.ndarray | None = None,
     ) -> None:
         super().__init__(pipe, list(directions), cfg)
         self.alpha = float(alpha)
         self.start_step = int(start_step)
+        self.timesteps = None if timesteps is None else np.asarray(timesteps, dtype=np.float64)
         self._directions = {site: torch.as_tensor(np.asarray(v)) for site, v in directions.items()}
         self._on_device: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -62,7 +64,20 @@ class ActivationSteering(SiteHooks):
             )
         return table[step]
 
+    def _check_timestep(self, site: str, step: int) -> None:
+        """Row ``step`` of a direction belongs to one timestep: refuse to apply it at another."""
+        assert self.clock is not None
+        if self.timesteps is None or self.clock.timestep is None:
+            return
+        if step >= len(self.timesteps) or abs(self.timesteps[step] - self.clock.timestep) > 1e-3:
+            fitted = self.timesteps[step] if step < len(self.timesteps) else "none"
+            raise RuntimeError(
+                f"{site}: step {step} runs at timestep {self.clock.timestep:g}, but the "
+                f"directions were fitted at {fitted}: steer with the scheduler and steps of "
+                "the generation the probes were fitted on")
+
     def on_output(self, site: str, step: int, output: Any) -> Any:
+        self._check_timestep(site, step)
         if step < self.start_step:
             return None
         hidden = output_tensor(output)
@@ -82,6 +97,9 @@ def steer_activations(
     alpha: float,
     start_step: int,
     cfg: CFGMode = "auto",
+    timesteps: np.ndarray | None = None,
 ) -> ActivationSteering:
-    """Context manager: steer ``directions``' sites by ``alpha`` from ``start_step`` on."""
-    return ActivationSteering(pipe, directions, alpha, start_step, cfg)
+    """Context manager: steer ``directions``' sites by ``alpha`` from ``start_step`` on.
+    With ``timesteps`` (those the directions were fitted at, one per row), a step that runs
+    at another timestep is an error."""
+    return ActivationSteering(pipe, directions, alpha, start_step, cfg, timesteps)

@@ -124,7 +124,17 @@ def variant_spec(wildcards):
         "alpha": float(alphas.get(wildcards.variant, variant["alpha"])),
         "k": config["steering"]["k"],
         "seed": config["steering"]["seed"],
+        "sites_per": config["steering"]["sites_per"],
     }
+
+
+def steer_rankings(wildcards):
+    """The concept ranking, and the per-pair one when each pair selects its own sites."""
+    base = f"results/{wildcards.model}/{wildcards.concept}"
+    inputs = {"ranking": f"{base}/ranking.csv"}
+    if config["steering"]["sites_per"] == "pair":
+        inputs["pair_ranking"] = f"{base}/ranking_by_pair.csv"
+    return inputs
 
 
 def steer_concept(wildcards):
@@ -135,6 +145,7 @@ def steer_concept(wildcards):
         "classes": spec["classes"],
         "pairs": [list(p) for p in concept_pairs(wildcards.concept)],
         "steering": {k: v for k, v in spec["steering"].items() if k != "alpha"},
+        "evaluation_prompts": spec["evaluation"]["prompts"],
     }
 
 

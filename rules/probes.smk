@@ -33,6 +33,7 @@ rule rank_sites:
         pair_files("results/{model}/{concept}/probes/{pair}/scores.csv"),
     output:
         ranking="results/{model}/{concept}/ranking.csv",
+        by_pair="results/{model}/{concept}/ranking_by_pair.csv",
         by_kind="results/{model}/{concept}/ranking_by_kind.csv",
         heatmap=report(
             "results/{model}/{concept}/ranking_heatmap.png",

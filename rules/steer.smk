@@ -1,12 +1,14 @@
 # Stage 4: debiasing generation, one job per (layer-selection variant, shard). Each batch
 # gets a target class; variants differ only in which sites they steer and how hard, and all
-# use the same seeds, so images compare pairwise across variants.
+# use the same evaluation seeds (a stream disjoint from the localization samples), so images
+# compare pairwise across variants.
 
 rule steer_images:
     input:
+        unpack(steer_rankings),
         model=model_input,
-        ranking="results/{model}/{concept}/ranking.csv",
         directions=pair_files("results/{model}/{concept}/probes/{pair}/directions.safetensors"),
+        directions_meta=pair_files("results/{model}/{concept}/probes/{pair}/directions.json"),
     output:
         images=directory("results/{model}/{concept}/steer/{variant}/shard-{shard}/images"),
         samples="results/{model}/{concept}/steer/{variant}/shard-{shard}/samples.csv",

@@ -15,11 +15,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    """A random-weight SD1.5-architecture pipeline (tiny), shared read-only by tests."""
+    """A random-weight SD1.5-architecture pipeline (tiny), shared read-only by tests, with
+    the scheduler `models.sd15` runs (DDIM from SD1.5's own scheduler config; the replica
+    ships PNDM as the checkpoint does, and tests/test_schedule.py covers the others)."""
     from icm.models import build_sd15_pipeline
 
     # ICM_TEST_DEVICE=cuda runs the pipeline-level tests on a GPU (see docs/development.md).
-    pipe = build_sd15_pipeline("tiny", seed=0, device=os.environ.get("ICM_TEST_DEVICE", "cpu"))
+    pipe = build_sd15_pipeline("tiny", seed=0, device=os.environ.get("ICM_TEST_DEVICE", "cpu"),
+                               scheduler="DDIMScheduler")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

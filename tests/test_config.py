@@ -41,7 +41,11 @@ def test_config_validates_and_defaults_are_filled():
     cfg = config()
     validate(cfg, str(SCHEMA))
     assert cfg["models"]["sd15"]["n_shards"] == 4
-    assert cfg["models"]["sd15"]["scheduler"] == "default"  # filled in from the schema
+    assert cfg["models"]["sana"]["scheduler"] == "default"  # filled in from the schema
+    # The paper's sampler, named: the SD checkpoints ship PNDM, whose 50 steps are 51 calls.
+    assert cfg["models"]["sd15"]["scheduler"] == cfg["models"]["sdxl"]["scheduler"] == \
+        "DDIMScheduler" == cfg["models"]["tiny-sd15"]["scheduler"]
+    assert cfg["steering"]["sites_per"] == "pair"
     assert set(cfg["models"]) >= {"sd15", "sdxl", "sana", "flux", "toy", "tiny-sd15"}
 
 

@@ -73,7 +73,7 @@ def test_fairface_groups_and_missing_weights(tmp_path, toy_images):
     root, samples, _ = toy_images
     images = [Image.open(root / p) for p in samples["image"][:3]]
     labeler = FairFaceLabeler("age", ["young", "adult", "old"], str(tmp_path / "ff.safetensors"))
-    probs = labeler.probabilities(images)
+    probs = labeler.raw_probabilities(images)
     scores = labeler.scores(images)
     np.testing.assert_allclose(scores[:, 0], probs["0-2"] + probs["3-9"] + probs["10-19"])
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)

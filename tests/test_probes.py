@@ -16,7 +16,7 @@ from icm.probes import (
     split_indices,
     use_dual,
 )
-from icm.ranking import kind_summary, plot_heatmap, rank_sites, steering_start
+from icm.ranking import kind_summary, plot_heatmap, rank_per_pair, rank_sites
 
 PAIR = Pair(negative="red", positive="green")
 
@@ -77,8 +77,7 @@ def test_too_few_samples_name_the_class():
         fit_pair(acts, labels, PAIR)
 
 
-def test_steering_start_scales_with_the_schedule(tmp_path):
-    assert steering_start(50) == 15 and steering_start(20) == 6 and steering_start(1) == 0
+def test_heatmap_is_drawn(tmp_path):
     acts, labels = planted()
     scores = scores_frame(fit_pair(acts, labels, PAIR))
     plot_heatmap(scores, rank_sites(scores, 3), tmp_path / "h.png")
@@ -117,3 +116,33 @@ def test_warm_starts_survive_a_label_flip_between_steps():
     reference = fit_sklearn(x[:, 0], y, train, test)
     assert np.sum(reference[2] * fast[2][0], axis=1).min() > 0.999
     assert np.sign(fast[2][0, :, 0]).tolist() == [1.0, -1.0, 1.0, -1.0]
+
+
+def test_constant_channel_is_left_alone_as_scikit_learn_does():
+    """A channel constant over the samples (float32, |value| ~ 1) must not be scaled up from
+    its centring residual: its direction component is 0 and the directions agree."""
+    acts, labels = planted(n=400, steps=4)
+    x = np.asarray(acts["mid.attn1"], dtype=np.float32)
+    x[:, :, 5] = np.float32(0.7131)  # exactly constant, not representable in binary
+    y = (labels == "green").astype(np.int64)
+    train, test = split_indices(y, 0.2, 0)
+    _, _, reference = fit_sklearn(x, y, train, test)
+    _, _, fast = fit_torch(x[:, None], y, train, test)
+    cosine = np.sum(reference * fast[0], axis=1)
+    assert cosine.min() >= 0.999, cosine
+    np.testing.assert_allclose(fast[0][:, 5], 0.0, atol=1e-6)
+    np.testing.assert_allclose(reference[:, 5], 0.0, atol=1e-6)
+
+
+def test_each_pair_is_ranked_on_its_own_probes():
+    """Two pairs whose signals live in different sites rank different sites first."""
+    acts_a, labels_a = planted(signal_site="mid.attn1", seed=1)
+    acts_b, labels_b = planted(signal_site="down.attn1", seed=2)
+    labels_b = np.where(labels_b == "red", "blue", labels_b)
+    scores = pd.concat([
+        scores_frame(fit_pair(acts_a, labels_a, PAIR)),
+        scores_frame(fit_pair(acts_b, labels_b, Pair("blue", "green"))),
+    ], ignore_index=True)
+    by_pair = rank_per_pair(scores, t0=3)
+    firsts = by_pair[by_pair["rank"] == 1].set_index("pair")["site"]
+    assert firsts.to_dict() == {"red-green": "mid.attn1", "blue-green": "down.attn1"}

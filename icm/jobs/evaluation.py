@@ -110,6 +110,7 @@ def compute_metrics_job(
         ToyFeatureEmbedder,
         clip_t,
         fairness_discrepancy,
+        fairness_discrepancy_from_probabilities,
         paired_cosine,
         prompt_agreement,
     )
@@ -124,13 +125,21 @@ def compute_metrics_job(
         embedder: Any = ToyFeatureEmbedder(toy_features, device=device)
     else:
         embedder = ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"],
-                                device=device)
+                                device=device,
+                                checkpoint_tag=evaluation.get("clip_checkpoint_tag"))
     rows = read_shards(steered)
     images = load_images(rows["image"])
     margin = float(spec.get("margin", 0.0))
     labels = label_table(rows, labeler.scores(images), labeler, margin)["label"]
-    fd, fd_per_prompt = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
-                                             concept.get("reference"))
+    probabilities = labeler.class_probabilities(images)
+    if probabilities is not None:  # the paper's FD: mean probabilities, every image kept
+        fd, fd_per_prompt = fairness_discrepancy_from_probabilities(
+            probabilities, list(rows["prompt"]), classes, concept.get("reference"))
+        fd_from = "mean class probabilities of every image"
+    else:
+        fd, fd_per_prompt = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
+                                                 concept.get("reference"))
+        fd_from = "shares of labelled images"
     embeddings = embedder.embed_images(images)
     clip_i = math.nan
     if original:
@@ -154,7 +163,8 @@ def compute_metrics_job(
         "FID": fid, "CLIP-I": clip_i, "CLIP-T": text_alignment, "label_counts": counts,
         "targets": rows["target"].value_counts().to_dict(),
         "steered_images": int(rows["steered"].astype(str).eq("True").sum()),
-        "backends": {"FD": labeler.name, "FID": fid_backend,
+        "FD_from": fd_from, "unlabelled_images": int((labels == "").sum()),
+        "backends": {"FD": f"{labeler.name}, {fd_from}", "FID": fid_backend,
                      "CLIP-I": f"{embedder.name} cosine (steered vs original, same seed)",
                      "CLIP-T": text_backend},
         "versions": package_versions(),
@@ -176,7 +186,7 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
             "variant": result["variant"], "FD": result["FD"], "FID": result["FID"],
             "CLIP-I": result["CLIP-I"], "CLIP-T": result["CLIP-T"],
             "n_images": result["n_images"], "alpha": record["alpha"],
-            "selection": record["selection"], "layers": ";".join(record["sites"]),
+            "selection": record["selection"], "layers": layers_text(record["sites"]),
             **{f"{k}_backend": v for k, v in result["backends"].items()},
         })
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
@@ -184,6 +194,17 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
     if plot:
         plot_metrics(table, plot)
     return table
+
+
+def layers_text(sites: Mapping[str, Sequence[str]] | Sequence[str]) -> str:
+    """The table's ``layers`` cell: ``;``-separated sites, per pair as ``pair: a;b | ...``
+    when pairs steer different sites."""
+    if not isinstance(sites, Mapping):
+        return ";".join(sites)
+    distinct = {tuple(v) for v in sites.values()}
+    if len(distinct) == 1:
+        return ";".join(next(iter(distinct)))
+    return " | ".join(f"{pair}: {';'.join(v)}" for pair, v in sites.items())
 
 
 def plot_metrics(table: pd.DataFrame, output: str | Path) -> None:

@@ -12,20 +12,23 @@ from typing import Any
 
 from icm.generate import SAMPLE_COLUMNS, SamplerSettings, generate_shard, write_table
 from icm.models import ModelSpec, load_pipeline, save_tiny_sd15
-from icm.samples import Sample, plan_samples, shard_samples
+from icm.samples import SEED_RULE, Sample, plan_samples, shard_samples
 
 log = logging.getLogger("icm")
 
 
 def concept_samples(
     concept: Mapping[str, Any], model: Mapping[str, Any], generation: Mapping[str, Any],
-    per_prompt: int | None = None,
+    per_prompt: int | None = None, stream: str = "localization",
+    prompts: Sequence[str] | None = None,
 ) -> list[Sample]:
-    """The sample plan of a (model, concept) run: the concept's prompts, ``per_prompt``
-    repeats (default: the generation's; a model's ``samples_per_prompt`` overrides both) and
-    the seed rule, so sample (prompt, repeat) has one seed in every stage that uses it."""
+    """The sample plan of a (model, concept) run: ``prompts`` (default: the concept's
+    general prompts), ``per_prompt`` repeats (default: the generation's; a model's
+    ``samples_per_prompt`` overrides both) and the seed rule of ``stream``, so sample
+    (stream, prompt, repeat) has one seed in every stage that uses it."""
     per_prompt = model.get("samples_per_prompt") or per_prompt or concept["samples_per_prompt"]
-    return plan_samples(concept["prompts"], per_prompt, generation["base_seed"])
+    return plan_samples(prompts or concept["prompts"], per_prompt, generation["base_seed"],
+                        stream)
 
 
 def generate_shard_job(
@@ -56,7 +59,8 @@ def generate_shard_job(
         "prompts": list(concept["prompts"]),
         "samples_per_prompt": len(samples) // len(concept["prompts"]),
         "base_seed": generation["base_seed"],
-        "seed_rule": "numpy SeedSequence([base_seed, prompt_index, repeat]), first uint32",
+        "seed_stream": "localization",
+        "seed_rule": SEED_RULE,
         "shard": shard,
         "n_shards": model["n_shards"],
     }

@@ -32,10 +32,14 @@ def label_images_job(
                          margin=concept["labeler"]["margin"])
     write_table(output, table.to_dict("records"), columns=list(table.columns))
     counts = table.loc[table["kept"], "label"].value_counts().to_dict()
+    unscored = table["margin"].isna()
+    dropped = {"no class": int(unscored.sum()),
+               "below margin": int((~table["kept"] & ~unscored).sum())}
     write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
                           "margin": concept["labeler"]["margin"], "counts": counts,
-                          "dropped": int((~table["kept"]).sum()), "versions": package_versions()})
-    log.info("labelled %d images: %s", len(table), counts)
+                          "dropped": int((~table["kept"]).sum()), "dropped_by_reason": dropped,
+                          "versions": package_versions()})
+    log.info("labelled %d images: %s; dropped %s", len(table), counts, dropped)
 
 
 
@@ -51,15 +55,17 @@ def fit_probes_job(
 
     from icm.probes import Pair, fit_pair
     from icm.provenance import package_versions
-    from icm.ranking import plot_heatmap, rank_sites, steering_start
+    from icm.ranking import plot_heatmap, rank_sites, scores_start_step
     from icm.sites import site_kind
-    from icm.store import read_sites, site_widths
+    from icm.store import open_store, read_sites, site_widths
 
     target = Pair(negative=pair[0], positive=pair[1])
     labels = pd.read_csv(labels_csv, keep_default_na=False)
     labels = labels[labels["kept"].astype(str) == "True"].set_index("sample")["label"]
     device = str(resolve_device(probes["device"]))
     widths = site_widths(stores[0])
+    # Stores before the step rule was recorded ran 1000-timestep models only.
+    train_timesteps = int(open_store(stores[0]).attrs.get("num_train_timesteps", 1000))
     rows, directions = [], {}
     for width in dict.fromkeys(widths.values()):  # one width group at a time bounds memory
         group = [s for s, w in widths.items() if w == width]
@@ -74,7 +80,8 @@ def fit_probes_job(
             directions[r.site] = r.directions.astype(np.float32)
             for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc)):
                 rows.append({"site": r.site, "kind": site_kind(r.site), "step": step,
-                             "timestep": float(timesteps[step]), "pair": target.name,
+                             "timestep": float(timesteps[step]),
+                             "num_train_timesteps": train_timesteps, "pair": target.name,
                              "negative": target.negative, "positive": target.positive,
                              "train_acc": float(tr), "test_acc": float(te), "n_train": r.n_train,
                              "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
@@ -86,6 +93,8 @@ def fit_probes_job(
     write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
     save_file({s: directions[s] for s in order}, str(output_directions),
               metadata={"pair": target.name, "positive": target.positive})
+    t0 = scores_start_step(scores, probes["steer_start_of_50"])
+    step_axis = scores.groupby("step", sort=True)["timestep"].first()
     write_json(output_meta, {
         "format": "icm-directions/1",
         "pair": target.name, "positive": target.positive, "negative": target.negative,
@@ -93,11 +102,13 @@ def fit_probes_job(
                    "toward the positive class",
         "backend": probes["backend"], "test_size": probes["test_size"], "seed": probes["seed"],
         "concept": {k: concept[k] for k in ("prompts", "classes")},
+        "timesteps": [float(t) for t in step_axis],
+        "num_train_timesteps": train_timesteps,
+        "start_step": t0,
         "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc")}
                     for row in scores.to_dict("records")],
         "versions": package_versions(),
     })
-    t0 = steering_start(int(scores["step"].max()) + 1, probes["steer_start_of_50"])
     plot_heatmap(scores, rank_sites(scores, t0), output_heatmap,
                  title=f"probe test accuracy, {target.negative} vs {target.positive}")
 
@@ -105,17 +116,20 @@ def fit_probes_job(
 
 def rank_sites_job(
     probes: Mapping[str, Any], scores_csvs: Sequence[str | Path], output_ranking: str | Path,
-    output_by_kind: str | Path, output_heatmap: str | Path,
+    output_by_pair: str | Path, output_by_kind: str | Path, output_heatmap: str | Path,
 ) -> None:
-    """Rank sites over all pairs; write ranking, self- vs cross-attention summary, heatmap."""
+    """Rank sites over all pairs and per pair; write both rankings, the summary per site
+    kind and the heatmap."""
     import pandas as pd
 
-    from icm.ranking import kind_summary, plot_heatmap, rank_sites, steering_start
+    from icm.ranking import kind_summary, plot_heatmap, rank_per_pair, rank_sites, scores_start_step
 
     scores = pd.concat([pd.read_csv(p) for p in scores_csvs], ignore_index=True)
-    t0 = steering_start(int(scores["step"].max()) + 1, probes["steer_start_of_50"])
+    t0 = scores_start_step(scores, probes["steer_start_of_50"])
     ranking = rank_sites(scores, t0)
     write_table(output_ranking, ranking.to_dict("records"), columns=list(ranking.columns))
+    by_pair = rank_per_pair(scores, t0)
+    write_table(output_by_pair, by_pair.to_dict("records"), columns=list(by_pair.columns))
     summary = kind_summary(ranking)
     write_table(output_by_kind, summary.to_dict("records"), columns=list(summary.columns))
     plot_heatmap(scores, ranking, output_heatmap,

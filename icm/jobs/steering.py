@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from icm.atomic import atomic_directory
-from icm.debias import batch_target, class_pushes, select_sites, target_probabilities
+from icm.debias import batch_target, class_pushes, sites_per_pair, target_probabilities
 from icm.generate import (
     SAMPLE_COLUMNS,
     SamplerSettings,
@@ -28,8 +29,8 @@ from icm.jobs.records import write_json
 from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
-from icm.ranking import steering_start
 from icm.samples import shard_samples
+from icm.schedule import denoising_timesteps, same_timesteps, start_step
 from icm.steering import steer_activations
 
 log = logging.getLogger("icm")
@@ -38,13 +39,27 @@ STEER_COLUMNS = [*SAMPLE_COLUMNS, "target", "steered"]
 
 
 def load_directions(pairs: Sequence[Sequence[str]], paths: Sequence[str | Path],
-                    sites: list[str]) -> dict[str, dict]:
-    """{pair name: {site: (steps, channels)}} for the chosen sites, from the probes'
-    safetensors; ``paths`` are in the order of ``pairs``."""
+                    sites: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """{pair name: {site: (steps, channels)}} for each pair's chosen ``sites[pair]``, from
+    the probes' safetensors; ``paths`` are in the order of ``pairs``."""
     from safetensors.numpy import load_file
 
-    return {Pair(*pair).name: {s: v for s, v in load_file(str(path)).items() if s in sites}
-            for pair, path in zip(pairs, paths, strict=True)}
+    out = {}
+    for pair, path in zip(pairs, paths, strict=True):
+        name = Pair(*pair).name
+        out[name] = {s: v for s, v in load_file(str(path)).items() if s in sites[name]}
+    return out
+
+
+def probe_step_axis(metas: Sequence[str | Path]) -> tuple[np.ndarray, int]:
+    """The timesteps (one per step) and training timesteps T the probes were fitted on, the
+    same for every pair (they read the same stores)."""
+    records = [json.loads(Path(m).read_text()) for m in metas]
+    axes = [np.asarray(r["timesteps"], dtype=np.float64) for r in records]
+    if any(not same_timesteps(axes[0], a) for a in axes[1:]):
+        raise ValueError(f"the probes of {[r['pair'] for r in records]} were fitted on "
+                         "different step axes; refit them from one generation")
+    return axes[0], int(records[0]["num_train_timesteps"])
 
 
 def steer_shard_job(
@@ -60,7 +75,9 @@ def steer_shard_job(
     variant: Mapping[str, Any],
     shard: int,
     ranking: str | Path,
+    pair_ranking: str | Path | None,
     directions: Sequence[str | Path],
+    directions_meta: Sequence[str | Path],
     images_dir: str | Path,
     table: str | Path,
     record: str | Path,
@@ -69,29 +86,47 @@ def steer_shard_job(
     direction and the variant sites and a non-zero alpha, the batch is steered toward it.
 
     ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``k``, ``seed``;
-    ``directions`` are the probes' safetensors files in the order of ``concept["pairs"]``.
+    ``directions`` and ``directions_meta`` are the probes' safetensors and JSON files in the
+    order of ``concept["pairs"]``; ``pair_ranking`` (``ranking_by_pair.csv``) selects sites
+    per pair, None selects them once from ``ranking``. The samples are the evaluation seed
+    stream over the concept's evaluation prompts: none of them is a localization sample.
+    The step axis (count and timesteps) comes from the probes, and the pipeline must run
+    the same timesteps.
     """
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     classes = list(concept["classes"])
     pairs = [tuple(p) for p in concept["pairs"]]
-    sites = select_sites(pd.read_csv(ranking), variant["sites"], variant["k"], variant["seed"])
+    names = [Pair(*p).name for p in pairs]
+    sites = sites_per_pair(pd.read_csv(ranking),
+                           pd.read_csv(pair_ranking) if pair_ranking else None,
+                           names, variant["sites"], variant["k"], variant["seed"])
     pushes = class_pushes(classes, pairs)
     probs = target_probabilities(classes, concept["steering"]["target_probs"])
     vectors = load_directions(pairs, directions, sites)
-    start = steering_start(spec.steps, probes["steer_start_of_50"])
+    timesteps, train_timesteps = probe_step_axis(directions_meta)
+    start = start_step(timesteps, train_timesteps, probes["steer_start_of_50"])
     for pair, per_site in vectors.items():
         for site, v in per_site.items():
-            if v.shape[0] != spec.steps:
-                raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but the "
-                                 f"model samples {spec.steps}: refit the probes")
+            if v.shape[0] != len(timesteps):
+                raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
+                                 f"probes list {len(timesteps)} timesteps: refit the probes")
+    prompts = concept.get("evaluation_prompts") or concept["prompts"]
     samples = concept_samples(concept, model, generation,
-                              concept["steering"]["samples_per_prompt"])
+                              concept["steering"]["samples_per_prompt"], stream="evaluation",
+                              prompts=prompts)
     batch_size = concept["steering"].get("batch_size") or model["batch_size"]
     mine = shard_samples(samples, model["n_shards"], shard, batch_size)
-    log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %d at %s",
+    log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %d (timestep %g) at %s",
              model_name, concept_name, variant_name, shard, len(mine), variant["alpha"], start,
-             sites)
+             timesteps[start], sites)
     pipe = load_pipeline(spec, device=generation["device"])
+    planned = denoising_timesteps(pipe.scheduler, spec.steps)
+    if not same_timesteps(planned, timesteps):
+        raise ValueError(
+            f"{type(pipe.scheduler).__name__} with {spec.steps} steps runs {len(planned)} "
+            f"steps at timesteps {planned.round(1).tolist()}, but the probes were fitted at "
+            f"{len(timesteps)} steps, timesteps {timesteps.round(1).tolist()}: steer with the "
+            "model settings of the generation run, or regenerate and refit")
     settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
     rows: list[dict[str, object]] = []
     rel = Path(os.path.relpath(Path(images_dir).resolve(), Path(table).parent.resolve()))
@@ -104,11 +139,12 @@ def steer_shard_job(
             target = batch_target(classes, probs, variant["seed"], index,
                                   concept["steering"]["target_draw"])
             push = pushes[target]
-            steered = bool(push is not None and sites and variant["alpha"] != 0)
+            steered = bool(push is not None and sites[push.pair] and variant["alpha"] != 0)
             if steered:
                 assert push is not None
-                chosen = {s: push.sign * vectors[push.pair][s] for s in sites}
-                with steer_activations(pipe, chosen, variant["alpha"], start):
+                chosen = {s: push.sign * vectors[push.pair][s] for s in sites[push.pair]}
+                with steer_activations(pipe, chosen, variant["alpha"], start,
+                                       timesteps=timesteps):
                     images = generate_images(pipe, batch, settings)
             else:
                 images = generate_images(pipe, batch, settings)
@@ -119,20 +155,27 @@ def steer_shard_job(
             bar.update(len(batch))
     write_table(table, rows, STEER_COLUMNS)
     write_json(record, {
-        "model": {"name": model_name, "source": source, "steps": spec.steps},
+        "model": {"name": model_name, "source": source, "steps": spec.steps,
+                  "scheduler": type(pipe.scheduler).__name__},
         "concept": concept_name,
         "variant": variant_name,
         "selection": variant["sites"],
+        "sites_per": "pair" if pair_ranking else "concept",
         "sites": sites,
+        "sites_by_target": {c: [] if p is None else sites[p.pair] for c, p in pushes.items()},
         "alpha": variant["alpha"],
         "k": variant["k"],
         "batch_size": batch_size,
         "seed": variant["seed"],
         "start_step": start,
+        "start_timestep": float(timesteps[start]),
+        "timesteps": timesteps.tolist(),
         "pushes": {c: None if p is None else {"pair": p.pair, "sign": p.sign}
                    for c, p in pushes.items()},
         "target_draw": concept["steering"]["target_draw"],
         "target_probs": dict(zip(classes, np.round(probs, 6).tolist(), strict=True)),
+        "prompts": list(prompts),
+        "seed_stream": "evaluation",
         "shard": shard,
         "n_shards": model["n_shards"],
         "base_seed": generation["base_seed"],

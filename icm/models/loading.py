@@ -22,6 +22,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
+from icm.schedule import check_scheduler
+
 Family = Literal["sd15", "sdxl", "sana", "flux", "toy"]
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -182,5 +184,6 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> Diffu
 
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    check_scheduler(pipe.scheduler)  # before any work: order-2 schedulers are refused
     pipe.set_progress_bar_config(disable=True)  # callers draw their own progress
     return pipe.to(target)

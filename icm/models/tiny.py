@@ -3,7 +3,8 @@
 The tiny one lets tests and CI run the whole capture workflow on a CPU in
 seconds with the same module layout (self- and cross-attention in down, mid and
 up blocks). The full-size one and the meta-device UNet reproduce the real
-model's shapes and module names without its weights.
+model's shapes and module names without its weights. Both ship the scheduler the real
+checkpoint ships (PNDM, with its config), so what the tests run is what users run.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -79,11 +79,14 @@ def build_sd15_pipeline(
     size: Literal["tiny", "full"] = "tiny",
     seed: int = 0,
     device: str | torch.device = "cpu",
+    scheduler: str = "PNDMScheduler",
 ) -> StableDiffusionPipeline:
     """SD1.5-architecture pipeline with seeded random weights.
 
     Each component is seeded separately so changing one config leaves the
     others' weights unchanged. "full" is ~1.07 B fp32 parameters (~4.3 GB).
+    ``scheduler``: a diffusers scheduler class built from SD1.5's scheduler config, as
+    ``models.<name>.scheduler`` does (default: PNDM, the checkpoint's own).
     """
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
@@ -93,11 +96,9 @@ def build_sd15_pipeline(
         text_cfg = tiny_text_encoder_config(
             len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
         )
-        scheduler = DDIMScheduler.from_config(sd15_scheduler_config())
     else:
         unet_cfg, vae_cfg = sd15_unet_config(), sd15_vae_config()
         text_cfg = sd15_text_encoder_config()
-        scheduler = PNDMScheduler.from_config(sd15_scheduler_config())
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG alone
         torch.manual_seed(seed)
@@ -114,7 +115,7 @@ def build_sd15_pipeline(
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=scheduler,
+        scheduler=getattr(diffusers, scheduler).from_config(sd15_scheduler_config()),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
