@@ -5,8 +5,8 @@ it with ``pretrained="openai"`` only warns, while a local checkpoint path (the o
 does not even warn: every pseudo-label, CLIP-I and CLIP-T would come from a subtly different
 network. ``clip_arguments`` therefore decides the activation from the weights' open_clip
 tag: the ``pretrained`` tag itself, or for a local checkpoint file the tag it was
-downloaded as (``checkpoint_tag``, required there), and refuses a model name whose
-activation contradicts the weights.
+downloaded as (``checkpoint_tag``, required there), and refuses a tag the model name does
+not have (a ``-quickgelu`` name with GELU-trained weights among them).
 """
 
 from __future__ import annotations
@@ -67,11 +67,9 @@ def clip_arguments(model: str, pretrained: str | None,
     if not tag_config:
         raise ValueError(f"open_clip model {model!r} has no pretrained tag {tag!r}; its tags: "
                          f"{', '.join(tags) or 'none'}")
-    quick = bool(tag_config.get("quick_gelu", False))
-    if bool(config.get("quick_gelu", False)) and not quick:
-        raise ValueError(f"{model!r} uses QuickGELU but its weights {tag!r} were trained with "
-                         f"GELU; use the model name without -quickgelu")
-    return {"force_quick_gelu": True} if quick else {}
+    # open_clip lists for each model name the tags of its activation only (plus OpenAI's
+    # under the plain names), so a -quickgelu name with GELU weights fails just above.
+    return {"force_quick_gelu": True} if tag_config.get("quick_gelu", False) else {}
 
 
 def uses_quick_gelu(network: torch.nn.Module) -> bool:

@@ -6,7 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from icm.debias import Push, batch_target, class_pushes, select_sites, target_probabilities
+from icm.debias import (
+    Push,
+    batch_target,
+    class_pushes,
+    select_sites,
+    sites_per_pair,
+    target_probabilities,
+)
 
 
 def test_pushes_follow_the_paper():
@@ -70,3 +77,19 @@ def test_site_selection_per_variant():
     assert len(set(random)) == 2 and all(s.endswith("attn1") for s in random)
     with pytest.raises(ValueError, match="k=5"):
         select_sites(table, "top", 5)
+
+
+def test_each_pair_steers_its_own_sites_unless_one_selection_is_asked_for():
+    one, other = ranking(), ranking()
+    other["rank"] = other["rank"].to_numpy()[::-1]  # the second pair reads best elsewhere
+    by_pair = pd.concat([one.assign(pair="a-b"), other.assign(pair="a-c")], ignore_index=True)
+    for selection in ("top", "cross", "worst", "random"):
+        sites = sites_per_pair(one, by_pair, ["a-b", "a-c"], selection, 2, seed=0)
+        assert sites["a-b"] == select_sites(one, selection, 2, [0, 0])
+        assert sites["a-c"] == select_sites(other, selection, 2, [0, 1])
+    top = sites_per_pair(one, by_pair, ["a-b", "a-c"], "top", 2, seed=0)
+    assert top == {"a-b": ["b1.attn1", "b0.attn1"], "a-c": ["b2.attn1", "b3.attn1"]}
+    shared = sites_per_pair(one, None, ["a-b", "a-c"], "top", 2, seed=0)
+    assert shared == {"a-b": ["b1.attn1", "b0.attn1"], "a-c": ["b1.attn1", "b0.attn1"]}
+    with pytest.raises(ValueError, match="no rows for pair 'a-d'"):
+        sites_per_pair(one, by_pair, ["a-d"], "top", 2, seed=0)

@@ -77,3 +77,40 @@ def test_fairface_groups_and_missing_weights(tmp_path, toy_images):
     scores = labeler.scores(images)
     np.testing.assert_allclose(scores[:, 0], probs["0-2"] + probs["3-9"] + probs["10-19"])
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_fairface_race_compares_groups_and_keeps_every_image_for_fd(tmp_path, monkeypatch):
+    """Asian (east 0.30 + southeast 0.30) beats latino 0.35; an image whose most likely
+    group is outside the classes gets no label but keeps its class probabilities."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    net = torchvision.models.resnet34(weights=None)
+    net.fc = torch.nn.Linear(net.fc.in_features, 18)
+    save_file(net.state_dict(), tmp_path / "ff.safetensors")
+    classes = ["white", "black", "asian", "indian"]
+    labeler = FairFaceLabeler("race", classes, str(tmp_path / "ff.safetensors"))
+    rows = {  # white, black, latino, east asian, southeast asian, indian, middle eastern
+        "asian by group": [0.00, 0.05, 0.35, 0.30, 0.30, 0.00, 0.00],
+        "latino": [0.10, 0.05, 0.50, 0.10, 0.05, 0.10, 0.10],
+        "white": [0.60, 0.10, 0.10, 0.05, 0.05, 0.05, 0.05],
+    }
+    table = np.array(list(rows.values()))
+    from icm.labels import FAIRFACE_RACE
+
+    monkeypatch.setattr(labeler, "raw_probabilities", lambda images: {
+        name: table[:, k] for k, name in enumerate(FAIRFACE_RACE)})
+    scores = labeler.scores([None] * 3)
+    assert classes[int(np.argmax(scores[0]))] == "asian"
+    assert np.isnan(scores[1]).all() and classes[int(np.argmax(scores[2]))] == "white"
+    probabilities = labeler.class_probabilities([None] * 3)
+    np.testing.assert_allclose(probabilities[1], [0.10, 0.05, 0.15, 0.10])  # kept, as is
+    # A group the concept leaves out is an outside group too (age without adult).
+    ages = FairFaceLabeler("age", ["young", "old"], str(tmp_path / "ff.safetensors"))
+    age_table = np.zeros((1, 9))
+    age_table[0, [1, 4, 7]] = [0.3, 0.5, 0.2]  # 3-9, 30-39, 60-69: adult is most likely
+    from icm.labels import FAIRFACE_AGE
+
+    monkeypatch.setattr(ages, "raw_probabilities", lambda images: {
+        name: age_table[:, k] for k, name in enumerate(FAIRFACE_AGE)})
+    assert np.isnan(ages.scores([None])).all()

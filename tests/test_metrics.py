@@ -21,6 +21,7 @@ from icm.metrics import (
     clip_t,
     compute_fid,
     fairness_discrepancy,
+    fairness_discrepancy_from_probabilities,
     paired_cosine,
     prompt_agreement,
 )
@@ -79,6 +80,16 @@ def test_fd_custom_reference_and_bad_references():
                 {"man": 1.5, "woman": -0.5}):
         with pytest.raises(ValueError):
             fairness_discrepancy(["man"], ["p"], CLASSES, reference=bad)
+
+
+def test_fd_from_mean_probabilities_per_prompt():
+    """The paper's FD: the mean probability per prompt against uniform, then the mean."""
+    probs = np.array([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.5, 0.5]])
+    mean, per = fairness_discrepancy_from_probabilities(probs, ["a", "a", "b", "b"], CLASSES)
+    assert per == pytest.approx({"a": np.sqrt(2) * 0.3, "b": 0.0})
+    assert mean == pytest.approx(np.sqrt(2) * 0.15)
+    with pytest.raises(ValueError, match="shape"):
+        fairness_discrepancy_from_probabilities(probs[:, :1], ["a"] * 4, CLASSES)
 
 
 def test_fd_ignores_empty_labels():

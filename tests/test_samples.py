@@ -19,6 +19,20 @@ def test_seeds_are_stable_distinct_and_independent_of_sample_count():
     assert [s.sample for s in large] == list(range(20))
 
 
+def test_evaluation_and_calibration_seeds_never_meet_the_localization_seeds():
+    """Disjoint by construction (the stream is in the seed's top bits, which torch's CPU
+    generator uses), checked here at a scale where 32-bit hashes would collide."""
+    prompts = [f"prompt {i}" for i in range(40)]
+    streams = {name: {s.seed for s in plan_samples(prompts, 2000, base_seed=0, stream=name)}
+               for name in ("localization", "calibration", "evaluation")}
+    assert all(len(seeds) > 79_000 for seeds in streams.values())
+    assert not streams["evaluation"] & streams["localization"]
+    assert not streams["calibration"] & (streams["localization"] | streams["evaluation"])
+    assert all(seed < 2**32 for seeds in streams.values() for seed in seeds)
+    with pytest.raises(ValueError, match="seed stream"):
+        sample_seed(0, 0, 0, stream="test")
+
+
 @pytest.mark.parametrize("n, shards, batch", [(10, 3, 1), (7, 7, 1), (100, 8, 8), (21, 2, 4)])
 def test_shards_partition_the_samples_in_whole_batches(n, shards, batch):
     bounds = [shard_bounds(n, shards, k, batch) for k in range(shards)]

@@ -76,8 +76,9 @@ class Outputs(SiteHooks):
 def generate(pipe, guidance, steered=None):
     generators = [torch.Generator("cpu").manual_seed(i) for i in range(8)]
     with Outputs(pipe) as record:
-        kwargs = dict(num_images_per_prompt=4, num_inference_steps=4, height=32, width=32,
-                      guidance_scale=guidance, generator=generators, output_type="np")
+        kwargs = {"num_images_per_prompt": 4, "num_inference_steps": 4, "height": 32,
+                  "width": 32, "guidance_scale": guidance, "generator": generators,
+                  "output_type": "np"}
         if steered is None:
             pipe(PROMPTS, **kwargs)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -49,8 +50,12 @@ def test_tiny_generation_end_to_end(workdir):
               for k in range(2)]
     ds = xr.concat([xr.open_zarr(s) for s in stores], dim="sample")
     site = "mid_block.attentions.0.transformer_blocks.0.attn1"
-    assert ds[site].shape == (6, 4, 64) and not np.isnan(ds[site].values).any()
+    # PNDM, as SD1.5 ships it: 4 steps are 5 loop iterations, the second timestep repeated.
+    assert ds[site].shape == (6, 5, 64) and not np.isnan(ds[site].values).any()
     assert ds.attrs["model"]["name"] == "tiny-sd15"
+    assert ds.attrs["scheduler"]["class"] == "PNDMScheduler"
+    assert ds.attrs["denoising_steps"] == 5 and ds.attrs["num_train_timesteps"] == 1000
+    assert list(ds["timestep"].values) == [751, 501, 501, 251, 1]
     assert (workdir / "logs/tiny-sd15/probe-test/generation/shard-001.log").exists()
 
     # Shard 1's last batch (samples 4, 5), regenerated through the same loading code, is
@@ -61,8 +66,7 @@ def test_tiny_generation_end_to_end(workdir):
 
     spec = ModelSpec.from_config("tiny-sd15", {
         "family": "sd15", "source": str(workdir / "results/models/tiny-sd15"),
-        "dtype": "float32", "steps": 4, "guidance_scale": 7.5, "resolution": 32,
-        "scheduler": "DDIMScheduler"})
+        "dtype": "float32", "steps": 4, "guidance_scale": 7.5, "resolution": 32})
     pipe = load_pipeline(spec, device="cpu")
     samples = plan_samples(["a photo of a person", "a portrait of a man"], 3, base_seed=0)[4:]
     images = generate_images(pipe, samples, SamplerSettings(4, 7.5, 32))
@@ -105,7 +109,26 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert (table["n_images"] == 40).all() and table["FD"].notna().all()
     assert np.isnan(table.loc["original", "CLIP-I"]) and table.loc["icm", "CLIP-I"] <= 1
     assert "toy features" in table.loc["icm", "FID_backend"]
-    assert table.loc["icm", "layers"].count(";") == 2 and table.loc["icm", "alpha"] == 6
+    assert table.loc["icm", "alpha"] == 6
+    # Each pair's direction steers the three best self-attention sites of its own probes.
+    by_pair = pd.read_csv(base / "ranking_by_pair.csv")
+    record = json.loads((base / "steer/icm/shard-000/steering.json").read_text())
+    assert record["sites_per"] == "pair" and set(record["sites"]) == set(by_pair["pair"])
+    for pair, sites in record["sites"].items():
+        own = by_pair[(by_pair["pair"] == pair) & (by_pair["kind"] == "attn1")]
+        assert sites == list(own.sort_values("rank")["site"][:3])
+    assert record["sites_by_target"]["green"] == record["sites"]["red-green"]
+    assert all(cell.count(";") >= 2 for cell in table.loc["icm", "layers"].split(" | "))
+    # Steering starts at the step the probes' timesteps give for 15 of 50: 6 of 20 here.
+    meta = json.loads((base / "probes/red-green/directions.json").read_text())
+    assert record["start_step"] == meta["start_step"] == 6
+    assert record["timesteps"] == meta["timesteps"] and len(meta["timesteps"]) == 20
+    # Evaluated on samples the probes never saw: a seed stream of its own.
+    generated = pd.read_csv(base / "generation/samples.csv")
+    for variant in table.index:
+        seeds = pd.concat([pd.read_csv(p) for p in (base / "steer" / variant).glob(
+            "shard-*/samples.csv")])["seed"]
+        assert not set(seeds) & set(generated["seed"]), variant
     assert (base / "grid.png").exists() and (base / "metrics.png").exists()
     # Same seeds everywhere: an unsteered batch (target red, which has no direction) is the
     # original image bit for bit; a steered one differs.
