@@ -49,7 +49,11 @@ def describe_store(path: str | Path) -> str:
         lines.append(f"prompt {i:<3} {prompt!r}")
     lines.append(f"samples    {len(samples)} (ids {samples.min()}..{samples.max()})")
     shown = ", ".join(f"{t:g}" for t in timesteps[:6]) + (", ..." if len(timesteps) > 6 else "")
-    lines.append(f"steps      {len(timesteps)} (timesteps {shown})")
+    requested = attrs.get("sampler", {}).get("steps")
+    scheduler = attrs.get("scheduler", {}).get("class", "")
+    loop = (f" loop steps of {requested} inference steps, {scheduler}"
+            if requested and requested != len(timesteps) else "")
+    lines.append(f"steps      {len(timesteps)}{loop} (timesteps {shown})")
     lines.append(f"sites      {len(sites)}  on disk {_size(_disk_size(path))}")
     width = max((len(s) for s in sites), default=4)
     lines.append(f"  {'site':<{width}}  {'kind':<5} {'shape':>16} {'dtype':>8} {'chunks':>16}")

@@ -198,12 +198,11 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
 
 def layers_text(sites: Mapping[str, Sequence[str]] | Sequence[str]) -> str:
     """The table's ``layers`` cell: ``;``-separated sites, per pair as ``pair: a;b | ...``
-    when pairs steer different sites."""
+    when pairs steer different sets of sites."""
     if not isinstance(sites, Mapping):
         return ";".join(sites)
-    distinct = {tuple(v) for v in sites.values()}
-    if len(distinct) == 1:
-        return ";".join(next(iter(distinct)))
+    if len({frozenset(v) for v in sites.values()}) == 1:
+        return ";".join(next(iter(sites.values())))
     return " | ".join(f"{pair}: {';'.join(v)}" for pair, v in sites.items())
 
 

@@ -104,7 +104,6 @@ def fit_probes_job(
         "concept": {k: concept[k] for k in ("prompts", "classes")},
         "timesteps": [float(t) for t in step_axis],
         "num_train_timesteps": train_timesteps,
-        "start_step": t0,
         "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc")}
                     for row in scores.to_dict("records")],
         "versions": package_versions(),
