@@ -86,7 +86,7 @@ def batch_target(classes: Sequence[str], probs: np.ndarray, seed: int, batch_ind
     return classes[min(int(np.searchsorted(edges, position, side="right")), len(classes) - 1)]
 
 
-def select_sites(ranking: pd.DataFrame, selection: str, k: int,
+def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
                  seed: int | Sequence[int] = 0) -> list[str]:
     """Sites a layer-selection variant steers, from a ranking (``ranking.csv`` or one pair's
     rows of ``ranking_by_pair.csv``). ``random`` draws from the self-attention sites in name
@@ -99,6 +99,8 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int,
         return []
     if selection == "all":
         return list(ranked["site"])
+    if k is None:
+        raise ValueError(f"selection {selection!r} needs k, the number of sites")
     if k > len(self_attention):
         raise ValueError(f"k={k} but the ranking has {len(self_attention)} self-attention sites")
     if selection == "top":
@@ -117,12 +119,16 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int,
     return list(cross["site"])
 
 
-def sites_per_pair(concept_ranking: pd.DataFrame, pair_ranking: pd.DataFrame | None,
-                   pairs: Sequence[str], selection: str, k: int, seed: int) -> dict[str, list[str]]:
+def sites_per_pair(concept_ranking: pd.DataFrame | None, pair_ranking: pd.DataFrame | None,
+                   pairs: Sequence[str], selection: str, k: int | None,
+                   seed: int) -> dict[str, list[str]]:
     """{pair name: sites its direction steers}. With ``pair_ranking`` (``ranking_by_pair.csv``)
     each pair selects from its own ranking and ``random`` draws per pair (seed, pair index);
-    without it every pair gets the concept ranking's selection."""
+    without it every pair gets the concept ranking's selection (``all`` needs only one of
+    the two: every site of either)."""
     if pair_ranking is None:
+        if concept_ranking is None:
+            raise ValueError("no ranking to select sites from")
         chosen = select_sites(concept_ranking, selection, k, seed)
         return {pair: list(chosen) for pair in pairs}
     out = {}

@@ -6,7 +6,6 @@ killed job leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -25,6 +24,7 @@ from icm.samples import Sample
 from icm.schedule import denoising_timesteps, train_timesteps
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
+from icm.tables import write_table
 
 SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
 
@@ -133,22 +133,8 @@ def generate_shard(
                 image.save(partial_images / image_name(sample))
                 rows.append({**sample.as_row(), "image": str(rel_images / image_name(sample))})
             bar.update(len(batch))
-    write_table(table_path, rows)
+    write_table(table_path, rows, SAMPLE_COLUMNS)
 
 
 def _relpath(path: Path, start: Path) -> str:
     return os.path.relpath(path.resolve(), start.resolve())
-
-
-def write_table(
-    path: str | Path, rows: Sequence[dict[str, object]], columns: Sequence[str] = SAMPLE_COLUMNS
-) -> None:
-    """Write a CSV table atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.rename(path)

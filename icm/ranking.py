@@ -63,10 +63,11 @@ def kind_summary(ranking: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def plot_heatmap(scores: pd.DataFrame, ranking: pd.DataFrame, path: str | Path,
+def plot_heatmap(scores: pd.DataFrame, ranking: pd.DataFrame | None, path: str | Path,
                  title: str = "") -> None:
     """Site x step test-accuracy heatmap (as the paper's figures 4 and 10), sites in
-    forward order, pairs averaged, the steering start marked."""
+    forward order, pairs averaged; with a ``ranking``, its steering start is marked and its
+    top three sites are in bold."""
     grid = scores.pivot_table(index="site", columns="step", values="test_acc", aggfunc="mean",
                               sort=False)
     order = list(dict.fromkeys(scores["site"]))
@@ -75,8 +76,11 @@ def plot_heatmap(scores: pd.DataFrame, ranking: pd.DataFrame, path: str | Path,
     image = ax.imshow(grid.values, aspect="auto", cmap="viridis", vmin=0.5, vmax=1.0)
     ax.set_yticks(range(len(grid)), [_short(s) for s in grid.index], fontsize=7)
     ax.set_xlabel("denoising step")
-    ax.axvline(ranking["from_step"].iloc[0] - 0.5, color="white", linestyle="--", linewidth=1)
-    top = set(ranking.head(3)["site"])
+    top = set()
+    if ranking is not None:
+        ax.axvline(ranking["from_step"].iloc[0] - 0.5, color="white", linestyle="--",
+                   linewidth=1)
+        top = set(ranking.head(3)["site"])
     for label in ax.get_yticklabels():
         if any(_short(s) == label.get_text() for s in top):
             label.set_fontweight("bold")

@@ -1,9 +1,28 @@
 # Helpers shared by the rules: config lookups by wildcard. No rules here.
+#
+# What reruns a job (Snakemake's rerun triggers, docs/workflow.md): its inputs (every local
+# file it reads: model files, checkpoints, reference images), its params (only the config it
+# uses, never resources), its script and, through the `code` param, the icm library code
+# its job function runs (icm.tracking).
 import re
 from pathlib import Path
 
+from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
+
 MODELS = config["models"]
 CONCEPTS = config["concepts"]
+
+
+def job_code(function):
+    """Param: fingerprint of the icm code job function `function` runs, so that editing that
+    code (and no other) reruns the rule's jobs."""
+    return code_fingerprint(function)
+
+
+def model_params(wildcards):
+    """The model's settings a job reads: everything but `resources`, which are the
+    scheduler's business (raising a time limit must not regenerate anything)."""
+    return {k: v for k, v in MODELS[wildcards.model].items() if k != "resources"}
 
 
 wildcard_constraints:
@@ -24,11 +43,23 @@ def model_source(name):
 
 
 def model_input(wildcards):
-    """A job depends on the model folder when it lives in this workflow (built by a rule, or
-    trained and committed under resources/), so that rebuilding it regenerates; hub ids and
-    folders outside the workflow are loaded as they are."""
+    """A model built by a rule is its output folder; a local model folder (committed under
+    resources/ or the user's own) is every file in it, weights and configs, so replacing one
+    reruns what used it. A hub id is a param, loaded from the cache as it is."""
+    if MODELS[wildcards.model]["builder"]:
+        return built_model_dir(wildcards.model)
     source = model_source(wildcards.model)
-    return source if Path(source).parts[0] in ("results", "resources") else []
+    files = local_files(source)
+    if not files and Path(source).parts[0] == "resources":
+        return source  # missing: Snakemake names the path before any job runs
+    return files
+
+
+def labeler_files(spec):
+    """Local checkpoint files a labeler config names (FairFace weights, a CLIP file)."""
+    if not spec:
+        return []
+    return local_files(spec.get("weights")) + local_files(spec.get("pretrained"))
 
 
 def concept_params(*keys):
@@ -67,6 +98,19 @@ def gpu_resources(wildcards):
     return MODELS[wildcards.model]["resources"]["gpu"]
 
 
+def partition(gpus):
+    """The SLURM partition of a job with `gpus` GPUs (`cluster` in config.yaml)."""
+    return config["cluster"]["gpu_partition" if gpus else "cpu_partition"]
+
+
+def model_partition(wildcards):
+    return partition(gpu_resources(wildcards))
+
+
+def model_threads(wildcards):
+    return MODELS[wildcards.model]["resources"]["threads"]
+
+
 def mem_resources(wildcards):
     return MODELS[wildcards.model]["resources"]["mem_mb"]
 
@@ -82,6 +126,22 @@ def concept_pairs(concept):
     if spec.get("pairs"):
         return [tuple(p) for p in spec["pairs"]]
     return [(spec["classes"][0], other) for other in spec["classes"][1:]]
+
+
+def check_pair_names():
+    """Pair names join classes with '-' (paths, wildcards): refuse two pairs of one name."""
+    for concept in CONCEPTS:
+        seen = {}
+        for negative, positive in concept_pairs(concept):
+            name = f"{negative}-{positive}"
+            if name in seen and seen[name] != (negative, positive):
+                raise ValueError(
+                    f"concept {concept}: pairs {list(seen[name])} and {[negative, positive]} "
+                    f"are both named {name!r}; rename the classes so that '-' is not ambiguous")
+            seen[name] = (negative, positive)
+
+
+check_pair_names()
 
 
 def pair_names(concept):
@@ -109,31 +169,54 @@ def labeler_gpu(wildcards):
     return gpu_resources(wildcards)
 
 
+def labeler_partition(wildcards):
+    return partition(labeler_gpu(wildcards))
+
+
 # -- steering and evaluation (stages 4-5) ----------------------------------------------
 
 VARIANTS = config["steering"]["variants"]
 
 
 def variant_spec(wildcards):
-    """The resolved variant: its site selection and this concept's alpha for it. Only this
-    variant's alpha is in its params, so editing another variant's alpha reruns nothing here."""
+    """The resolved variant, holding only what its selection uses: this concept's alpha for
+    it (editing another variant's alpha reruns nothing here), `k` where a number of sites is
+    chosen, `sites_per` where sites are selected. The original (`none`) steers nothing."""
     variant = VARIANTS[wildcards.variant]
     alphas = CONCEPTS[wildcards.concept]["steering"]["alpha"]
-    return {
-        "sites": variant["sites"],
-        "alpha": float(alphas.get(wildcards.variant, variant["alpha"])),
-        "k": config["steering"]["k"],
-        "seed": config["steering"]["seed"],
-        "sites_per": config["steering"]["sites_per"],
-    }
+    spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
+    if variant["sites"] == "none":
+        return {**spec, "alpha": 0.0}
+    spec["alpha"] = float(alphas.get(wildcards.variant, variant["alpha"]))
+    if variant["sites"] != "all":
+        spec["k"] = config["steering"]["k"]
+        spec["sites_per"] = config["steering"]["sites_per"]
+    return spec
 
 
-def steer_rankings(wildcards):
-    """The concept ranking, and the per-pair one when each pair selects its own sites."""
+def steer_start(wildcards):
+    """`probes.steer_start_of_50` for the variants that steer; the original never starts."""
+    if VARIANTS[wildcards.variant]["sites"] == "none":
+        return None
+    return config["probes"]["steer_start_of_50"]
+
+
+def steer_inputs(wildcards):
+    """What a variant reads of the probes: nothing for the original; the directions, their
+    step axis and the ranking (per pair unless `steering.sites_per: concept`) otherwise."""
+    if VARIANTS[wildcards.variant]["sites"] == "none":
+        return {}
     base = f"results/{wildcards.model}/{wildcards.concept}"
-    inputs = {"ranking": f"{base}/ranking.csv"}
-    if config["steering"]["sites_per"] == "pair":
+    names = pair_names(wildcards.concept)
+    inputs = {
+        "directions": [f"{base}/probes/{p}/directions.safetensors" for p in names],
+        "directions_meta": [f"{base}/probes/{p}/directions.json" for p in names],
+    }
+    selects = VARIANTS[wildcards.variant]["sites"] != "all"
+    if selects and config["steering"]["sites_per"] == "pair":
         inputs["pair_ranking"] = f"{base}/ranking_by_pair.csv"
+    else:
+        inputs["ranking"] = f"{base}/ranking.csv"
     return inputs
 
 
@@ -173,15 +256,35 @@ def steer_files(name, variant="{variant}"):
 
 
 def metric_inputs(wildcards):
+    """Images and tables of the variant (and of the original, for CLIP-I), and every local
+    file the metrics read: labeler and CLIP checkpoints, the FID reference, the toy
+    feature net and its sidecar."""
+    concept = CONCEPTS[wildcards.concept]
     inputs = {
         "steered": steer_files("samples.csv")(wildcards),
         "images": steer_files("images")(wildcards),
+        "checkpoints": labeler_files(concept["evaluation"]["labeler"] or concept["labeler"]),
     }
     if ORIGINAL and wildcards.variant != ORIGINAL:
         inputs["original"] = steer_files("samples.csv", ORIGINAL)(wildcards)
-    reference = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"]
-    if reference and not reference.startswith("stats:"):
-        inputs["reference"] = fid_reference(wildcards)
+    reference = concept["evaluation"]["fid_reference"]
+    if reference == "toy-world":
+        inputs["reference"] = fid_reference(wildcards)  # rendered by render_reference
+    elif reference and reference.startswith("stats:"):
+        stats = clean_fid_stats_file(fid_reference(wildcards))
+        inputs["reference"] = local_files(stats)
+    elif reference:
+        inputs["reference"] = local_files(reference) or reference
     if is_toy(wildcards):
-        inputs["toy_features"] = config["toy"]["features"]["path"]
+        weights = config["toy"]["features"]["path"]
+        inputs["toy_features"] = weights
+        inputs["toy_features_sidecar"] = str(Path(weights).with_suffix(".json"))
+    else:
+        inputs["checkpoints"] += local_files(config["evaluation"]["clip_pretrained"])
     return inputs
+
+
+def metric_settings(wildcards):
+    """The evaluation settings a metrics job uses (not the grid's layout)."""
+    keys = ("clip_model", "clip_pretrained", "clip_checkpoint_tag", "device")
+    return {key: config["evaluation"][key] for key in keys}

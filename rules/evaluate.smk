@@ -11,6 +11,7 @@ rule render_reference:
         concept=concept_params("classes", "labeler", "reference"),
         n=1000,
         seed=12345,
+        code=job_code("render_reference_job"),
     localrule: True
     conda:
         "../envs/generation.yaml"
@@ -28,12 +29,15 @@ rule compute_metrics:
     params:
         toy=is_toy,
         concept=concept_params("classes", "prompts", "labeler", "evaluation", "reference"),
-        evaluation=config["evaluation"],
+        evaluation=metric_settings,
         fid_reference=fid_reference,
+        code=job_code("compute_metrics_job"),
     wildcard_constraints:
         variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+    threads: model_threads
     resources:
         gpu=labeler_gpu,
+        slurm_partition=labeler_partition,
     conda:
         "../envs/generation.yaml"
     script:
@@ -57,6 +61,8 @@ rule collect_table:
         ),
     log:
         "logs/{model}/{concept}/table.log",
+    params:
+        code=job_code("collect_table_job"),
     localrule: True
     conda:
         "../envs/generation.yaml"
@@ -81,6 +87,7 @@ rule plot_grid:
         "logs/{model}/{concept}/grid.log",
     params:
         columns=config["evaluation"]["grid_columns"],
+        code=job_code("plot_grid_job"),
     localrule: True
     conda:
         "../envs/generation.yaml"

@@ -13,14 +13,17 @@ rule generate_images:
     log:
         "logs/{model}/{concept}/generation/shard-{shard}.log",
     params:
-        model=lambda wildcards: MODELS[wildcards.model],
+        model=model_params,
         source=lambda wildcards: model_source(wildcards.model),
         concept=concept_params("prompts", "samples_per_prompt"),
         generation=config["generation"],
+        code=job_code("generate_shard_job"),
+    threads: model_threads
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
         runtime=runtime_resources,
+        slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"
     script:
@@ -34,6 +37,8 @@ rule merge_samples:
         "results/{model}/{concept}/generation/samples.csv",
     log:
         "logs/{model}/{concept}/generation/samples.log",
+    params:
+        code=job_code("merge_samples_job"),
     localrule: True
     conda:
         "../envs/generation.yaml"

@@ -6,6 +6,7 @@ rule label_images:
     input:
         samples="results/{model}/{concept}/generation/samples.csv",
         images=shard_files("results/{model}/{concept}/generation/shard-{shard}/images"),
+        checkpoints=lambda wildcards: labeler_files(CONCEPTS[wildcards.concept]["labeler"]),
     output:
         labels="results/{model}/{concept}/labels.csv",
         sidecar="results/{model}/{concept}/labels.json",
@@ -13,8 +14,11 @@ rule label_images:
         "logs/{model}/{concept}/labels.log",
     params:
         concept=concept_params("labeler", "classes"),
+        code=job_code("label_images_job"),
+    threads: model_threads
     resources:
         gpu=labeler_gpu,
+        slurm_partition=labeler_partition,
     conda:
         "../envs/generation.yaml"
     script:

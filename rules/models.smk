@@ -9,6 +9,9 @@ rule build_model:
         "logs/models/{built_model}.log",
     params:
         builder=lambda wildcards: MODELS[wildcards.built_model]["builder"],
+        code=job_code("build_model_job"),
+    resources:
+        slurm_partition=partition(0),
     wildcard_constraints:
         built_model="|".join(re.escape(m) for m, c in MODELS.items() if c["builder"])
         or "NO_BUILT_MODELS",

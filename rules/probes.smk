@@ -19,9 +19,12 @@ rule fit_probes:
     params:
         concept=concept_params("prompts", "classes"),
         pair=pair_of,
-        probes=config["probes"],
+        probes={k: v for k, v in config["probes"].items() if k != "steer_start_of_50"},
+        code=job_code("fit_probes_job"),
+    threads: model_threads
     resources:
         gpu=gpu_resources,
+        slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"
     script:
@@ -43,7 +46,8 @@ rule rank_sites:
     log:
         "logs/{model}/{concept}/ranking.log",
     params:
-        probes=config["probes"],
+        probes={"steer_start_of_50": config["probes"]["steer_start_of_50"]},
+        code=job_code("rank_sites_job"),
     localrule: True
     conda:
         "../envs/generation.yaml"

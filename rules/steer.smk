@@ -5,10 +5,8 @@
 
 rule steer_images:
     input:
-        unpack(steer_rankings),
+        unpack(steer_inputs),
         model=model_input,
-        directions=pair_files("results/{model}/{concept}/probes/{pair}/directions.safetensors"),
-        directions_meta=pair_files("results/{model}/{concept}/probes/{pair}/directions.json"),
     output:
         images=directory("results/{model}/{concept}/steer/{variant}/shard-{shard}/images"),
         samples="results/{model}/{concept}/steer/{variant}/shard-{shard}/samples.csv",
@@ -16,18 +14,21 @@ rule steer_images:
     log:
         "logs/{model}/{concept}/steer/{variant}/shard-{shard}.log",
     params:
-        model=lambda wildcards: MODELS[wildcards.model],
+        model=model_params,
         source=lambda wildcards: model_source(wildcards.model),
         concept=steer_concept,
-        generation=config["generation"],
-        probes=config["probes"],
+        generation={k: config["generation"][k] for k in ("base_seed", "device")},
+        start_of_50=steer_start,
         variant=variant_spec,
+        code=job_code("steer_shard_job"),
     wildcard_constraints:
         variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+    threads: model_threads
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
         runtime=runtime_resources,
+        slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"
     script:

@@ -14,10 +14,12 @@ rule train_toy_model:
     params:
         world=config["toy"]["world"],
         train=config["toy"]["train"],
+        code=job_code("train_toy_job"),
     threads: 2
     resources:
         mem_mb=8000,
         runtime=90,
+        slurm_partition=partition(0),
     conda:
         "../envs/generation.yaml"
     script:
@@ -33,10 +35,12 @@ rule train_toy_features:
     params:
         world=config["toy"]["world"],
         features=config["toy"]["features"],
+        code=job_code("train_toy_features_job"),
     threads: 2
     resources:
         mem_mb=4000,
         runtime=30,
+        slurm_partition=partition(0),
     conda:
         "../envs/generation.yaml"
     script:
@@ -45,16 +49,21 @@ rule train_toy_features:
 
 rule measure_toy_quality:
     input:
-        TOY_MODEL,
+        model=TOY_MODEL,
+        files=local_files(TOY_MODEL),  # a replaced weight or config file reruns it
     output:
         json="results/toy/quality.json",
         markdown="results/toy/quality.md",
     log:
         "logs/toy/quality.log",
     params:
-        model=MODELS.get("toy"),
+        model={k: v for k, v in MODELS["toy"].items() if k != "resources"} if "toy" in MODELS
+        else None,
         n_per_prompt=64,
+        code=job_code("toy_quality_job"),
     threads: 2
+    resources:
+        slurm_partition=partition(0),
     conda:
         "../envs/generation.yaml"
     script:

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from icm.generate import write_table
 from icm.jobs.evaluation import collect_table_job, compute_metrics_job, plot_grid_job
 from icm.jobs.steering import STEER_COLUMNS
+from icm.tables import write_table
 
 CLIP = {"type": "clip", "model": "ViT-S-32-alt", "pretrained": None, "prompts": None}
 

@@ -62,7 +62,7 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     (workdir / "profiles/test/config.yaml").write_text(yaml.safe_dump(profile))
     gpus = tmp_path / "gpus.yaml"  # make generation, steering and probes ask for a GPU
     gpus.write_text("models: {toy: {resources: {gpu: 1, mem_mb: 3000, runtime: 30}}}\n")
-    env = {**cluster, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**cluster, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/test",
          "--configfile", str(TEST_CONFIG), str(gpus), "--", "results/toy/color/table.csv"],
@@ -91,3 +91,5 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
             assert "Partition=gpu" in record and "TresPerJob=gres:gpu:1" in record, record
     # The oracle labeler needs no GPU: the job asks for none (toy: labeler_gpu is 0).
     assert by_rule["label_images"] and not any("gres:gpu" in r for r in by_rule["label_images"])
+    # ... and, holding no GPU, it runs on the CPU partition (cluster.cpu_partition).
+    assert all("Partition=cpu" in r for r in by_rule["label_images"])

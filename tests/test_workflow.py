@@ -121,7 +121,7 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert all(cell.count(";") >= 2 for cell in table.loc["icm", "layers"].split(" | "))
     # Steering starts at the step the probes' timesteps give for 15 of 50: 6 of 20 here.
     meta = json.loads((base / "probes/red-green/directions.json").read_text())
-    assert record["start_step"] == 6 and meta["timesteps"][6] == 699 < 700 < meta["timesteps"][5]
+    assert record["start_step"] == 6 and meta["timesteps"][5:7] == [749, 699]  # 700: 15 of 50
     assert record["timesteps"] == meta["timesteps"] and len(meta["timesteps"]) == 20
     # Evaluated on samples the probes never saw: a seed stream of its own.
     generated = pd.read_csv(base / "generation/samples.csv")
@@ -153,6 +153,64 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert jobs == {"steer_images": 1, "compute_metrics": 1, "plot_grid": 1,
                     "collect_table": 1, "total": 4}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
+    check_what_reruns(workdir, tmp_path)
+
+
+def check_what_reruns(workdir, tmp_path):
+    """On the finished toy table, each edit plans exactly the jobs whose result it changes."""
+    target = "results/toy/color/table.csv"
+
+    def plan(overlay: str = "") -> dict[str, int]:
+        extra = []
+        if overlay:
+            (tmp_path / "overlay.yaml").write_text(overlay)
+            extra = [str(tmp_path / "overlay.yaml")]
+        result = snakemake(workdir, "--configfile", str(TEST_CONFIG), *extra, "--cores", "2",
+                           "-n", "--", target)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return job_counts(result.stdout + result.stderr)
+
+    def edit(path, old, new):
+        text = path.read_text()
+        path.write_text(text.replace(old, new, 1))
+        return text
+
+    # Resources are the scheduler's business; the grid's columns only the grid's.
+    assert plan("models: {toy: {resources: {runtime: 99, mem_mb: 5000, threads: 1}}}\n") == {}
+    assert plan("evaluation: {grid_columns: 4}\n") == {"plot_grid": 1, "collect_table": 1,
+                                                        "total": 2}
+    # The start of 50 is the ranking's and steering's, not the probes'.
+    start = plan("probes: {steer_start_of_50: 20}\n")
+    assert start.get("fit_probes") is None and start["rank_sites"] == 1
+    assert start["steer_images"] == 5 and start["compute_metrics"] == 5  # not the original
+    # The original steers nothing: an alpha on it is no setting of its.
+    assert plan("steering: {variants: {original: {alpha: 3}}}\n") == {}
+    # k: only the variants that choose k sites (not the original, not all).
+    assert plan("steering: {k: 2}\n") == {"steer_images": 4, "compute_metrics": 4,
+                                           "plot_grid": 1, "collect_table": 1, "total": 10}
+    # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
+    metrics = workdir / "icm/metrics.py"
+    original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
+    assert plan() == {"compute_metrics": 6, "collect_table": 1, "total": 7}
+    metrics.write_text(original.replace('"""Evaluation metrics', '"""Metrics of evaluation', 1))
+    assert plan() == {}
+    hooks = workdir / "icm/hooks.py"
+    original = edit(hooks, "class DoubleHookError", "_EDITED = 1\n\n\nclass DoubleHookError")
+    hooked = plan()
+    assert hooked["generate_images"] == 1 and hooked["steer_images"] == 6
+    hooks.write_text(original)
+    assert plan() == {}
+    # Local files: the feature net's sidecar, a replaced weight file of the model folder.
+    # Snakemake compares files under 1 MB by content, larger ones by modification time.
+    sidecar = workdir / "resources/models/toy-features.json"
+    os.utime(sidecar)
+    assert plan() == {}  # touched, same content
+    sidecar.write_text(sidecar.read_text() + "\n")
+    assert plan() == {"compute_metrics": 6, "collect_table": 1, "total": 7}
+    weights = workdir / "resources/models/toy/unet/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # an in-place write, as `git checkout` does
+    replaced = plan()
+    assert replaced["generate_images"] == 1 and replaced["steer_images"] == 6
 
 
 @pytest.mark.slow
@@ -188,7 +246,8 @@ def test_a_killed_shard_leaves_nothing_complete_and_only_it_is_redone(workdir, t
     run = subprocess.Popen(
         [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), str(more),
          "--cores", "1", target],
-        cwd=workdir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        cwd=workdir, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                          "PYTHONPATH": str(workdir)},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -218,3 +277,48 @@ def test_a_killed_shard_leaves_nothing_complete_and_only_it_is_redone(workdir, t
     assert f"shard={killed}" in rerun.stdout + rerun.stderr
     assert finished.stat().st_mtime_ns == before
     assert (base / f"shard-{killed}/samples.csv").exists() and (base / "samples.csv").exists()
+
+
+def planned_inputs(output: str, rule: str) -> list[str]:
+    """The inputs a dry run lists for the first job of ``rule``."""
+    block = output.split(f"rule {rule}:")[1]
+    line = next(row for row in block.splitlines() if row.strip().startswith("input:"))
+    return [part.strip() for part in line.split("input:", 1)[1].split(",")]
+
+
+def test_checkpoints_and_reference_images_named_in_the_config_are_inputs(workdir, tmp_path):
+    """Local files the jobs read are inputs (a replaced one reruns its dependants); hub ids
+    and tags stay params."""
+    fairface = tmp_path / "res34_fair_align_multi_7_20190809.pt"
+    clip = tmp_path / "open_clip_model.safetensors"
+    reference = tmp_path / "ffhq"
+    reference.mkdir()
+    for path in (fairface, clip, reference / "a.png", reference / "b.png"):
+        path.write_bytes(b"0")
+    overlay = tmp_path / "files.yaml"
+    overlay.write_text(
+        "concepts:\n  gender:\n"
+        f"    labeler: {{type: fairface, attribute: gender, weights: {fairface}}}\n"
+        f"    evaluation: {{fid_reference: {reference}}}\n"
+        f"evaluation: {{clip_pretrained: {clip}, clip_checkpoint_tag: openai}}\n")
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
+                       "results/sd15/gender/metrics/icm.json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert str(fairface) in planned_inputs(out, "label_images")
+    metrics = planned_inputs(out, "compute_metrics")
+    assert {str(fairface), str(clip), str(reference / "a.png"), str(reference / "b.png")} \
+        <= set(metrics)
+    # Resources are not params: the sd15 jobs carry no runtime among them (checked above on
+    # finished results); the partitions follow the GPU count.
+    assert "slurm_partition=gpu" in out.split("rule generate_images:")[1].split("rule ")[0]
+
+
+def test_pair_names_that_collide_are_refused_at_start(workdir, tmp_path):
+    overlay = tmp_path / "pairs.yaml"
+    overlay.write_text("concepts:\n  clash:\n    prompts: [a shape]\n"
+                       "    classes: [a, a-b, b-c, c]\n    pairs: [[a, b-c], [a-b, c]]\n")
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
+                       "results/toy/color/labels.csv")
+    assert result.returncode != 0
+    assert "['a', 'b-c'] and ['a-b', 'c'] are both named 'a-b-c'" in result.stdout + result.stderr

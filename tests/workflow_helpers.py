@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The library is copied too, and runs from the copy (PYTHONPATH), so that a test can edit it.
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
-                  "resources", "docs/report"]
+                  "resources", "docs/report", "icm"]
 TEST_CONFIG = ROOT / "tests" / "data" / "tiny-workflow.yaml"
 
 
@@ -19,13 +20,16 @@ def copy_workflow(tmp_path: Path) -> Path:
     for name in WORKFLOW_FILES:
         source, target = ROOT / name, tmp_path / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if source.is_dir() else shutil.copy
-        copy(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
     return tmp_path
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(workdir)}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), *args],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
@@ -33,7 +37,10 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a Snakemake run or dry run: rule -> number of jobs."""
+    """The "Job stats" table of a Snakemake run or dry run: rule -> number of jobs ({} when
+    there is nothing to be done)."""
+    if "Job stats:" not in output and "Nothing to be done" in output:
+        return {}
     table = output.split("Job stats:")[1].split("\n\n")[0]
     rows = [line.split() for line in table.splitlines()]
     return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[1].isdigit()}

@@ -1,8 +1,9 @@
 """Snakemake adapter for rule compute_metrics."""
 
-from icm.jobs import compute_metrics_job, logging_to
+from icm.jobs import compute_metrics_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+use_threads(sm.threads)
 with logging_to(sm.log[0]):
     compute_metrics_job(
         toy=sm.params.toy,

@@ -1,8 +1,9 @@
 """Snakemake adapter for rule fit_probes."""
 
-from icm.jobs import fit_probes_job, logging_to
+from icm.jobs import fit_probes_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+use_threads(sm.threads)
 with logging_to(sm.log[0]):
     fit_probes_job(sm.params.concept, sm.params.probes, sm.params.pair, sm.input.labels,
                    list(sm.input.stores), sm.output.scores, sm.output.directions,

@@ -1,8 +1,9 @@
 """Snakemake adapter for rule generate_images."""
 
-from icm.jobs import generate_shard_job, logging_to
+from icm.jobs import generate_shard_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+use_threads(sm.threads)
 with logging_to(sm.log[0]):
     generate_shard_job(
         model_name=sm.wildcards.model,

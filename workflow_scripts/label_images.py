@@ -1,7 +1,8 @@
 """Snakemake adapter for rule label_images."""
 
-from icm.jobs import label_images_job, logging_to
+from icm.jobs import label_images_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+use_threads(sm.threads)
 with logging_to(sm.log[0]):
     label_images_job(sm.params.concept, sm.input.samples, sm.output.labels, sm.output.sidecar)

@@ -4,5 +4,5 @@ from icm.jobs import logging_to, toy_quality_job
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logging_to(sm.log[0]):
-    toy_quality_job("toy", sm.params.model, sm.input[0], sm.output.json, sm.output.markdown,
+    toy_quality_job("toy", sm.params.model, sm.input.model, sm.output.json, sm.output.markdown,
                     n_per_prompt=sm.params.n_per_prompt, threads=sm.threads)

@@ -1,8 +1,9 @@
 """Snakemake adapter for rule steer_images."""
 
-from icm.jobs import logging_to, steer_shard_job
+from icm.jobs import logging_to, steer_shard_job, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
+use_threads(sm.threads)
 with logging_to(sm.log[0]):
     steer_shard_job(
         model_name=sm.wildcards.model,
@@ -11,14 +12,14 @@ with logging_to(sm.log[0]):
         concept_name=sm.wildcards.concept,
         concept=sm.params.concept,
         generation=sm.params.generation,
-        probes=sm.params.probes,
+        probes={"steer_start_of_50": sm.params.start_of_50},
         variant_name=sm.wildcards.variant,
         variant=sm.params.variant,
         shard=int(sm.wildcards.shard),
-        ranking=sm.input.ranking,
+        ranking=sm.input.get("ranking"),
         pair_ranking=sm.input.get("pair_ranking"),
-        directions=list(sm.input.directions),
-        directions_meta=list(sm.input.directions_meta),
+        directions=list(sm.input.get("directions", [])),
+        directions_meta=list(sm.input.get("directions_meta", [])),
         images_dir=sm.output.images,
         table=sm.output.samples,
         record=sm.output.record,

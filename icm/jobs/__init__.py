@@ -34,7 +34,16 @@ __all__ = [
     "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
     "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
     "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
+    "use_threads",
 ]
+
+
+def use_threads(threads: int) -> None:
+    """Let torch use the CPU threads Snakemake gave the job (its ``threads:``, which the
+    SLURM profile turns into --cpus-per-task), no more and no fewer."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
 
 
 @contextlib.contextmanager

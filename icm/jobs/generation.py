@@ -10,9 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icm.generate import SAMPLE_COLUMNS, SamplerSettings, generate_shard, write_table
+from icm.generate import SAMPLE_COLUMNS, SamplerSettings, generate_shard
 from icm.models import ModelSpec, load_pipeline, save_tiny_sd15
 from icm.samples import SEED_RULE, Sample, plan_samples, shard_samples
+from icm.tables import write_table
 
 log = logging.getLogger("icm")
 

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icm.generate import write_table
 from icm.jobs.records import write_json
 from icm.models.loading import resolve_device
+from icm.tables import write_table
 
 log = logging.getLogger("icm")
 
@@ -55,7 +55,7 @@ def fit_probes_job(
 
     from icm.probes import Pair, fit_pair
     from icm.provenance import package_versions
-    from icm.ranking import plot_heatmap, rank_sites, scores_start_step
+    from icm.ranking import plot_heatmap
     from icm.sites import site_kind
     from icm.store import open_store, read_sites, site_widths
 
@@ -93,7 +93,6 @@ def fit_probes_job(
     write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
     save_file({s: directions[s] for s in order}, str(output_directions),
               metadata={"pair": target.name, "positive": target.positive})
-    t0 = scores_start_step(scores, probes["steer_start_of_50"])
     step_axis = scores.groupby("step", sort=True)["timestep"].first()
     write_json(output_meta, {
         "format": "icm-directions/1",
@@ -108,7 +107,9 @@ def fit_probes_job(
                     for row in scores.to_dict("records")],
         "versions": package_versions(),
     })
-    plot_heatmap(scores, rank_sites(scores, t0), output_heatmap,
+    # No steering start here: it is the ranking's business (rank_sites), so that changing
+    # it does not refit the probes.
+    plot_heatmap(scores, None, output_heatmap,
                  title=f"probe test accuracy, {target.negative} vs {target.positive}")
 
 

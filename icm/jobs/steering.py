@@ -22,7 +22,6 @@ from icm.generate import (
     batches,
     generate_images,
     image_name,
-    write_table,
 )
 from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
@@ -32,6 +31,7 @@ from icm.provenance import package_versions
 from icm.samples import shard_samples
 from icm.schedule import denoising_timesteps, same_timesteps, start_step
 from icm.steering import steer_activations
+from icm.tables import write_table
 
 log = logging.getLogger("icm")
 
@@ -74,7 +74,7 @@ def steer_shard_job(
     variant_name: str,
     variant: Mapping[str, Any],
     shard: int,
-    ranking: str | Path,
+    ranking: str | Path | None,
     pair_ranking: str | Path | None,
     directions: Sequence[str | Path],
     directions_meta: Sequence[str | Path],
@@ -85,7 +85,8 @@ def steer_shard_job(
     """Generate one shard of a variant: each batch gets a target class; if the class has a
     direction and the variant sites and a non-zero alpha, the batch is steered toward it.
 
-    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``k``, ``seed``;
+    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``seed``, and ``k`` where the
+    selection uses it; the original (``sites: none``) needs no ranking and no directions;
     ``directions`` and ``directions_meta`` are the probes' safetensors and JSON files in the
     order of ``concept["pairs"]``; ``pair_ranking`` (``ranking_by_pair.csv``) selects sites
     per pair, None selects them once from ``ranking``. The samples are the evaluation seed
@@ -97,14 +98,18 @@ def steer_shard_job(
     classes = list(concept["classes"])
     pairs = [tuple(p) for p in concept["pairs"]]
     names = [Pair(*p).name for p in pairs]
-    sites = sites_per_pair(pd.read_csv(ranking),
-                           pd.read_csv(pair_ranking) if pair_ranking else None,
-                           names, variant["sites"], variant["k"], variant["seed"])
     pushes = class_pushes(classes, pairs)
     probs = target_probabilities(classes, concept["steering"]["target_probs"])
-    vectors = load_directions(pairs, directions, sites)
-    timesteps, train_timesteps = probe_step_axis(directions_meta)
-    start = start_step(timesteps, train_timesteps, probes["steer_start_of_50"])
+    unsteered = variant["sites"] == "none"  # the original model reads no probe output
+    sites = {n: [] for n in names} if unsteered else sites_per_pair(
+        pd.read_csv(ranking) if ranking else None,
+        pd.read_csv(pair_ranking) if pair_ranking else None,
+        names, variant["sites"], variant.get("k"), variant["seed"])
+    vectors = {} if unsteered else load_directions(pairs, directions, sites)
+    timesteps, start = None, None
+    if not unsteered:
+        timesteps, train_timesteps = probe_step_axis(directions_meta)
+        start = start_step(timesteps, train_timesteps, probes["steer_start_of_50"])
     for pair, per_site in vectors.items():
         for site, v in per_site.items():
             if v.shape[0] != len(timesteps):
@@ -116,12 +121,12 @@ def steer_shard_job(
                               prompts=prompts)
     batch_size = concept["steering"].get("batch_size") or model["batch_size"]
     mine = shard_samples(samples, model["n_shards"], shard, batch_size)
-    log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %d (timestep %g) at %s",
+    log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %s at %s",
              model_name, concept_name, variant_name, shard, len(mine), variant["alpha"], start,
-             timesteps[start], sites)
+             sites)
     pipe = load_pipeline(spec, device=generation["device"])
     planned = denoising_timesteps(pipe.scheduler, spec.steps)
-    if not same_timesteps(planned, timesteps):
+    if timesteps is not None and not same_timesteps(planned, timesteps):
         raise ValueError(
             f"{type(pipe.scheduler).__name__} with {spec.steps} steps runs {len(planned)} "
             f"steps at timesteps {planned.round(1).tolist()}, but the probes were fitted at "
@@ -140,6 +145,7 @@ def steer_shard_job(
                                   concept["steering"]["target_draw"])
             push = pushes[target]
             steered = bool(push is not None and sites[push.pair] and variant["alpha"] != 0)
+            assert not steered or timesteps is not None
             if steered:
                 assert push is not None
                 chosen = {s: push.sign * vectors[push.pair][s] for s in sites[push.pair]}
@@ -160,16 +166,16 @@ def steer_shard_job(
         "concept": concept_name,
         "variant": variant_name,
         "selection": variant["sites"],
-        "sites_per": "pair" if pair_ranking else "concept",
+        "sites_per": None if unsteered else "pair" if pair_ranking else "concept",
         "sites": sites,
         "sites_by_target": {c: [] if p is None else sites[p.pair] for c, p in pushes.items()},
         "alpha": variant["alpha"],
-        "k": variant["k"],
+        "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],
         "start_step": start,
-        "start_timestep": float(timesteps[start]),
-        "timesteps": timesteps.tolist(),
+        "start_timestep": None if start is None else float(timesteps[start]),
+        "timesteps": planned.tolist(),
         "pushes": {c: None if p is None else {"pair": p.pair, "sign": p.sign}
                    for c, p in pushes.items()},
         "target_draw": concept["steering"]["target_draw"],

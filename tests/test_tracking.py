@@ -1,0 +1,121 @@
+"""The cache tells the truth: a job's code fingerprint covers exactly the icm code it runs."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from icm.tracking import ROOT, code_fingerprint, job_modules, local_files
+
+RULES = Path(__file__).resolve().parents[1] / "rules"
+SCRIPTS = RULES.parent / "workflow_scripts"
+
+
+def jobs(root: Path = ROOT) -> list[str]:
+    """Every job function icm.jobs re-exports."""
+    tree = ast.parse((root / "jobs" / "__init__.py").read_text())
+    return [a.name for node in tree.body if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("icm.jobs.") for a in node.names
+            if a.name.endswith("_job")]
+
+
+def test_each_job_runs_the_modules_it_imports_and_no_others():
+    modules = {job: set(job_modules(job)) for job in jobs()}
+    assert "icm.probes" in modules["fit_probes_job"]
+    assert "icm.metrics" in modules["compute_metrics_job"]
+    assert "icm.metrics" not in modules["generate_shard_job"] | modules["fit_probes_job"]
+    assert {"icm.hooks", "icm.capture"} <= modules["generate_shard_job"]
+    assert {"icm.hooks", "icm.steering", "icm.debias"} <= modules["steer_shard_job"]
+    # Another job of the same module does not count: labels are not the probes' code.
+    assert "icm.labels" in modules["label_images_job"]
+    assert "icm.labels" not in modules["fit_probes_job"]
+    assert "icm.probes" not in modules["compute_metrics_job"]
+
+
+@pytest.fixture()
+def library(tmp_path):
+    """A copy of the icm package to edit."""
+    root = tmp_path / "icm"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def fingerprints(root):
+    return {job: code_fingerprint(job, root) for job in jobs(root)}
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_an_edit_changes_exactly_the_jobs_that_run_the_module(library):
+    before = fingerprints(library)
+    assert before == fingerprints(ROOT)  # the copy is the same code
+    # A comment or a docstring is not code.
+    edit(library / "metrics.py", '"""Evaluation metrics', '"""Metrics of evaluation')
+    edit(library / "hooks.py", "\nimport functools", "\n# a comment\nimport functools")
+    assert fingerprints(library) == before
+
+    edit(library / "metrics.py", "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
+    after = fingerprints(library)
+    assert {j for j in before if after[j] != before[j]} == {"compute_metrics_job"}
+
+    edit(library / "hooks.py", "class DoubleHookError", "_EDITED = 1\n\n\nclass DoubleHookError")
+    moved = fingerprints(library)
+    hooking = {j for j in before if "icm.hooks" in job_modules(j, library)}
+    assert {j for j in before if moved[j] != after[j]} == hooking
+    assert {"generate_shard_job", "steer_shard_job"} <= hooking
+
+
+def rule_blocks() -> dict[str, str]:
+    """rule name -> its text, from every rules/*.smk."""
+    blocks = {}
+    for path in RULES.glob("*.smk"):
+        parts = re.split(r"^rule (\w+):\n", path.read_text(), flags=re.MULTILINE)
+        blocks |= dict(zip(parts[1::2], parts[2::2], strict=True))
+    return blocks
+
+
+def test_every_scripted_rule_carries_the_fingerprint_of_the_job_its_script_calls():
+    scripted = {name: text for name, text in rule_blocks().items() if "script:" in text}
+    assert len(scripted) >= 12
+    for name, text in scripted.items():
+        script = re.search(r'script:\s*"\.\./workflow_scripts/(\w+\.py)"', text).group(1)
+        called = set(re.findall(r"\b(\w+_job)\(", (SCRIPTS / script).read_text()))
+        declared = re.findall(r'code=job_code\("(\w+)"\)', text)
+        assert declared and set(declared) == called, (name, declared, called)
+
+
+def test_local_files_are_the_files_a_path_names(tmp_path):
+    (tmp_path / "model" / "unet").mkdir(parents=True)
+    (tmp_path / "model" / "unet" / "weights.safetensors").write_bytes(b"0")
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    (tmp_path / "model" / ".cache").mkdir()
+    (tmp_path / "model" / ".cache" / "lock").write_text("")
+    assert local_files(tmp_path / "model") == [str(tmp_path / "model" / "model_index.json"),
+                                               str(tmp_path / "model/unet/weights.safetensors")]
+    assert local_files(tmp_path / "model" / "model_index.json") == [
+        str(tmp_path / "model" / "model_index.json")]
+    assert local_files("openai") == local_files(None) == local_files(tmp_path / "no") == []
+
+
+def test_clean_fid_statistics_are_the_file_clean_fid_reads(tmp_path, monkeypatch):
+    import os
+
+    import cleanfid
+    from cleanfid.fid import test_stats_exists
+
+    from icm.tracking import clean_fid_stats_file
+
+    path = clean_fid_stats_file("FFHQ_trainval70k_512")
+    assert Path(path).parent == Path(cleanfid.__file__).parent / "stats"
+    seen = []
+    monkeypatch.setattr(os.path, "exists", lambda p: seen.append(p) or False)
+    test_stats_exists("ffhq_trainval70k_512", "clean")
+    assert seen == [path]
