@@ -84,3 +84,16 @@ def test_image_regenerated_alone_or_in_another_batch_is_the_same(tiny_pipe, tiny
             assert np.abs(a - b).max() <= 1
             # measured share of moved pixels: under 2% on CPU, 4.9% on an H100 (TF32 convs)
             assert np.mean(a != b) < 0.1
+
+
+def test_steering_count_wins_over_the_model_count_which_sets_the_localization_run():
+    from icm.jobs.generation import concept_samples
+
+    concept = {"prompts": ["a", "b"], "samples_per_prompt": 250,
+               "steering": {"samples_per_prompt": 100}}
+    model, generation = {"samples_per_prompt": 8}, {"base_seed": 0}
+    assert len(concept_samples(concept, model, generation)) == 16  # the model's 8
+    assert len(concept_samples(concept, {}, generation)) == 500  # the concept's 250
+    evaluation = concept_samples(concept, model, generation,
+                                 concept["steering"]["samples_per_prompt"], stream="evaluation")
+    assert len(evaluation) == 200  # steering's 100 per prompt, whatever the model says

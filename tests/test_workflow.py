@@ -95,7 +95,7 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     base = workdir / "results/toy/color"
     labels = pd.read_csv(base / "labels.csv", keep_default_na=False)
     assert len(labels) == 160 and set(labels["label"]) <= {"red", "green", "blue"}
-    for pair in ("red-green", "red-blue"):
+    for pair in ("red-green", "red-blue"):  # the test config's pairs
         scores = pd.read_csv(base / f"probes/{pair}/scores.csv")
         assert len(scores) == 14 * 20 and (base / f"probes/{pair}/heatmap.png").exists()
     ranking = pd.read_csv(base / "ranking.csv")
@@ -130,18 +130,20 @@ def test_toy_color_through_the_table(workdir, tmp_path):
             "shard-*/samples.csv")])["seed"]
         assert not set(seeds) & set(generated["seed"]), variant
     assert (base / "grid.png").exists() and (base / "metrics.png").exists()
-    # Same seeds everywhere: an unsteered batch (target red, which has no direction) is the
-    # original image bit for bit; a steered one differs.
+    # Same seeds everywhere: an unsteered batch (target red, which is only ever a negative
+    # in the test config's pairs, so it has no direction) is the original image bit for bit;
+    # a steered one differs.
     original = pd.read_csv(base / "steer/original/shard-000/samples.csv")
     icm = pd.read_csv(base / "steer/icm/shard-000/samples.csv")
     assert list(icm["seed"]) == list(original["seed"])
-    assert set(icm.loc[~icm["steered"], "target"]) <= {"red"} and icm["steered"].any()
+    assert record["pushes"]["red"] is None and record["sites_by_target"]["red"] == []
+    assert set(icm.loc[~icm["steered"], "target"]) == {"red"} and icm["steered"].any()
     for (_, a), (_, b) in zip(original.iterrows(), icm.iterrows()):
         pixels = [np.asarray(Image.open(base / "steer" / v / "shard-000" / r["image"]))
                   for v, r in (("original", a), ("icm", b))]
         assert np.array_equal(*pixels) != bool(b["steered"])
 
-    # Changing one variant's alpha plans only that variant's steering and metrics again.
+    # Changing one variant's alpha plans its steering and metrics, the grid and the table.
     again = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/table.csv")
     assert "Nothing to be done" in again.stdout + again.stderr
     edit = tmp_path / "alpha.yaml"

@@ -24,10 +24,13 @@ def concept_samples(
     prompts: Sequence[str] | None = None,
 ) -> list[Sample]:
     """The sample plan of a (model, concept) run: ``prompts`` (default: the concept's
-    general prompts), ``per_prompt`` repeats (default: the generation's; a model's
-    ``samples_per_prompt`` overrides both) and the seed rule of ``stream``, so sample
-    (stream, prompt, repeat) has one seed in every stage that uses it."""
-    per_prompt = model.get("samples_per_prompt") or per_prompt or concept["samples_per_prompt"]
+    general prompts), ``per_prompt`` repeats and the seed rule of ``stream``, so sample
+    (stream, prompt, repeat) has one seed in every stage that uses it.
+
+    The repeats: ``per_prompt`` when given (steering passes its own
+    ``steering.samples_per_prompt``, which wins), else the model's ``samples_per_prompt``
+    (a smaller localization run for that model), else the concept's."""
+    per_prompt = per_prompt or model.get("samples_per_prompt") or concept["samples_per_prompt"]
     return plan_samples(prompts or concept["prompts"], per_prompt, generation["base_seed"],
                         stream)
 
