@@ -15,6 +15,15 @@ measures the speed-up.
 A steering direction is the probe weight mapped back to unscaled space (divided by the
 scaler's scale) and unit-normalised: adding it to an activation moves along the probe's
 decision axis toward the positive class.
+
+Prompt control: with several general prompts the chosen class depends on the prompt ("a
+circle" is mostly red), so a probe could score by reading which prompt it is. Given each
+sample's prompt (``groups``), ``fit_pair`` adds the prompt as unpenalised covariates (one
+indicator per prompt): the prompt is then known to the probe for free, its activation
+weights carry only what the activations add beyond it, and its accuracy is compared with
+``prompt_acc``, the test accuracy of each prompt's majority training class, the baseline
+the probe must beat (``gain`` = accuracy - baseline). The direction is the activation
+part of the weight, so steering pushes the decision, not the prompt.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ class ProbeResult:
     n_train: int
     n_test: int
     counts: dict[str, int]
+    prompt_acc: float = float("nan")  # test accuracy of the prompt alone (no groups: NaN)
 
 
 def split_indices(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,28 +93,58 @@ def check_counts(labels: Sequence[str], pair: Pair, minimum: int) -> dict[str, i
     return counts
 
 
+def prompt_baseline(y: np.ndarray, groups: np.ndarray, train: np.ndarray,
+                    test: np.ndarray) -> float:
+    """Test accuracy of the label predicted from the prompt alone: each prompt's majority
+    class on the training split (the overall training majority for a prompt it lacks)."""
+    overall = int(np.mean(y[train]) >= 0.5)
+    guess = {}
+    for group in np.unique(groups[train]):
+        mine = y[train][groups[train] == group]
+        guess[group] = int(np.mean(mine) > 0.5) if np.mean(mine) != 0.5 else overall
+    predicted = np.array([guess.get(g, overall) for g in groups[test]])
+    return float(np.mean(predicted == y[test]))
+
+
+def prompt_covariates(groups: np.ndarray) -> np.ndarray | None:
+    """One indicator column per prompt but the first (the intercept stands for it), float32;
+    None for a single prompt."""
+    names = np.unique(groups)
+    if len(names) < 2:
+        return None
+    return (groups[:, None] == names[None, 1:]).astype(np.float32)
+
+
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Accuracy per problem; logits (problems, samples), y (samples,) in {0, 1}."""
     return ((logits > 0) == y[None, :].astype(bool)).mean(axis=1)
 
 
+#: scikit-learn penalises every coefficient; a covariate column scaled by this makes the
+#: penalty on its effective coefficient negligible (1e-4 of a feature's), i.e. unpenalised.
+COVARIATE_SCALE = 100.0
+
+
 def fit_sklearn(
-    x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, max_iter: int = 1000
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, max_iter: int = 1000,
+    covariates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reference: one scikit-learn pipeline per step. x (samples, steps, channels), y in {0,1}.
+    """Reference: one scikit-learn pipeline per step. x (samples, steps, channels), y in {0,1};
+    ``covariates`` (samples, G) join the features unscaled and (nearly) unpenalised.
 
     Returns train accuracy, test accuracy (steps,) and unit directions (steps, channels).
     """
-    steps = x.shape[1]
+    steps, channels = x.shape[1], x.shape[2]
     train_acc, test_acc = np.empty(steps), np.empty(steps)
-    directions = np.empty((steps, x.shape[2]))
+    directions = np.empty((steps, channels))
+    extra = np.zeros((len(x), 0)) if covariates is None else COVARIATE_SCALE * covariates
     for step in range(steps):
         scaler = StandardScaler().fit(x[train, step])
-        scaled = scaler.transform(x[train, step])
-        model = LogisticRegression(max_iter=max_iter).fit(scaled, y[train])
-        train_acc[step] = model.score(scaled, y[train])
-        test_acc[step] = model.score(scaler.transform(x[test, step]), y[test])
-        raw = model.coef_[0] / scaler.scale_
+        scaled = np.hstack([scaler.transform(x[:, step]), extra])
+        model = LogisticRegression(max_iter=max_iter).fit(scaled[train], y[train])
+        train_acc[step] = model.score(scaled[train], y[train])
+        test_acc[step] = model.score(scaled[test], y[test])
+        raw = model.coef_[0][:channels] / scaler.scale_
         directions[step] = raw / max(np.linalg.norm(raw), 1e-12)
     return train_acc, test_acc, directions
 
@@ -221,8 +261,11 @@ def fit_torch(
     tol: float = 1e-4,
     dtype: torch.dtype = torch.float32,
     solver: Literal["auto", "primal", "dual"] = "auto",
+    covariates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fast path: all sites of one width at once. x (samples, sites, steps, channels).
+    """Fast path: all sites of one width at once. x (samples, sites, steps, channels);
+    ``covariates`` (samples, G) join every problem unscaled and unpenalised (the primal
+    form then: the dual's Woodbury step eliminates the intercept only).
 
     Minimises sum(log-loss) + ||w||^2 / 2 (scikit-learn's default objective, C=1, intercept
     unpenalised) on train-standardised features by damped Newton, batched over sites, until
@@ -241,16 +284,27 @@ def fit_torch(
     _, sites, steps, channels = np.shape(x)
     y = np.asarray(y)
     y_train = torch.as_tensor(y[train], dtype=dtype, device=device)
-    penalty = torch.ones(channels + 1, dtype=dtype, device=device)
-    penalty[-1] = 0.0  # intercept
+    extra = 0 if covariates is None else covariates.shape[1]
+    width = channels + extra + 1  # features, covariates, intercept
+    penalty = torch.ones(width, dtype=dtype, device=device)
+    penalty[channels:] = 0.0  # covariates and intercept
     train_acc, test_acc = np.empty((sites, steps)), np.empty((sites, steps))
     directions = np.empty((sites, steps, channels))
     unconverged = 0
-    dual = use_dual(len(train), channels + 1) if solver == "auto" else solver == "dual"
-    weights = torch.zeros(sites, channels + 1, dtype=dtype, device=device)
+    dual = use_dual(len(train), width) if solver == "auto" else solver == "dual"
+    if extra and dual:
+        if solver == "dual":
+            raise ValueError("the dual solver takes no covariates")
+        dual = False
+    weights = torch.zeros(sites, width, dtype=dtype, device=device)
     # Reused across steps: fresh blocks of this size cost page faults on every step.
-    z = torch.empty(sites, len(train), channels + 1, dtype=dtype, device=device)
-    z[..., channels] = 1.0  # intercept column
+    z = torch.empty(sites, len(train), width, dtype=dtype, device=device)
+    z[..., -1] = 1.0  # intercept column
+    cov_test = None
+    if extra:
+        cov = torch.as_tensor(np.asarray(covariates), dtype=dtype, device=device)
+        z[..., channels:channels + extra] = cov[torch.as_tensor(train, device=device)]
+        cov_test = cov[torch.as_tensor(test, device=device)]
     scratch = None if dual else torch.empty_like(z)
     for step in range(steps):
         xt = torch.as_tensor(x[train, :, step], device=device).to(dtype)  # (N, S, C), a copy
@@ -272,10 +326,12 @@ def fit_torch(
         converged = _newton(z, y_train, weights, penalty, tol, iterations, gram, scratch)
         unconverged += int((~converged).sum())
         # Unscaled form of the probe, for the held-out rows and the steering direction.
-        coef = weights[:, :-1] / scale  # (S, C)
+        coef = weights[:, :channels] / scale  # (S, C)
         bias = weights[:, -1] - (mean * coef).sum(dim=1)
         x_test = torch.as_tensor(x[test, :, step], device=device).to(dtype)  # (N_test, S, C)
         test_logits = torch.einsum("nsc,sc->sn", x_test, coef) + bias[:, None]
+        if cov_test is not None:
+            test_logits += weights[:, channels:channels + extra] @ cov_test.T
         train_logits = torch.bmm(z, weights.unsqueeze(-1)).squeeze(-1)
         train_acc[:, step] = _accuracy(train_logits.cpu().numpy(), y[train])
         test_acc[:, step] = _accuracy(test_logits.cpu().numpy(), y[test])
@@ -296,21 +352,32 @@ def fit_pair(
     seed: int = 0,
     min_per_class: int = 10,
     device: str | torch.device = "cpu",
+    groups: Sequence[int] | None = None,
+    control: bool = True,
 ) -> list[ProbeResult]:
     """Probes for every site and step. ``activations[site]`` is (samples, steps, channels),
-    rows aligned with ``labels``; samples of other classes are left out."""
+    rows aligned with ``labels``; samples of other classes are left out. With ``groups``
+    (each sample's prompt) the prompt baseline is reported and, with ``control``, the probes
+    are prompt-controlled (module docstring)."""
     labels = np.asarray(labels)
     keep = np.flatnonzero(np.isin(labels, [pair.negative, pair.positive]))
     counts = check_counts(labels[keep], pair, min_per_class)
     y = (labels == pair.positive).astype(np.int64)  # rows of other classes are never used
     train, test = (keep[part] for part in split_indices(y[keep], test_size, seed))
+    prompt_acc, covariates = float("nan"), None
+    if groups is not None:
+        groups = np.asarray(groups)
+        prompt_acc = prompt_baseline(y, groups, train, test)
+        if control:
+            covariates = prompt_covariates(groups)
 
     results: list[ProbeResult] = []
     if backend == "sklearn":
         for site, x in activations.items():
-            tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test)
+            tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test,
+                                               covariates=covariates)
             results.append(ProbeResult(site, pair, tr_acc, te_acc, dirs, len(train), len(test),
-                                       counts))
+                                       counts, prompt_acc))
         return results
     if backend != "torch":
         raise ValueError(f"unknown probe backend {backend!r}; use 'torch' or 'sklearn'")
@@ -320,9 +387,10 @@ def fit_pair(
         by_width.setdefault(np.shape(x)[-1], []).append(site)
     for sites in by_width.values():
         stacked = np.stack([np.asarray(activations[s]) for s in sites], axis=1)
-        tr_acc, te_acc, dirs = fit_torch(stacked, y, train, test, device=device)
+        tr_acc, te_acc, dirs = fit_torch(stacked, y, train, test, device=device,
+                                         covariates=covariates)
         for k, site in enumerate(sites):
             results.append(ProbeResult(site, pair, tr_acc[k], te_acc[k], dirs[k], len(train),
-                                       len(test), counts))
+                                       len(test), counts, prompt_acc))
     order = list(activations)
     return sorted(results, key=lambda r: order.index(r.site))

@@ -1,8 +1,10 @@
 """Rank sites by how well their probes read the choice once steering would begin.
 
-Score of a site = mean test accuracy over steps ``t0..S-1`` (and over the concept's class
-pairs), where ``t0`` is the steering start: the paper's step 15 of 50, mapped by timestep
-(``icm.schedule.start_step``). Each pair is also ranked on its own probes
+Score of a site = mean test accuracy of its prompt-controlled probes over steps ``t0..S-1``
+(and over the concept's class pairs; ``mean_gain`` is the same above the prompt-only
+baseline), where ``t0`` is the steering start: by default the first step at which the
+selected sites beat the prompt baseline significantly (``auto_start_step``), or a step "of
+50" mapped by timestep (``icm.schedule.start_step``). Each pair is also ranked on its own probes
 (``rank_per_pair``): a pair's steering direction uses the sites that read that pair best.
 """
 
@@ -33,15 +35,66 @@ def scores_start_step(scores: pd.DataFrame, start_of_50: int) -> int:
 def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
     """One row per site, best first. ``scores`` has columns site, step, pair, test_acc."""
     late = scores[scores["step"] >= t0]
-    table = (late.groupby("site", sort=False)
-             .agg(mean_test_acc=("test_acc", "mean"), max_test_acc=("test_acc", "max"))
-             .reset_index())
+    aggregates = {"mean_test_acc": ("test_acc", "mean"), "max_test_acc": ("test_acc", "max")}
+    if "prompt_acc" in late:  # what the activations add beyond the prompt
+        late = late.assign(gain=late["test_acc"] - late["prompt_acc"])
+        aggregates["mean_gain"] = ("gain", "mean")
+    table = late.groupby("site", sort=False).agg(**aggregates).reset_index()
     table["kind"] = table["site"].map(site_kind)
     table["block"] = table["site"].str.rsplit(".", n=1).str[0]
     table = table.sort_values("mean_test_acc", ascending=False, kind="stable")
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table["from_step"] = t0
     return table.reset_index(drop=True)
+
+
+def start_pvalues(scores: pd.DataFrame, selected: dict[str, list[str]]) -> np.ndarray:
+    """Per step, the one-sided binomial p-value that the selected sites' probes beat the
+    prompt-only baseline: successes = mean test accuracy of each pair's selected sites x its
+    test samples, summed over pairs, against p0 = the pairs' baseline accuracy (0.5 where
+    none was measured). The sites share test samples, so this treats their mean as one
+    probe's accuracy."""
+    from scipy.stats import binomtest
+
+    steps = sorted(scores["step"].unique())
+    out = np.ones(len(steps))
+    for i, step in enumerate(steps):
+        hits = trials = expected = 0.0
+        for pair, sites in selected.items():
+            rows = scores[(scores["pair"] == pair) & (scores["step"] == step)
+                          & scores["site"].isin(sites)]
+            n = int(rows["n_test"].iloc[0])
+            baseline = float(rows["prompt_acc"].iloc[0]) if "prompt_acc" in rows else np.nan
+            hits += rows["test_acc"].mean() * n
+            trials += n
+            expected += (0.5 if np.isnan(baseline) else baseline) * n
+        p0 = min(expected / trials, 1.0)
+        out[i] = binomtest(int(round(hits)), int(trials), p0, alternative="greater").pvalue
+    return out
+
+
+def auto_start_step(scores: pd.DataFrame, k: int, level: float,
+                    rounds: int = 5) -> tuple[int | None, np.ndarray]:
+    """The paper's rule (section 4.1): steer from the first step at which the probes of the
+    sites steering would use (each pair's k best self-attention sites) beat the prompt-only
+    baseline significantly (``start_pvalues`` below ``level``). The sites are ranked from the
+    start they give, so the two are solved together from start 0 until they agree. None
+    when no step is significant."""
+    t0 = 0
+    for _ in range(rounds):
+        selected = {}
+        for pair, group in scores.groupby("pair", sort=False):
+            ranked = rank_sites(group, t0)
+            selected[pair] = list(ranked[ranked["kind"] == "attn1"]["site"][:k])
+        pvalues = start_pvalues(scores, selected)
+        significant = np.flatnonzero(pvalues < level)
+        if not len(significant):
+            return None, pvalues
+        start = int(significant[0])
+        if start == t0:
+            break
+        t0 = start
+    return t0, pvalues
 
 
 def rank_per_pair(scores: pd.DataFrame, t0: int) -> pd.DataFrame:

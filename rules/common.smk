@@ -194,13 +194,6 @@ def variant_spec(wildcards):
     return spec
 
 
-def steer_start(wildcards):
-    """`probes.steer_start_of_50` for the variants that steer; the original never starts."""
-    if VARIANTS[wildcards.variant]["sites"] == "none":
-        return None
-    return config["probes"]["steer_start_of_50"]
-
-
 def steer_inputs(wildcards):
     """What a variant reads of the probes: nothing for the original; the directions, their
     step axis and the ranking (per pair unless `steering.sites_per: concept`) otherwise."""
@@ -211,6 +204,7 @@ def steer_inputs(wildcards):
     inputs = {
         "directions": [f"{base}/probes/{p}/directions.safetensors" for p in names],
         "directions_meta": [f"{base}/probes/{p}/directions.json" for p in names],
+        "start": f"{base}/ranking.json",  # the steering start the ranking chose
     }
     selects = VARIANTS[wildcards.variant]["sites"] != "all"
     if selects and config["steering"]["sites_per"] == "pair":

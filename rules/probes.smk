@@ -19,7 +19,8 @@ rule fit_probes:
     params:
         concept=concept_params("prompts", "classes"),
         pair=pair_of,
-        probes={k: v for k, v in config["probes"].items() if k != "steer_start_of_50"},
+        probes={k: v for k, v in config["probes"].items()
+                if k not in ("steer_start", "start_level")},
         code=job_code("fit_probes_job"),
     threads: model_threads
     resources:
@@ -37,6 +38,7 @@ rule rank_sites:
     output:
         ranking="results/{model}/{concept}/ranking.csv",
         by_pair="results/{model}/{concept}/ranking_by_pair.csv",
+        start="results/{model}/{concept}/ranking.json",
         by_kind="results/{model}/{concept}/ranking_by_kind.csv",
         heatmap=report(
             "results/{model}/{concept}/ranking_heatmap.png",
@@ -46,7 +48,9 @@ rule rank_sites:
     log:
         "logs/{model}/{concept}/ranking.log",
     params:
-        probes={"steer_start_of_50": config["probes"]["steer_start_of_50"]},
+        probes={k: config["probes"][k] for k in ("steer_start", "start_level")},
+        # the sites whose probes decide an automatic start (unused by a fixed one)
+        k=config["steering"]["k"] if config["probes"]["steer_start"] == "auto" else None,
         code=job_code("rank_sites_job"),
     localrule: True
     conda:

@@ -18,7 +18,6 @@ rule steer_images:
         source=lambda wildcards: model_source(wildcards.model),
         concept=steer_concept,
         generation={k: config["generation"][k] for k in ("base_seed", "device")},
-        start_of_50=steer_start,
         variant=variant_spec,
         code=job_code("steer_shard_job"),
     wildcard_constraints:

@@ -146,3 +146,56 @@ def test_each_pair_is_ranked_on_its_own_probes():
     by_pair = rank_per_pair(scores, t0=3)
     firsts = by_pair[by_pair["rank"] == 1].set_index("pair")["site"]
     assert firsts.to_dict() == {"red-green": "mid.attn1", "blue-green": "down.attn1"}
+
+
+def prompt_world(n=1000, steps=5, seed=0):
+    """Two prompts, 90% and 10% green. ``prompt.attn1`` carries only the prompt's identity
+    (strongly); ``decision.attn1`` the per-sample class (weakly, 1 sd), from step 2."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, 2, n)
+    green = rng.random(n) < np.where(prompts == 1, 0.9, 0.1)
+    labels = np.where(green, "green", "red")
+    acts = {s: rng.standard_normal((n, steps, 8)) for s in ("prompt.attn1", "decision.attn1")}
+    acts["prompt.attn1"][:, :, 0] += 4.0 * prompts[:, None]
+    acts["decision.attn1"][:, 2:, 0] += 1.0 * np.where(green, 1.0, -1.0)[:, None]
+    return acts, labels, prompts
+
+
+def with_baseline(results):
+    frame = scores_frame(results)
+    frame["prompt_acc"] = [r.prompt_acc for r in results for _ in r.test_acc]
+    return frame
+
+
+def test_a_site_that_only_knows_the_prompt_does_not_outrank_the_decision():
+    acts, labels, prompts = prompt_world()
+    raw = rank_sites(scores_frame(fit_pair(acts, labels, PAIR)), t0=2)
+    assert raw.iloc[0]["site"] == "prompt.attn1"  # fooled: the prompt predicts 90% right
+    controlled = fit_pair(acts, labels, PAIR, groups=prompts)
+    ranked = rank_sites(with_baseline(controlled), t0=2).set_index("site")
+    assert ranked.index[0] == "decision.attn1"
+    assert abs(ranked.loc["prompt.attn1", "mean_gain"]) < 0.01  # adds nothing to the prompt
+    assert ranked.loc["decision.attn1", "mean_gain"] > ranked.loc["prompt.attn1", "mean_gain"]
+    assert 0.85 < controlled[0].prompt_acc < 0.95  # the prompt alone: each prompt's majority
+    # scikit-learn, with the prompt as (nearly) unpenalised covariates, agrees.
+    reference = fit_pair(acts, labels, PAIR, groups=prompts, backend="sklearn")
+    for fast, slow in zip(controlled, reference):
+        assert np.abs(fast.test_acc - slow.test_acc).max() <= 0.02
+        assert np.sum(fast.directions * slow.directions, axis=1).min() > 0.99
+
+
+def test_automatic_start_is_the_first_step_that_beats_the_prompt_significantly():
+    from icm.ranking import auto_start_step
+
+    acts, labels, prompts = prompt_world(n=600, steps=8)
+    acts["decision.attn1"][:, 2:, 0] *= 0  # the decision appears at step 4 only
+    acts["decision.attn1"][:, 4:, 0] += 2.0 * np.where(labels == "green", 1.0, -1.0)[:, None]
+    results = fit_pair(acts, labels, PAIR, groups=prompts)
+    frame = pd.DataFrame([{"site": r.site, "kind": "attn1", "step": s, "pair": PAIR.name,
+                           "test_acc": a, "prompt_acc": r.prompt_acc, "n_test": r.n_test}
+                          for r in results for s, a in enumerate(r.test_acc)])
+    start, pvalues = auto_start_step(frame, k=1, level=0.01)
+    assert start == 4 and pvalues[4] < 0.01 and (pvalues[:4] >= 0.01).all()
+    # A prompt that decides everything leaves nothing to beat: no start.
+    frame["prompt_acc"] = 1.0
+    assert auto_start_step(frame, k=1, level=0.01)[0] is None

@@ -119,10 +119,17 @@ def test_toy_color_through_the_table(workdir, tmp_path):
         assert sites == list(own.sort_values("rank")["site"][:3])
     assert record["sites_by_target"]["green"] == record["sites"]["red-green"]
     assert all(cell.count(";") >= 2 for cell in table.loc["icm", "layers"].split(" | "))
-    # Steering starts at the step the probes' timesteps give for 15 of 50: 6 of 20 here.
+    # Steering starts where the ranking's automatic rule says: the first step whose selected
+    # probes beat the prompt-only baseline significantly.
     meta = json.loads((base / "probes/red-green/directions.json").read_text())
-    assert record["start_step"] == 6 and meta["timesteps"][5:7] == [749, 699]  # 700: 15 of 50
+    chosen = json.loads((base / "ranking.json").read_text())
+    assert chosen["start_rule"].startswith("auto") and record["start_rule"] == chosen["start_rule"]
+    assert record["start_step"] == chosen["start_step"] == ranking["from_step"].iloc[0]
+    assert chosen["pvalues"][chosen["start_step"]] < 0.01
+    assert all(p >= 0.01 for p in chosen["pvalues"][:chosen["start_step"]])
     assert record["timesteps"] == meta["timesteps"] and len(meta["timesteps"]) == 20
+    scores = pd.read_csv(base / "probes/red-green/scores.csv")
+    assert (scores["gain"] == scores["test_acc"] - scores["prompt_acc"]).all()
     # Evaluated on samples the probes never saw: a seed stream of its own.
     generated = pd.read_csv(base / "generation/samples.csv")
     for variant in table.index:
@@ -181,15 +188,17 @@ def check_what_reruns(workdir, tmp_path):
     assert plan("models: {toy: {resources: {runtime: 99, mem_mb: 5000, threads: 1}}}\n") == {}
     assert plan("evaluation: {grid_columns: 4}\n") == {"plot_grid": 1, "collect_table": 1,
                                                         "total": 2}
-    # The start of 50 is the ranking's and steering's, not the probes'.
-    start = plan("probes: {steer_start_of_50: 20}\n")
+    # The start is the ranking's and steering's, not the probes'.
+    start = plan("probes: {steer_start: 20}\n")
     assert start.get("fit_probes") is None and start["rank_sites"] == 1
     assert start["steer_images"] == 5 and start["compute_metrics"] == 5  # not the original
     # The original steers nothing: an alpha on it is no setting of its.
     assert plan("steering: {variants: {original: {alpha: 3}}}\n") == {}
-    # k: only the variants that choose k sites (not the original, not all).
-    assert plan("steering: {k: 2}\n") == {"steer_images": 4, "compute_metrics": 4,
-                                           "plot_grid": 1, "collect_table": 1, "total": 10}
+    # k: the automatic start (through the ranking) and the variants that choose k sites,
+    # never the original.
+    assert plan("steering: {k: 2}\n") == {"rank_sites": 1, "steer_images": 5,
+                                           "compute_metrics": 5, "plot_grid": 1,
+                                           "collect_table": 1, "total": 13}
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")

@@ -61,7 +61,8 @@ def fit_probes_job(
 
     target = Pair(negative=pair[0], positive=pair[1])
     labels = pd.read_csv(labels_csv, keep_default_na=False)
-    labels = labels[labels["kept"].astype(str) == "True"].set_index("sample")["label"]
+    labels = labels[labels["kept"].astype(str) == "True"].set_index("sample")
+    control = probes["control"] == "prompt"
     device = str(resolve_device(probes["device"]))
     widths = site_widths(stores[0])
     # Stores before the step rule was recorded ran 1000-timestep models only.
@@ -71,11 +72,12 @@ def fit_probes_job(
         group = [s for s, w in widths.items() if w == width]
         samples, arrays, timesteps = read_sites(list(stores), group)
         keep = np.isin(samples, labels.index)
-        y = labels.loc[samples[keep]].to_numpy()
+        y = labels.loc[samples[keep], "label"].to_numpy()
+        prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
         results = fit_pair({s: a[keep] for s, a in arrays.items()}, y, target,
                            backend=probes["backend"], test_size=probes["test_size"],
                            seed=probes["seed"], min_per_class=probes["min_per_class"],
-                           device=device)
+                           device=device, groups=prompts, control=control)
         for r in results:
             directions[r.site] = r.directions.astype(np.float32)
             for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc)):
@@ -83,7 +85,9 @@ def fit_probes_job(
                              "timestep": float(timesteps[step]),
                              "num_train_timesteps": train_timesteps, "pair": target.name,
                              "negative": target.negative, "positive": target.positive,
-                             "train_acc": float(tr), "test_acc": float(te), "n_train": r.n_train,
+                             "train_acc": float(tr), "test_acc": float(te),
+                             "prompt_acc": r.prompt_acc, "gain": float(te) - r.prompt_acc,
+                             "control": probes["control"], "n_train": r.n_train,
                              "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
                              f"n_{target.positive}": r.counts[target.positive]})
     order = list(widths)
@@ -100,6 +104,7 @@ def fit_probes_job(
         "meaning": "unit vector per (site, step) in unscaled activation space; adding it moves "
                    "toward the positive class",
         "backend": probes["backend"], "test_size": probes["test_size"], "seed": probes["seed"],
+        "control": probes["control"],
         "concept": {k: concept[k] for k in ("prompts", "classes")},
         "timesteps": [float(t) for t in step_axis],
         "num_train_timesteps": train_timesteps,
@@ -115,17 +120,45 @@ def fit_probes_job(
 
 
 def rank_sites_job(
-    probes: Mapping[str, Any], scores_csvs: Sequence[str | Path], output_ranking: str | Path,
-    output_by_pair: str | Path, output_by_kind: str | Path, output_heatmap: str | Path,
+    probes: Mapping[str, Any], k: int, scores_csvs: Sequence[str | Path],
+    output_ranking: str | Path, output_by_pair: str | Path, output_by_kind: str | Path,
+    output_heatmap: str | Path, output_start: str | Path,
 ) -> None:
-    """Rank sites over all pairs and per pair; write both rankings, the summary per site
-    kind and the heatmap."""
+    """Choose the steering start, rank sites over all pairs and per pair from it; write both
+    rankings, the summary per site kind, the heatmap and the start (``ranking.json``)."""
     import pandas as pd
 
-    from icm.ranking import kind_summary, plot_heatmap, rank_per_pair, rank_sites, scores_start_step
+    from icm.ranking import (
+        auto_start_step,
+        kind_summary,
+        plot_heatmap,
+        rank_per_pair,
+        rank_sites,
+        scores_start_step,
+    )
 
     scores = pd.concat([pd.read_csv(p) for p in scores_csvs], ignore_index=True)
-    t0 = scores_start_step(scores, probes["steer_start_of_50"])
+    timesteps = scores.groupby("step", sort=True)["timestep"].first()
+    record: dict[str, Any] = {"steer_start": probes["steer_start"]}
+    if probes["steer_start"] == "auto":
+        level = probes["start_level"]
+        t0, pvalues = auto_start_step(scores, k, level)
+        record |= {"start_level": level, "k": k, "pvalues": [float(p) for p in pvalues]}
+        if t0 is None:
+            t0 = len(timesteps) - 1
+            rule = (f"auto: no step's probes beat the prompt-only baseline at level {level}; "
+                    "steering only at the last step")
+            log.warning(rule)
+        else:
+            rule = (f"auto: first step whose {k} best self-attention sites per pair beat the "
+                    f"prompt-only baseline (one-sided binomial test, level {level})")
+    else:
+        t0 = scores_start_step(scores, int(probes["steer_start"]))
+        rule = f"step {probes['steer_start']} of 50, mapped by timestep"
+    record |= {"start_step": int(t0), "start_timestep": float(timesteps.iloc[t0]),
+               "start_rule": rule}
+    write_json(output_start, record)
+    log.info("steering starts at step %d (timestep %g): %s", t0, timesteps.iloc[t0], rule)
     ranking = rank_sites(scores, t0)
     write_table(output_ranking, ranking.to_dict("records"), columns=list(ranking.columns))
     by_pair = rank_per_pair(scores, t0)

@@ -29,7 +29,7 @@ from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
 from icm.samples import shard_samples
-from icm.schedule import denoising_timesteps, same_timesteps, start_step
+from icm.schedule import denoising_timesteps, same_timesteps
 from icm.steering import steer_activations
 from icm.tables import write_table
 
@@ -70,7 +70,6 @@ def steer_shard_job(
     concept_name: str,
     concept: Mapping[str, Any],
     generation: Mapping[str, Any],
-    probes: Mapping[str, Any],
     variant_name: str,
     variant: Mapping[str, Any],
     shard: int,
@@ -78,6 +77,7 @@ def steer_shard_job(
     pair_ranking: str | Path | None,
     directions: Sequence[str | Path],
     directions_meta: Sequence[str | Path],
+    start: str | Path | None,
     images_dir: str | Path,
     table: str | Path,
     record: str | Path,
@@ -92,7 +92,7 @@ def steer_shard_job(
     per pair, None selects them once from ``ranking``. The samples are the evaluation seed
     stream over the concept's evaluation prompts: none of them is a localization sample.
     The step axis (count and timesteps) comes from the probes, and the pipeline must run
-    the same timesteps.
+    the same timesteps; the start step is the ranking's (``ranking.json``, ``start``).
     """
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     classes = list(concept["classes"])
@@ -106,10 +106,15 @@ def steer_shard_job(
         pd.read_csv(pair_ranking) if pair_ranking else None,
         names, variant["sites"], variant.get("k"), variant["seed"])
     vectors = {} if unsteered else load_directions(pairs, directions, sites)
-    timesteps, start = None, None
+    timesteps, start_step, start_rule = None, None, None
     if not unsteered:
-        timesteps, train_timesteps = probe_step_axis(directions_meta)
-        start = start_step(timesteps, train_timesteps, probes["steer_start_of_50"])
+        timesteps, _ = probe_step_axis(directions_meta)
+        chosen = json.loads(Path(start).read_text())
+        start_step, start_rule = int(chosen["start_step"]), chosen["start_rule"]
+        if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
+            raise ValueError(f"{start}: start step {start_step} is timestep "
+                             f"{chosen['start_timestep']} there but {timesteps[start_step]} "
+                             "in the probes; rerun the ranking")
     for pair, per_site in vectors.items():
         for site, v in per_site.items():
             if v.shape[0] != len(timesteps):
@@ -122,8 +127,8 @@ def steer_shard_job(
     batch_size = concept["steering"].get("batch_size") or model["batch_size"]
     mine = shard_samples(samples, model["n_shards"], shard, batch_size)
     log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %s at %s",
-             model_name, concept_name, variant_name, shard, len(mine), variant["alpha"], start,
-             sites)
+             model_name, concept_name, variant_name, shard, len(mine), variant["alpha"],
+             start_step, sites)
     pipe = load_pipeline(spec, device=generation["device"])
     planned = denoising_timesteps(pipe.scheduler, spec.steps)
     if timesteps is not None and not same_timesteps(planned, timesteps):
@@ -149,7 +154,7 @@ def steer_shard_job(
             if steered:
                 assert push is not None
                 chosen = {s: push.sign * vectors[push.pair][s] for s in sites[push.pair]}
-                with steer_activations(pipe, chosen, variant["alpha"], start,
+                with steer_activations(pipe, chosen, variant["alpha"], start_step,
                                        timesteps=timesteps):
                     images = generate_images(pipe, batch, settings)
             else:
@@ -173,8 +178,9 @@ def steer_shard_job(
         "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],
-        "start_step": start,
-        "start_timestep": None if start is None else float(timesteps[start]),
+        "start_step": start_step,
+        "start_timestep": None if start_step is None else float(timesteps[start_step]),
+        "start_rule": start_rule,
         "timesteps": planned.tolist(),
         "pushes": {c: None if p is None else {"pair": p.pair, "sign": p.sign}
                    for c, p in pushes.items()},
