@@ -17,6 +17,7 @@ include: "rules/toy.smk"
 include: "rules/generate.smk"
 include: "rules/labels.smk"
 include: "rules/probes.smk"
+include: "rules/calibrate.smk"
 include: "rules/steer.smk"
 include: "rules/evaluate.smk"
 

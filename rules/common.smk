@@ -187,11 +187,24 @@ def variant_spec(wildcards):
     spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
-    spec["alpha"] = float(alphas.get(wildcards.variant, variant["alpha"]))
+    alpha = alphas.get(wildcards.variant, variant["alpha"])
+    spec["alpha"] = alpha if alpha == "auto" else float(alpha)
     if variant["sites"] != "all":
         spec["k"] = config["steering"]["k"]
         spec["sites_per"] = config["steering"]["sites_per"]
     return spec
+
+
+def alpha_is_auto(concept, variant):
+    """Whether a steering variant's alpha, for this concept, is chosen by calibration."""
+    alphas = CONCEPTS[concept]["steering"]["alpha"]
+    spec = VARIANTS[variant]
+    return spec["sites"] != "none" and alphas.get(variant, spec["alpha"]) == "auto"
+
+
+def calibrated_variants(wildcards):
+    """The variants whose alpha is `auto` for the wildcards' concept."""
+    return [v for v in VARIANTS if alpha_is_auto(wildcards.concept, v)]
 
 
 def steer_inputs(wildcards):
@@ -206,6 +219,8 @@ def steer_inputs(wildcards):
         "directions_meta": [f"{base}/probes/{p}/directions.json" for p in names],
         "start": f"{base}/ranking.json",  # the steering start the ranking chose
     }
+    if alpha_is_auto(wildcards.concept, wildcards.variant):
+        inputs["alphas"] = f"{base}/calibration/{wildcards.variant}.alpha.json"
     selects = VARIANTS[wildcards.variant]["sites"] != "all"
     if selects and config["steering"]["sites_per"] == "pair":
         inputs["pair_ranking"] = f"{base}/ranking_by_pair.csv"

@@ -52,6 +52,9 @@ rule collect_table:
             variant=VARIANTS,
         ),
         grid="results/{model}/{concept}/grid.png",  # asking for the table builds the grid
+        tradeoff=lambda wildcards: [f"results/{wildcards.model}/{wildcards.concept}/"
+                                    "calibration/tradeoff.png"] if calibrated_variants(
+                                        wildcards) else [],  # ... and the calibration plot
     output:
         table="results/{model}/{concept}/table.csv",
         plot=report(

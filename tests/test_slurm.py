@@ -75,7 +75,8 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
 
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
     counts = job_counts(out)
-    local = {"merge_samples", "rank_sites", "render_reference", "collect_table", "plot_grid"}
+    local = {"merge_samples", "rank_sites", "render_reference", "collect_table", "plot_grid",
+             "plot_tradeoff"}
     remote = sum(n for rule, n in counts.items() if rule not in local | {"total"})
     assert len(submitted) == remote > 0
     # What SLURM recorded: the GPU jobs asked for one GPU, on the gpu partition.

@@ -88,3 +88,19 @@ def test_hooks_are_exclusive_and_always_removed(tiny_pipe):
             run(tiny_pipe)
     unet = denoiser_of(tiny_pipe)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
+
+
+def test_the_alpha_rule_keeps_the_lowest_fd_above_the_fidelity_floor():
+    import pandas as pd
+
+    from icm.jobs.calibration import choose_alpha
+
+    sweep = pd.DataFrame({"alpha": [0, 2, 4, 8, 16, 32],
+                          "FD": [0.40, 0.35, 0.20, 0.12, 0.05, 0.30],
+                          "CLIP-I": [1.0, 0.97, 0.92, 0.85, 0.70, 0.40]})
+    assert choose_alpha(sweep, 0.8)[0] == 8  # 16 is fairer but costs too much fidelity
+    assert choose_alpha(sweep, 0.6)[0] == 16
+    tied = sweep.assign(FD=[0.4, 0.2, 0.2, 0.3, 0.3, 0.3])
+    assert choose_alpha(tied, 0.8)[0] == 2  # the smaller of equal FDs
+    alpha, rule = choose_alpha(sweep, 0.99)
+    assert alpha == 2 and "no alpha keeps" in rule

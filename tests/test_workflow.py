@@ -109,7 +109,12 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert (table["n_images"] == 40).all() and table["FD"].notna().all()
     assert np.isnan(table.loc["original", "CLIP-I"]) and table.loc["icm", "CLIP-I"] <= 1
     assert "toy features" in table.loc["icm", "FID_backend"]
-    assert table.loc["icm", "alpha"] == 6
+    # Each steering variant's alpha came from its calibration sweep, on seeds of its own.
+    tradeoff = pd.read_csv(base / "calibration/tradeoff.csv")
+    assert set(tradeoff["variant"]) == {"icm", "cross", "all", "random", "worst"}
+    assert (base / "calibration/tradeoff.png").exists()
+    icm_alpha = json.loads((base / "calibration/icm.alpha.json").read_text())
+    assert table.loc["icm", "alpha"] == icm_alpha["alpha"] in set(tradeoff["alpha"])
     # Each pair's direction steers the three best self-attention sites of its own probes.
     by_pair = pd.read_csv(base / "ranking_by_pair.csv")
     record = json.loads((base / "steer/icm/shard-000/steering.json").read_text())
@@ -150,7 +155,8 @@ def test_toy_color_through_the_table(workdir, tmp_path):
                   for v, r in (("original", a), ("icm", b))]
         assert np.array_equal(*pixels) != bool(b["steered"])
 
-    # Changing one variant's alpha plans its steering and metrics, the grid and the table.
+    # Fixing one variant's alpha plans its steering and metrics, the grid, the table and the
+    # trade-off plot (which no longer shows it); no other variant recalibrates.
     again = snakemake(workdir, "--cores", "2", "-n", "results/toy/color/table.csv")
     assert "Nothing to be done" in again.stdout + again.stderr
     edit = tmp_path / "alpha.yaml"
@@ -160,7 +166,7 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     out = plan.stdout + plan.stderr
     jobs = job_counts(out)
     assert jobs == {"steer_images": 1, "compute_metrics": 1, "plot_grid": 1,
-                    "collect_table": 1, "total": 4}, out[-2000:]
+                    "collect_table": 1, "plot_tradeoff": 1, "total": 5}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
     check_what_reruns(workdir, tmp_path)
 
@@ -196,13 +202,16 @@ def check_what_reruns(workdir, tmp_path):
     assert plan("steering: {variants: {original: {alpha: 3}}}\n") == {}
     # k: the automatic start (through the ranking) and the variants that choose k sites,
     # never the original.
-    assert plan("steering: {k: 2}\n") == {"rank_sites": 1, "steer_images": 5,
-                                           "compute_metrics": 5, "plot_grid": 1,
-                                           "collect_table": 1, "total": 13}
+    recalibrated = {"calibrate_steering": 5, "plot_tradeoff": 1, "steer_images": 5,
+                    "compute_metrics": 5, "plot_grid": 1, "collect_table": 1}
+    assert plan("steering: {k: 2}\n") == recalibrated | {"rank_sites": 1, "total": 19}
+    # The calibration grid or floor: calibration and what follows it, nothing before.
+    assert plan("steering: {calibration: {alphas: [2, 4]}}\n") == recalibrated | {
+        "total": 18}
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
-    assert plan() == {"compute_metrics": 6, "collect_table": 1, "total": 7}
+    assert plan() == recalibrated | {"compute_metrics": 6, "total": 19}  # both score images
     metrics.write_text(original.replace('"""Evaluation metrics', '"""Metrics of evaluation', 1))
     assert plan() == {}
     hooks = workdir / "icm/hooks.py"
@@ -217,7 +226,7 @@ def check_what_reruns(workdir, tmp_path):
     os.utime(sidecar)
     assert plan() == {}  # touched, same content
     sidecar.write_text(sidecar.read_text() + "\n")
-    assert plan() == {"compute_metrics": 6, "collect_table": 1, "total": 7}
+    assert plan() == recalibrated | {"compute_metrics": 6, "total": 19}
     weights = workdir / "resources/models/toy/unet/diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes())  # an in-place write, as `git checkout` does
     replaced = plan()

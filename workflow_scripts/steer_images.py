@@ -20,6 +20,7 @@ with logging_to(sm.log[0]):
         directions=list(sm.input.get("directions", [])),
         directions_meta=list(sm.input.get("directions_meta", [])),
         start=sm.input.get("start"),
+        alphas=sm.input.get("alphas"),
         images_dir=sm.output.images,
         table=sm.output.samples,
         record=sm.output.record,

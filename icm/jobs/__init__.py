@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from icm.jobs.calibration import calibrate_variant_job, tradeoff_job
 from icm.jobs.evaluation import (
     collect_table_job,
     compute_metrics_job,
@@ -30,11 +31,11 @@ from icm.jobs.steering import steer_shard_job
 from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
 
 __all__ = [
-    "build_model_job", "collect_table_job", "compute_metrics_job", "concept_samples",
+    "build_model_job", "calibrate_variant_job", "collect_table_job", "compute_metrics_job", "concept_samples",
     "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
     "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
     "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
-    "use_threads",
+    "tradeoff_job", "use_threads",
 ]
 
 

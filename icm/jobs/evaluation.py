@@ -91,6 +91,39 @@ def _fid(images: Sequence[str], reference: str, backend: str, toy_features: str 
                            device=device)
 
 
+def image_embedder(toy: bool, toy_features: str | None, evaluation: Mapping[str, Any],
+                   device: str) -> Any:
+    """CLIP-I's image tower: the toy feature net in the toy world, else open_clip's CLIP."""
+    from icm.metrics import ClipEmbedder, ToyFeatureEmbedder
+
+    if toy:
+        if not toy_features:
+            raise ValueError("the toy model's metrics need the toy feature extractor")
+        return ToyFeatureEmbedder(toy_features, device=device)
+    return ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"], device=device,
+                        checkpoint_tag=evaluation.get("clip_checkpoint_tag"))
+
+
+def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image],
+             prompts: Sequence[str], classes: Sequence[str],
+             reference: Mapping[str, float] | None,
+             rows: pd.DataFrame) -> tuple[float, dict[str, float], str, pd.Series]:
+    """FD of ``images`` (rows: their sample table) and how it was computed: from mean class
+    probabilities of every image where the labeler has them (FairFace, as the paper), else
+    from shares of labelled images; and the labels."""
+    from icm.metrics import fairness_discrepancy, fairness_discrepancy_from_probabilities
+
+    margin = float(spec.get("margin", 0.0))
+    labels = label_table(rows, labeler.scores(images), labeler, margin)["label"]
+    probabilities = labeler.class_probabilities(images)
+    if probabilities is not None:
+        fd, per_prompt = fairness_discrepancy_from_probabilities(probabilities, list(prompts),
+                                                                 classes, reference)
+        return fd, per_prompt, "mean class probabilities of every image", labels
+    fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
+    return fd, per_prompt, "shares of labelled images", labels
+
+
 def compute_metrics_job(
     *,
     toy: bool,
@@ -105,41 +138,17 @@ def compute_metrics_job(
 ) -> None:
     """Metrics of one variant. ``original``: the unsteered variant's shard tables, for CLIP-I
     (same seeds, paired by sample); empty when this is the original itself."""
-    from icm.metrics import (
-        ClipEmbedder,
-        ToyFeatureEmbedder,
-        clip_t,
-        fairness_discrepancy,
-        fairness_discrepancy_from_probabilities,
-        paired_cosine,
-        prompt_agreement,
-    )
+    from icm.metrics import clip_t, paired_cosine, prompt_agreement
 
     device = str(resolve_device(evaluation["device"]))
     classes = list(concept["classes"])
     spec = concept["evaluation"]["labeler"] or concept["labeler"]
     labeler = make_labeler(spec, classes, device=device)  # fails here if weights are missing
-    if toy:
-        if not toy_features:
-            raise ValueError("the toy model's metrics need the toy feature extractor")
-        embedder: Any = ToyFeatureEmbedder(toy_features, device=device)
-    else:
-        embedder = ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"],
-                                device=device,
-                                checkpoint_tag=evaluation.get("clip_checkpoint_tag"))
+    embedder = image_embedder(toy, toy_features, evaluation, device)
     rows = read_shards(steered)
     images = load_images(rows["image"])
-    margin = float(spec.get("margin", 0.0))
-    labels = label_table(rows, labeler.scores(images), labeler, margin)["label"]
-    probabilities = labeler.class_probabilities(images)
-    if probabilities is not None:  # the paper's FD: mean probabilities, every image kept
-        fd, fd_per_prompt = fairness_discrepancy_from_probabilities(
-            probabilities, list(rows["prompt"]), classes, concept.get("reference"))
-        fd_from = "mean class probabilities of every image"
-    else:
-        fd, fd_per_prompt = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
-                                                 concept.get("reference"))
-        fd_from = "shares of labelled images"
+    fd, fd_per_prompt, fd_from, labels = score_fd(labeler, spec, images, list(rows["prompt"]),
+                                                  classes, concept.get("reference"), rows)
     embeddings = embedder.embed_images(images)
     clip_i = math.nan
     if original:

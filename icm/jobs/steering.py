@@ -6,7 +6,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,88 @@ def probe_step_axis(metas: Sequence[str | Path]) -> tuple[np.ndarray, int]:
     return axes[0], int(records[0]["num_train_timesteps"])
 
 
+@dataclass
+class SteeringPlan:
+    """What a variant steers, read off the probes and the ranking: per pair its sites and
+    direction rows, the step axis and start, and how each class is reached."""
+
+    classes: list[str]
+    pushes: dict
+    probs: np.ndarray
+    sites: dict[str, list[str]]
+    vectors: dict[str, dict]
+    timesteps: np.ndarray | None
+    start_step: int | None
+    start_rule: str | None
+
+    def check_pipeline(self, pipe: Any, steps: int) -> np.ndarray:
+        """The pipeline's planned timesteps, which must be the probes' when it steers."""
+        planned = denoising_timesteps(pipe.scheduler, steps)
+        if self.timesteps is not None and not same_timesteps(planned, self.timesteps):
+            raise ValueError(
+                f"{type(pipe.scheduler).__name__} with {steps} steps runs {len(planned)} "
+                f"steps at timesteps {planned.round(1).tolist()}, but the probes were fitted "
+                f"at {len(self.timesteps)} steps, timesteps {self.timesteps.round(1).tolist()}:"
+                " steer with the model settings of the generation run, or regenerate and refit")
+        return planned
+
+
+def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
+                  ranking: str | Path | None, pair_ranking: str | Path | None,
+                  directions: Sequence[str | Path], directions_meta: Sequence[str | Path],
+                  start: str | Path | None) -> SteeringPlan:
+    """The ``SteeringPlan`` of a resolved variant (``sites``, ``seed``, ``k``); the original
+    (``sites: none``) reads no probe output."""
+    classes = list(concept["classes"])
+    pairs = [tuple(p) for p in concept["pairs"]]
+    names = [Pair(*p).name for p in pairs]
+    pushes = class_pushes(classes, pairs)
+    probs = target_probabilities(classes, concept["steering"]["target_probs"])
+    if variant["sites"] == "none":
+        return SteeringPlan(classes, pushes, probs, {n: [] for n in names}, {}, None, None, None)
+    sites = sites_per_pair(
+        pd.read_csv(ranking) if ranking else None,
+        pd.read_csv(pair_ranking) if pair_ranking else None,
+        names, variant["sites"], variant.get("k"), variant["seed"])
+    vectors = load_directions(pairs, directions, sites)
+    timesteps, _ = probe_step_axis(directions_meta)
+    chosen = json.loads(Path(start).read_text())
+    start_step = int(chosen["start_step"])
+    if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
+        raise ValueError(f"{start}: start step {start_step} is timestep "
+                         f"{chosen['start_timestep']} there but {timesteps[start_step]} "
+                         "in the probes; rerun the ranking")
+    for pair, per_site in vectors.items():
+        for site, v in per_site.items():
+            if v.shape[0] != len(timesteps):
+                raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
+                                 f"probes list {len(timesteps)} timesteps: refit the probes")
+    return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
+                        chosen["start_rule"])
+
+
+def steer_batches(pipe: Any, plan: SteeringPlan, samples: Sequence, batch_size: int,
+                  alpha: float, settings: SamplerSettings, seed: int,
+                  draw: str) -> Iterator[tuple[Sequence, list, str, bool]]:
+    """(batch, images, target, steered) for each batch of ``samples`` (cut on the global
+    batch grid): the batch's target class is drawn from (seed, global batch index), and the
+    batch is steered toward it when the class has a direction, the variant sites and alpha
+    is not 0."""
+    for batch in batches(samples, batch_size):
+        index = batch[0].sample // batch_size  # shard-independent on the global grid
+        target = batch_target(plan.classes, plan.probs, seed, index, draw)
+        push = plan.pushes[target]
+        steered = bool(push is not None and plan.sites[push.pair] and alpha != 0)
+        if steered:
+            chosen = {s: push.sign * plan.vectors[push.pair][s] for s in plan.sites[push.pair]}
+            with steer_activations(pipe, chosen, alpha, plan.start_step,
+                                   timesteps=plan.timesteps):
+                images = generate_images(pipe, batch, settings)
+        else:
+            images = generate_images(pipe, batch, settings)
+        yield batch, images, target, steered
+
+
 def steer_shard_job(
     *,
     model_name: str,
@@ -78,6 +161,7 @@ def steer_shard_job(
     directions: Sequence[str | Path],
     directions_meta: Sequence[str | Path],
     start: str | Path | None,
+    alphas: str | Path | None,
     images_dir: str | Path,
     table: str | Path,
     record: str | Path,
@@ -85,41 +169,20 @@ def steer_shard_job(
     """Generate one shard of a variant: each batch gets a target class; if the class has a
     direction and the variant sites and a non-zero alpha, the batch is steered toward it.
 
-    ``variant`` is resolved: ``sites`` (selection), ``alpha``, ``seed``, and ``k`` where the
-    selection uses it; the original (``sites: none``) needs no ranking and no directions;
-    ``directions`` and ``directions_meta`` are the probes' safetensors and JSON files in the
-    order of ``concept["pairs"]``; ``pair_ranking`` (``ranking_by_pair.csv``) selects sites
-    per pair, None selects them once from ``ranking``. The samples are the evaluation seed
-    stream over the concept's evaluation prompts: none of them is a localization sample.
+    ``variant`` is resolved: ``sites`` (selection), ``alpha`` (a number, or ``auto``: the
+    calibration's choice, file ``alphas``), ``seed``, and ``k`` where the selection uses it;
+    the original (``sites: none``) needs no ranking and no directions; ``directions`` and
+    ``directions_meta`` are the probes' safetensors and JSON files in the order of
+    ``concept["pairs"]``; ``pair_ranking`` (``ranking_by_pair.csv``) selects sites per pair,
+    None selects them once from ``ranking``. The samples are the evaluation seed stream over
+    the concept's evaluation prompts: none of them is a localization or calibration sample.
     The step axis (count and timesteps) comes from the probes, and the pipeline must run
     the same timesteps; the start step is the ranking's (``ranking.json``, ``start``).
     """
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
-    classes = list(concept["classes"])
-    pairs = [tuple(p) for p in concept["pairs"]]
-    names = [Pair(*p).name for p in pairs]
-    pushes = class_pushes(classes, pairs)
-    probs = target_probabilities(classes, concept["steering"]["target_probs"])
-    unsteered = variant["sites"] == "none"  # the original model reads no probe output
-    sites = {n: [] for n in names} if unsteered else sites_per_pair(
-        pd.read_csv(ranking) if ranking else None,
-        pd.read_csv(pair_ranking) if pair_ranking else None,
-        names, variant["sites"], variant.get("k"), variant["seed"])
-    vectors = {} if unsteered else load_directions(pairs, directions, sites)
-    timesteps, start_step, start_rule = None, None, None
-    if not unsteered:
-        timesteps, _ = probe_step_axis(directions_meta)
-        chosen = json.loads(Path(start).read_text())
-        start_step, start_rule = int(chosen["start_step"]), chosen["start_rule"]
-        if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
-            raise ValueError(f"{start}: start step {start_step} is timestep "
-                             f"{chosen['start_timestep']} there but {timesteps[start_step]} "
-                             "in the probes; rerun the ranking")
-    for pair, per_site in vectors.items():
-        for site, v in per_site.items():
-            if v.shape[0] != len(timesteps):
-                raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
-                                 f"probes list {len(timesteps)} timesteps: refit the probes")
+    plan = plan_steering(concept, variant, ranking, pair_ranking, directions, directions_meta,
+                         start)
+    alpha, alpha_rule = resolve_alpha(variant, variant_name, alphas)
     prompts = concept.get("evaluation_prompts") or concept["prompts"]
     samples = concept_samples(concept, model, generation,
                               concept["steering"]["samples_per_prompt"], stream="evaluation",
@@ -127,44 +190,26 @@ def steer_shard_job(
     batch_size = concept["steering"].get("batch_size") or model["batch_size"]
     mine = shard_samples(samples, model["n_shards"], shard, batch_size)
     log.info("%s/%s variant %s shard %d: %d samples, alpha %g from step %s at %s",
-             model_name, concept_name, variant_name, shard, len(mine), variant["alpha"],
-             start_step, sites)
+             model_name, concept_name, variant_name, shard, len(mine), alpha,
+             plan.start_step, plan.sites)
     pipe = load_pipeline(spec, device=generation["device"])
-    planned = denoising_timesteps(pipe.scheduler, spec.steps)
-    if timesteps is not None and not same_timesteps(planned, timesteps):
-        raise ValueError(
-            f"{type(pipe.scheduler).__name__} with {spec.steps} steps runs {len(planned)} "
-            f"steps at timesteps {planned.round(1).tolist()}, but the probes were fitted at "
-            f"{len(timesteps)} steps, timesteps {timesteps.round(1).tolist()}: steer with the "
-            "model settings of the generation run, or regenerate and refit")
+    planned = plan.check_pipeline(pipe, spec.steps)
     settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
     rows: list[dict[str, object]] = []
     rel = Path(os.path.relpath(Path(images_dir).resolve(), Path(table).parent.resolve()))
     with (atomic_directory(images_dir) as partial,
           tqdm(total=len(mine), desc=f"steer {variant_name}", unit="img", file=sys.stderr) as bar):
         partial.mkdir()
-        for batch in batches(mine, batch_size):
-            # Shards are cut on the global batch grid, so this index is shard-independent.
-            index = batch[0].sample // batch_size
-            target = batch_target(classes, probs, variant["seed"], index,
-                                  concept["steering"]["target_draw"])
-            push = pushes[target]
-            steered = bool(push is not None and sites[push.pair] and variant["alpha"] != 0)
-            assert not steered or timesteps is not None
-            if steered:
-                assert push is not None
-                chosen = {s: push.sign * vectors[push.pair][s] for s in sites[push.pair]}
-                with steer_activations(pipe, chosen, variant["alpha"], start_step,
-                                       timesteps=timesteps):
-                    images = generate_images(pipe, batch, settings)
-            else:
-                images = generate_images(pipe, batch, settings)
+        for batch, images, target, steered in steer_batches(
+                pipe, plan, mine, batch_size, alpha, settings, variant["seed"],
+                concept["steering"]["target_draw"]):
             for sample, image in zip(batch, images, strict=True):
                 image.save(partial / image_name(sample))
                 rows.append({**sample.as_row(), "image": str(rel / image_name(sample)),
                              "target": target, "steered": steered})
             bar.update(len(batch))
     write_table(table, rows, STEER_COLUMNS)
+    unsteered = variant["sites"] == "none"
     write_json(record, {
         "model": {"name": model_name, "source": source, "steps": spec.steps,
                   "scheduler": type(pipe.scheduler).__name__},
@@ -172,20 +217,23 @@ def steer_shard_job(
         "variant": variant_name,
         "selection": variant["sites"],
         "sites_per": None if unsteered else "pair" if pair_ranking else "concept",
-        "sites": sites,
-        "sites_by_target": {c: [] if p is None else sites[p.pair] for c, p in pushes.items()},
-        "alpha": variant["alpha"],
+        "sites": plan.sites,
+        "sites_by_target": {c: [] if p is None else plan.sites[p.pair]
+                            for c, p in plan.pushes.items()},
+        "alpha": alpha,
+        "alpha_rule": alpha_rule,
         "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],
-        "start_step": start_step,
-        "start_timestep": None if start_step is None else float(timesteps[start_step]),
-        "start_rule": start_rule,
+        "start_step": plan.start_step,
+        "start_timestep": None if plan.start_step is None
+        else float(plan.timesteps[plan.start_step]),
+        "start_rule": plan.start_rule,
         "timesteps": planned.tolist(),
         "pushes": {c: None if p is None else {"pair": p.pair, "sign": p.sign}
-                   for c, p in pushes.items()},
+                   for c, p in plan.pushes.items()},
         "target_draw": concept["steering"]["target_draw"],
-        "target_probs": dict(zip(classes, np.round(probs, 6).tolist(), strict=True)),
+        "target_probs": dict(zip(plan.classes, np.round(plan.probs, 6).tolist(), strict=True)),
         "prompts": list(prompts),
         "seed_stream": "evaluation",
         "shard": shard,
@@ -193,3 +241,15 @@ def steer_shard_job(
         "base_seed": generation["base_seed"],
         "versions": package_versions(),
     })
+
+
+def resolve_alpha(variant: Mapping[str, Any], name: str,
+                  alphas: str | Path | None) -> tuple[float, str]:
+    """The variant's alpha and the rule that gave it: the configured number, or with
+    ``auto`` the calibration's choice (``calibration/{variant}.alpha.json``)."""
+    if variant["alpha"] != "auto":
+        return float(variant["alpha"]), "fixed in config"
+    if alphas is None:
+        raise ValueError(f"variant {name}: alpha auto needs the calibration's choice")
+    chosen = json.loads(Path(alphas).read_text())
+    return float(chosen["alpha"]), chosen["alpha_rule"]

@@ -1,0 +1,71 @@
+# Stage 4a: how hard each variant pushes. Variants with `alpha: auto` are swept over
+# `steering.calibration.alphas` on calibration-stream samples (seeds disjoint from the
+# evaluation's); each keeps the lowest-FD alpha whose CLIP-I stays above the floor, in a file
+# of its own. plot_tradeoff draws them all (table.csv asks for it).
+
+rule calibrate_steering:
+    input:
+        # what steering reads, but the alphas (which this rule decides)
+        unpack(lambda wildcards: {k: v for k, v in steer_inputs(wildcards).items()
+                                  if k != "alphas"}),
+        unpack(lambda wildcards: {k: v for k, v in metric_inputs(wildcards).items()
+                                  if k in ("checkpoints", "toy_features", "toy_features_sidecar")}),
+        model=model_input,
+    output:
+        sweep="results/{model}/{concept}/calibration/{variant}.csv",
+        alpha="results/{model}/{concept}/calibration/{variant}.alpha.json",
+    log:
+        "logs/{model}/{concept}/calibration/{variant}.log",
+    params:
+        model=model_params,
+        source=lambda wildcards: model_source(wildcards.model),
+        concept=steer_concept,
+        generation={k: config["generation"][k] for k in ("base_seed", "device")},
+        variant=lambda wildcards: {k: v for k, v in variant_spec(wildcards).items()
+                                   if k != "alpha"},
+        calibration={k: config["steering"]["calibration"][k]
+                     for k in ("alphas", "samples_per_prompt")},
+        toy=is_toy,
+        evaluation=metric_settings,
+        labels=concept_params("labeler", "evaluation", "reference"),
+        floor=config["steering"]["calibration"]["clip_i_floor"],
+        code=job_code("calibrate_variant_job"),
+    wildcard_constraints:
+        variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+    threads: model_threads
+    resources:
+        gpu=gpu_resources,
+        mem_mb=mem_resources,
+        runtime=runtime_resources,
+        slurm_partition=model_partition,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/calibrate_steering.py"
+
+
+rule plot_tradeoff:
+    input:
+        sweeps=lambda wildcards: [
+            f"results/{wildcards.model}/{wildcards.concept}/calibration/{v}.csv"
+            for v in calibrated_variants(wildcards)],
+        alphas=lambda wildcards: [
+            f"results/{wildcards.model}/{wildcards.concept}/calibration/{v}.alpha.json"
+            for v in calibrated_variants(wildcards)],
+    output:
+        table="results/{model}/{concept}/calibration/tradeoff.csv",
+        plot=report(
+            "results/{model}/{concept}/calibration/tradeoff.png",
+            category="steering",
+            caption="../docs/report/tradeoff.rst",
+        ),
+    log:
+        "logs/{model}/{concept}/calibration/tradeoff.log",
+    params:
+        floor=config["steering"]["calibration"]["clip_i_floor"],
+        code=job_code("tradeoff_job"),
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/plot_tradeoff.py"
