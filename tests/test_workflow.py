@@ -208,6 +208,8 @@ def check_what_reruns(workdir, tmp_path):
     # The calibration grid or floor: calibration and what follows it, nothing before.
     assert plan("steering: {calibration: {alphas: [2, 4]}}\n") == recalibrated | {
         "total": 18}
+    assert plan("steering: {calibration: {clip_i_floor: 0.5}}\n") == recalibrated | {
+        "total": 18}
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
