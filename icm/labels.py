@@ -179,11 +179,10 @@ class FairFaceLabeler(Labeler):
         """Probabilities of the classes (N, K) and of the outside groups (N, G)."""
         probs = self.raw_probabilities(images)
         inside = np.stack([sum(probs[n] for n in self.groups[c]) for c in self.classes], axis=1)
-        grouped = {n for c in self.classes for n in self.groups[c]}
         outside_groups = [members for name, members in FAIRFACE_GROUPS[self.attribute].items()
                           if name not in self.classes]
         covered = {n for members in FAIRFACE_GROUPS[self.attribute].values() for n in members}
-        outside_groups += [(n,) for n in probs if n not in covered and n not in grouped]
+        outside_groups += [(n,) for n in probs if n not in covered]
         outside = (np.stack([sum(probs[n] for n in g) for g in outside_groups], axis=1)
                    if outside_groups else np.zeros((len(inside), 0)))
         return inside, outside

@@ -100,8 +100,8 @@ def prompt_baseline(y: np.ndarray, groups: np.ndarray, train: np.ndarray,
     overall = int(np.mean(y[train]) >= 0.5)
     guess = {}
     for group in np.unique(groups[train]):
-        mine = y[train][groups[train] == group]
-        guess[group] = int(np.mean(mine) > 0.5) if np.mean(mine) != 0.5 else overall
+        share = np.mean(y[train][groups[train] == group])
+        guess[group] = overall if share == 0.5 else int(share > 0.5)
     predicted = np.array([guess.get(g, overall) for g in groups[test]])
     return float(np.mean(predicted == y[test]))
 

@@ -23,13 +23,18 @@ from icm.schedule import start_step  # noqa: E402
 from icm.sites import SITE_KINDS, site_kind  # noqa: E402
 
 
-def scores_start_step(scores: pd.DataFrame, start_of_50: int) -> int:
-    """The steering start of a scores table (columns step, timestep, num_train_timesteps)."""
+def step_timesteps(scores: pd.DataFrame) -> pd.Series:
+    """The step axis of a scores table: the timestep of each step 0..S-1."""
     steps = scores.groupby("step", sort=True)["timestep"].first()
     if list(steps.index) != list(range(len(steps))):
         raise ValueError(f"scores cover steps {list(steps.index)}, not 0..{len(steps) - 1}")
+    return steps
+
+
+def scores_start_step(scores: pd.DataFrame, start_of_50: int) -> int:
+    """The steering start of a scores table (columns step, timestep, num_train_timesteps)."""
     train = int(scores["num_train_timesteps"].iloc[0])
-    return start_step(steps.to_numpy(), train, start_of_50)
+    return start_step(step_timesteps(scores).to_numpy(), train, start_of_50)
 
 
 def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
@@ -80,12 +85,12 @@ def auto_start_step(scores: pd.DataFrame, k: int, level: float,
     baseline significantly (``start_pvalues`` below ``level``). The sites are ranked from the
     start they give, so the two are solved together from start 0 until they agree. None
     when no step is significant."""
+    from icm.debias import sites_per_pair
+
+    pairs = list(dict.fromkeys(scores["pair"]))
     t0 = 0
     for _ in range(rounds):
-        selected = {}
-        for pair, group in scores.groupby("pair", sort=False):
-            ranked = rank_sites(group, t0)
-            selected[pair] = list(ranked[ranked["kind"] == "attn1"]["site"][:k])
+        selected = sites_per_pair(None, rank_per_pair(scores, t0), pairs, "top", k, seed=0)
         pvalues = start_pvalues(scores, selected)
         significant = np.flatnonzero(pvalues < level)
         if not len(significant):

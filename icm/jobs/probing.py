@@ -55,7 +55,7 @@ def fit_probes_job(
 
     from icm.probes import Pair, fit_pair
     from icm.provenance import package_versions
-    from icm.ranking import plot_heatmap
+    from icm.ranking import plot_heatmap, step_timesteps
     from icm.sites import site_kind
     from icm.store import open_store, read_sites, site_widths
 
@@ -97,7 +97,7 @@ def fit_probes_job(
     write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
     save_file({s: directions[s] for s in order}, str(output_directions),
               metadata={"pair": target.name, "positive": target.positive})
-    step_axis = scores.groupby("step", sort=True)["timestep"].first()
+    step_axis = step_timesteps(scores)
     write_json(output_meta, {
         "format": "icm-directions/1",
         "pair": target.name, "positive": target.positive, "negative": target.negative,
@@ -135,10 +135,11 @@ def rank_sites_job(
         rank_per_pair,
         rank_sites,
         scores_start_step,
+        step_timesteps,
     )
 
     scores = pd.concat([pd.read_csv(p) for p in scores_csvs], ignore_index=True)
-    timesteps = scores.groupby("step", sort=True)["timestep"].first()
+    timesteps = step_timesteps(scores)
     record: dict[str, Any] = {"steer_start": probes["steer_start"]}
     if probes["steer_start"] == "auto":
         level = probes["start_level"]

@@ -52,15 +52,15 @@ def load_directions(pairs: Sequence[Sequence[str]], paths: Sequence[str | Path],
     return out
 
 
-def probe_step_axis(metas: Sequence[str | Path]) -> tuple[np.ndarray, int]:
-    """The timesteps (one per step) and training timesteps T the probes were fitted on, the
-    same for every pair (they read the same stores)."""
+def probe_step_axis(metas: Sequence[str | Path]) -> np.ndarray:
+    """The timesteps (one per step) the probes were fitted on, the same for every pair
+    (they read the same stores)."""
     records = [json.loads(Path(m).read_text()) for m in metas]
     axes = [np.asarray(r["timesteps"], dtype=np.float64) for r in records]
     if any(not same_timesteps(axes[0], a) for a in axes[1:]):
         raise ValueError(f"the probes of {[r['pair'] for r in records]} were fitted on "
                          "different step axes; refit them from one generation")
-    return axes[0], int(records[0]["num_train_timesteps"])
+    return axes[0]
 
 
 @dataclass
@@ -107,7 +107,7 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
         pd.read_csv(pair_ranking) if pair_ranking else None,
         names, variant["sites"], variant.get("k"), variant["seed"])
     vectors = load_directions(pairs, directions, sites)
-    timesteps, _ = probe_step_axis(directions_meta)
+    timesteps = probe_step_axis(directions_meta)
     chosen = json.loads(Path(start).read_text())
     start_step = int(chosen["start_step"])
     if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
