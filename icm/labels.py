@@ -44,6 +44,14 @@ class Labeler(ABC):
         None for labelers whose scores are not probabilities (CLIP cosines, the oracle)."""
         return None
 
+    def confidences(self, scores: np.ndarray) -> np.ndarray:
+        """(images, classes) confidence in each class, from ``scores`` (NaN rows stay NaN):
+        by default the non-negative scores as shares of their sum (the oracle's colour
+        scores are a softmax already, its shape scores are IoUs)."""
+        positive = np.clip(scores, 0.0, None)
+        total = positive.sum(axis=1, keepdims=True)
+        return positive / np.where(total > 0, total, np.nan)
+
 
 class OracleLabeler(Labeler):
     """Colour or shape read from pixels (toy world only)."""
@@ -99,6 +107,14 @@ class ClipLabeler(Labeler):
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embedder.embed_images(images)
+
+    def confidences(self, scores: np.ndarray) -> np.ndarray:
+        """CLIP's zero-shot probabilities: softmax over classes of 100 x cosine (the logit
+        scale CLIP is trained with)."""
+        logits = 100.0 * scores
+        logits = logits - np.nanmax(logits, axis=1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(axis=1, keepdims=True)
 
     def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
         similarity = self.embed_images(images) @ self.text.T

@@ -138,18 +138,24 @@ def fairness_discrepancy_from_probabilities(
 # --- similarity ----------------------------------------------------------------------------
 
 
-def paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean cosine similarity of row i of ``a`` with row i of ``b``.
-
-    CLIP-I uses it with steered vs original images of the same seed: how much steering changed
-    the picture beyond the chosen attribute. Rows need not be normalised.
-    """
+def paired_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row i of ``a`` with row i of ``b``, per row (rows need not be
+    normalised)."""
     a, b = np.asarray(a), np.asarray(b)
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"need two (N, D) arrays of one shape, got {a.shape} and {b.shape}")
     if len(a) == 0:
         raise ValueError("no rows to compare")
-    return float(np.mean(np.sum(_unit_rows(a) * _unit_rows(b), axis=1, dtype=np.float64)))
+    return np.sum(_unit_rows(a) * _unit_rows(b), axis=1, dtype=np.float64)
+
+
+def paired_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of row i of ``a`` with row i of ``b``.
+
+    CLIP-I uses it with steered vs original images of the same seed: how much steering changed
+    the picture beyond the chosen attribute.
+    """
+    return float(np.mean(paired_cosines(a, b)))
 
 
 def clip_t(image_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float:
@@ -192,21 +198,31 @@ def _toy_resizer(size: int) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class ToyFeatureEmbedder:
-    """The toy world's feature CNN as an image embedder (CLIP-I stand-in there)."""
+    """The toy world's feature CNN as an image embedder (CLIP-I stand-in there).
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    With ``neutral`` (an attribute, ``color`` or ``shape``) each image is first
+    neutralised (``icm.toy.oracle.neutralise``): the features encode colour and shape
+    explicitly, so a pure colour flip of one scene scores 0.72 on raw features and 1.0 on
+    colour-neutralised ones; the similarity then counts what steering the attribute
+    changed besides it, the damage CLIP-I is meant to measure."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", neutral: str | None = None) -> None:
         self.net = _load_toy_net(path, device)
         self.size = _toy_size(self.net)
         self.resize = _toy_resizer(self.size)
-        self.name = "toy features"
+        self.neutral = neutral
+        self.name = "toy features" + (f", {neutral} neutralised" if neutral else "")
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, D) unit-norm pooled features; images of another size are resized to the net's."""
         from icm.toy.features import extract_features
 
+        from icm.toy.oracle import neutralise
+
         pixels = np.zeros((len(images), self.size, self.size, 3), np.float32)
         for i, image in enumerate(images):
-            pixels[i] = self.resize(np.asarray(image.convert("RGB")))
+            rgb = np.asarray(image.convert("RGB"))
+            pixels[i] = self.resize(neutralise(rgb, self.neutral) if self.neutral else rgb)
         return _unit_rows(extract_features(self.net, pixels / np.float32(255.0)))
 
 

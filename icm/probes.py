@@ -72,6 +72,7 @@ class ProbeResult:
     n_test: int
     counts: dict[str, int]
     prompt_acc: float = float("nan")  # test accuracy of the prompt alone (no groups: NaN)
+    spread: np.ndarray | None = None  # (steps,) within-class std along the direction (train)
 
 
 def split_indices(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,6 +114,20 @@ def prompt_covariates(groups: np.ndarray) -> np.ndarray | None:
     if len(names) < 2:
         return None
     return (groups[:, None] == names[None, 1:]).astype(np.float32)
+
+
+def direction_spread(x: np.ndarray, y: np.ndarray, train: np.ndarray,
+                     directions: np.ndarray) -> np.ndarray:
+    """(steps,) pooled within-class standard deviation of the training rows of ``x``
+    (samples, steps, channels) projected on the unit ``directions`` (steps, channels): how far
+    one class's samples spread along the axis, the unit of ``alpha_unit: spread`` steering
+    (a step whose activations are small gets a small push)."""
+    rows = np.asarray(x[train])
+    proj = np.einsum("nsc,sc->ns", rows, directions.astype(rows.dtype)).astype(np.float64)
+    labels = y[train]
+    within = sum(((proj[labels == c] - proj[labels == c].mean(0)) ** 2).sum(0)
+                 for c in (0, 1))
+    return np.sqrt(within / max(len(labels) - 2, 1))
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -377,7 +392,8 @@ def fit_pair(
             tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test,
                                                covariates=covariates)
             results.append(ProbeResult(site, pair, tr_acc, te_acc, dirs, len(train), len(test),
-                                       counts, prompt_acc))
+                                       counts, prompt_acc,
+                                       direction_spread(np.asarray(x), y, train, dirs)))
         return results
     if backend != "torch":
         raise ValueError(f"unknown probe backend {backend!r}; use 'torch' or 'sklearn'")
@@ -391,6 +407,7 @@ def fit_pair(
                                          covariates=covariates)
         for k, site in enumerate(sites):
             results.append(ProbeResult(site, pair, tr_acc[k], te_acc[k], dirs[k], len(train),
-                                       len(test), counts, prompt_acc))
+                                       len(test), counts, prompt_acc,
+                                       direction_spread(stacked[:, k], y, train, dirs[k])))
     order = list(activations)
     return sorted(results, key=lambda r: order.index(r.site))

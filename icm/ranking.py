@@ -78,19 +78,23 @@ def start_pvalues(scores: pd.DataFrame, selected: dict[str, list[str]]) -> np.nd
     return out
 
 
-def auto_start_step(scores: pd.DataFrame, k: int, level: float,
-                    rounds: int = 5) -> tuple[int | None, np.ndarray]:
+def auto_start_step(scores: pd.DataFrame, k: int, level: float, rounds: int = 5,
+                    sites_per: str = "pair") -> tuple[int | None, np.ndarray]:
     """The paper's rule (section 4.1): steer from the first step at which the probes of the
-    sites steering would use (each pair's k best self-attention sites) beat the prompt-only
-    baseline significantly (``start_pvalues`` below ``level``). The sites are ranked from the
-    start they give, so the two are solved together from start 0 until they agree. None
-    when no step is significant."""
+    sites steering would use (the k best self-attention sites of each pair's ranking, or
+    with ``sites_per="concept"`` of the concept ranking) beat the prompt-only baseline
+    significantly (``start_pvalues`` below ``level``). The sites are ranked from the start
+    they give, so the two are solved together from start 0 until they agree. None when no
+    step is significant."""
     from icm.debias import sites_per_pair
 
     pairs = list(dict.fromkeys(scores["pair"]))
     t0 = 0
     for _ in range(rounds):
-        selected = sites_per_pair(None, rank_per_pair(scores, t0), pairs, "top", k, seed=0)
+        if sites_per == "concept":
+            selected = sites_per_pair(rank_sites(scores, t0), None, pairs, "top", k, seed=0)
+        else:
+            selected = sites_per_pair(None, rank_per_pair(scores, t0), pairs, "top", k, seed=0)
         pvalues = start_pvalues(scores, selected)
         significant = np.flatnonzero(pvalues < level)
         if not len(significant):

@@ -24,7 +24,7 @@ rule calibrate_steering:
         variant=lambda wildcards: {k: v for k, v in variant_spec(wildcards).items()
                                    if k != "alpha"},
         calibration={k: config["steering"]["calibration"][k]
-                     for k in ("alphas", "samples_per_prompt")},
+                     for k in ("alphas", "samples_per_prompt", "max_doublings")},
         toy=is_toy,
         evaluation=metric_settings,
         labels=concept_params("labeler", "evaluation", "reference"),

@@ -189,6 +189,7 @@ def variant_spec(wildcards):
         return {**spec, "alpha": 0.0}
     alpha = alphas.get(wildcards.variant, variant["alpha"])
     spec["alpha"] = alpha if alpha == "auto" else float(alpha)
+    spec["alpha_unit"] = config["steering"]["alpha_unit"]
     if variant["sites"] != "all":
         spec["k"] = config["steering"]["k"]
         spec["sites_per"] = config["steering"]["sites_per"]
@@ -200,6 +201,18 @@ def alpha_is_auto(concept, variant):
     alphas = CONCEPTS[concept]["steering"]["alpha"]
     spec = VARIANTS[variant]
     return spec["sites"] != "none" and alphas.get(variant, spec["alpha"]) == "auto"
+
+
+def target_classes(wildcards):
+    """The classes a concept tabulates one-target steering for (`steering.targets`, null:
+    every class); each must be a class of the concept."""
+    spec = CONCEPTS[wildcards.concept]
+    chosen = spec["steering"].get("targets") or spec["classes"]
+    unknown = [t for t in chosen if t not in spec["classes"]]
+    if unknown:
+        raise ValueError(f"concepts.{wildcards.concept}.steering.targets: {unknown} are not "
+                         f"classes of the concept {spec['classes']}")
+    return list(chosen)
 
 
 def calibrated_variants(wildcards):
@@ -236,7 +249,8 @@ def steer_concept(wildcards):
         "prompts": spec["prompts"],
         "classes": spec["classes"],
         "pairs": [list(p) for p in concept_pairs(wildcards.concept)],
-        "steering": {k: v for k, v in spec["steering"].items() if k != "alpha"},
+        "steering": {k: v for k, v in spec["steering"].items()
+                     if k not in ("alpha", "targets")},  # neither changes an image
         "evaluation_prompts": spec["evaluation"]["prompts"],
     }
 

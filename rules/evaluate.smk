@@ -23,7 +23,8 @@ rule compute_metrics:
     input:
         unpack(metric_inputs),
     output:
-        "results/{model}/{concept}/metrics/{variant}.json",
+        metrics="results/{model}/{concept}/metrics/{variant}.json",
+        labels="results/{model}/{concept}/metrics/{variant}.labels.csv",
     log:
         "logs/{model}/{concept}/metrics/{variant}.log",
     params:
@@ -55,6 +56,9 @@ rule collect_table:
         tradeoff=lambda wildcards: [f"results/{wildcards.model}/{wildcards.concept}/"
                                     "calibration/tradeoff.png"] if calibrated_variants(
                                         wildcards) else [],  # ... and the calibration plot
+        targets=lambda wildcards: [f"results/{wildcards.model}/{wildcards.concept}/"
+                                   f"target-{c}/table.csv" for c in target_classes(wildcards)]
+                                   if ORIGINAL else [],  # ... and the one-target tables
     output:
         table="results/{model}/{concept}/table.csv",
         plot=report(
@@ -71,6 +75,30 @@ rule collect_table:
         "../envs/generation.yaml"
     script:
         "../workflow_scripts/collect_table.py"
+
+
+rule tabulate_target:
+    input:
+        labels=expand("results/{{model}}/{{concept}}/metrics/{variant}.labels.csv",
+                      variant=VARIANTS),
+        metrics=expand("results/{{model}}/{{concept}}/metrics/{variant}.json", variant=VARIANTS),
+        records=expand(
+            "results/{{model}}/{{concept}}/steer/{variant}/shard-000/steering.json",
+            variant=VARIANTS,
+        ),
+    output:
+        "results/{model}/{concept}/target-{target}/table.csv",
+    log:
+        "logs/{model}/{concept}/target-{target}.log",
+    params:
+        original=ORIGINAL,
+        variants=list(VARIANTS),
+        code=job_code("target_table_job"),
+    localrule: True
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/tabulate_target.py"
 
 
 rule plot_grid:

@@ -48,7 +48,9 @@ rule rank_sites:
     log:
         "logs/{model}/{concept}/ranking.log",
     params:
-        probes={k: config["probes"][k] for k in ("steer_start", "start_level")},
+        probes={k: config["probes"][k] for k in ("steer_start", "start_level")} | (
+            {"sites_per": config["steering"]["sites_per"]}
+            if config["probes"]["steer_start"] == "auto" else {}),
         # the sites whose probes decide an automatic start (unused by a fixed one)
         k=config["steering"]["k"] if config["probes"]["steer_start"] == "auto" else None,
         code=job_code("rank_sites_job"),

@@ -7,10 +7,12 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from icm.jobs.evaluation import collect_table_job, compute_metrics_job, plot_grid_job
 from icm.jobs.steering import STEER_COLUMNS
+from icm.jobs.targets import read_labels, target_rows
 from icm.tables import write_table
 
 CLIP = {"type": "clip", "model": "ViT-S-32-alt", "pretrained": None, "prompts": None}
@@ -43,12 +45,16 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
         outputs[variant] = tmp_path / f"{variant}.json"
         compute_metrics_job(toy=False, concept=concept, evaluation=evaluation, variant=variant,
                             steered=tables, original=base, fid_reference=None,
-                            toy_features=None, output=outputs[variant])
+                            toy_features=None, output=outputs[variant],
+                            output_labels=tmp_path / f"{variant}.labels.csv")
     icm = json.loads(outputs["icm"].read_text())
     assert icm["n_images"] == 4 and 0 <= icm["FD"] <= math.sqrt(0.5) + 1e-9
     assert -1 <= icm["CLIP-I"] < 0.9999 and -1 <= icm["CLIP-T"] <= 1  # different images
     assert "ViT-S-32-alt" in icm["backends"]["CLIP-T"] and math.isnan(icm["FID"])
     assert math.isnan(json.loads(outputs["original"].read_text())["CLIP-I"])
+    per_image = read_labels(tmp_path / "icm.labels.csv")
+    assert len(per_image) == 4 and np.allclose(per_image[["p_woman", "p_man"]].sum(axis=1), 1)
+    assert np.isclose(per_image["CLIP-I"].mean(), icm["CLIP-I"])  # the mean is the metric
 
     records = []
     for variant, sites, alpha in (("original", [], 0.0), ("icm", ["a.attn1", "b.attn1"], 8.0)):
@@ -64,3 +70,32 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
     plot_grid_job({"original": [original], "icm": [steered]}, 3, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 1000
     assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def per_image(labels, targets, confidence, clip_i=None):
+    """A per-image table as compute_metrics writes it, for samples 0..n-1."""
+    n = len(labels)
+    return pd.DataFrame({"sample": range(n), "prompt": "a shape", "target": targets,
+                         "steered": [t != "red" for t in targets], "label": labels,
+                         "p_red": 1 - np.asarray(confidence), "p_green": confidence,
+                         "CLIP-I": np.nan if clip_i is None else clip_i})
+
+
+def test_success_counts_only_images_that_were_not_already_the_target():
+    targets = ["green"] * 6 + ["red"] * 2
+    original = per_image(["green", "red", "red", "red", "", "red", "red", "green"], targets,
+                         [0.9, 0.1, 0.2, 0.1, 0.5, 0.1, 0.1, 0.8])
+    icm = per_image(["green", "green", "green", "red", "green", "green", "red", "red"],
+                    targets, [0.9, 0.8, 0.7, 0.3, 0.9, 0.6, 0.1, 0.2], clip_i=0.75)
+    rows = {r["variant"]: r for r in target_rows({"original": original, "icm": icm},
+                                                 "original", "green")}
+    # seeds 0-5 were steered to green; seed 0 was green already and seed 4 unlabelled
+    assert rows["icm"]["n_images"] == 6 and rows["icm"]["n_eligible"] == 4
+    assert rows["icm"]["success_rate"] == 0.75 and rows["original"]["success_rate"] == 0
+    assert np.isclose(rows["icm"]["already_target"], 1 / 6)
+    assert np.isclose(rows["icm"]["target_confidence"], np.mean([0.9, 0.8, 0.7, 0.3, 0.9, 0.6]))
+    assert rows["icm"]["CLIP-I"] == 0.75 and math.isnan(rows["original"]["CLIP-I"])
+    shuffled = icm.copy()
+    shuffled.loc[0, "target"] = "red"
+    with pytest.raises(ValueError, match="other targets"):
+        target_rows({"original": original, "icm": shuffled}, "original", "green")

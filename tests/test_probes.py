@@ -69,6 +69,22 @@ def test_direction_is_unit_and_points_to_the_positive_class():
     assert abs(signal.directions[5][3]) == np.abs(signal.directions[5]).max()
 
 
+def test_spread_follows_the_activation_scale_and_measures_the_class_gap():
+    acts, labels = planted(seed=2)
+    fitted = {r.site: r for r in fit_pair(acts, labels, PAIR)}
+    louder = {r.site: r for r in fit_pair({s: 10 * a for s, a in acts.items()}, labels, PAIR)}
+    signal = fitted["mid.attn1"]
+    assert signal.spread.shape == (8,) and (signal.spread > 0).all()
+    # ten times the activations: the same direction, ten times the spread, so alpha in
+    # spread units pushes ten times harder in raw units, the same in units of the data
+    np.testing.assert_allclose(louder["mid.attn1"].spread, 10 * signal.spread, rtol=1e-3)
+    y = labels == "green"
+    for step in (3, 5, 7):  # the planted classes are 4 noise std apart on channel 3
+        projection = acts["mid.attn1"][:, step] @ signal.directions[step]
+        gap = projection[y].mean() - projection[~y].mean()
+        assert 3 < gap / signal.spread[step] < 5
+
+
 def test_too_few_samples_name_the_class():
     acts, labels = planted(n=60)
     labels = labels.copy()
@@ -196,6 +212,8 @@ def test_automatic_start_is_the_first_step_that_beats_the_prompt_significantly()
                           for r in results for s, a in enumerate(r.test_acc)])
     start, pvalues = auto_start_step(frame, k=1, level=0.01)
     assert start == 4 and pvalues[4] < 0.01 and (pvalues[:4] >= 0.01).all()
+    # One selection for the concept (steering.sites_per: concept): its best site is the same.
+    assert auto_start_step(frame, k=1, level=0.01, sites_per="concept")[0] == 4
     # A prompt that decides everything leaves nothing to beat: no start.
     frame["prompt_acc"] = 1.0
     assert auto_start_step(frame, k=1, level=0.01)[0] is None

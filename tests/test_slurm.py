@@ -7,6 +7,7 @@ except under CI=true, where a missing cluster is a failure.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
+import numpy as np
 import pytest
 import yaml
 from workflow_helpers import TEST_CONFIG, job_counts
@@ -49,7 +50,9 @@ def cluster():
 
 def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     """The tiny test configuration's toy run, every non-local job an sbatch job, GPU jobs
-    asking for (placeholder) GPUs, all the way to the table."""
+    asking for (placeholder) GPUs: every kind of job up to one variant's metrics
+    (generation, labels, probes, ranking, calibration, steering, metrics); the rest of the
+    table is local rules, run in tests/test_workflow.py."""
     # The repository's profile, fitted to this 2-core node and its test cluster (no accounts,
     # no accounting): fewer CPUs and less memory per job, nothing else changed.
     profile = yaml.safe_load((ROOT / "profiles/slurm/config.yaml").read_text())
@@ -65,18 +68,19 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     env = {**cluster, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/test",
-         "--configfile", str(TEST_CONFIG), str(gpus), "--", "results/toy/color/table.csv"],
+         "--configfile", str(TEST_CONFIG), str(gpus), "--", "results/toy/color/metrics/icm.json"],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=1500,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    table = pd.read_csv(workdir / "results/toy/color/table.csv")
-    assert len(table) == 6 and table["FD"].notna().all()
+    metrics = json.loads((workdir / "results/toy/color/metrics/icm.json").read_text())
+    assert metrics["n_images"] == 40 and np.isfinite(metrics["FD"])
+    assert job_counts(out).get("calibrate_steering") == 1  # icm's alpha is calibrated
 
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
     counts = job_counts(out)
     local = {"merge_samples", "rank_sites", "render_reference", "collect_table", "plot_grid",
-             "plot_tradeoff"}
+             "plot_tradeoff", "tabulate_target"}
     remote = sum(n for rule, n in counts.items() if rule not in local | {"total"})
     assert len(submitted) == remote > 0
     # What SLURM recorded: the GPU jobs asked for one GPU, on the gpu partition.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -104,3 +106,34 @@ def test_the_alpha_rule_keeps_the_lowest_fd_above_the_fidelity_floor():
     assert choose_alpha(tied, 0.8)[0] == 2  # the smaller of equal FDs
     alpha, rule = choose_alpha(sweep, 0.99)
     assert alpha == 2 and "no alpha keeps" in rule
+
+
+def test_a_weak_selection_is_pushed_past_the_grid_until_it_costs_fidelity():
+    from icm.jobs.calibration import alpha_sweep
+
+    def measure(fidelity_per_alpha):
+        return lambda alpha: {"alpha": alpha, "CLIP-I": 1.0 - fidelity_per_alpha * alpha}
+
+    weak = alpha_sweep([2, 4], 0.8, 3, measure(0.01))  # CLIP-I 0.96 at 4: double on
+    assert [r["alpha"] for r in weak] == [0, 2, 4, 8, 16, 32]  # three doublings at most
+    stops = alpha_sweep([2, 4], 0.8, 3, measure(0.02))  # 0.84 at 8, 0.68 at 16: stop there
+    assert [r["alpha"] for r in stops] == [0, 2, 4, 8, 16]
+    strong = alpha_sweep([2, 4], 0.8, 3, measure(0.1))  # the grid already crosses the floor
+    assert [r["alpha"] for r in strong] == [0, 2, 4]
+    assert [r["alpha"] for r in alpha_sweep([2, 4], 0.8, 0, measure(0.01))] == [0, 2, 4]
+
+
+def test_spread_units_scale_each_row_by_its_site_and_step(tmp_path):
+    from icm.jobs.steering import scale_by_spread
+
+    meta = tmp_path / "directions.json"
+    entries = [{"site": s, "step": t, "spread": (1 + t) * (10 if s == "b" else 1)}
+               for s in ("a", "b") for t in range(3)]
+    meta.write_text(json.dumps({"entries": entries}))
+    unit = np.eye(3, 4, dtype=np.float32)
+    scaled = scale_by_spread({"red-green": {"a": unit, "b": unit}}, [("red", "green")], [meta])
+    np.testing.assert_allclose(np.linalg.norm(scaled["red-green"]["a"], axis=1), [1, 2, 3])
+    np.testing.assert_allclose(np.linalg.norm(scaled["red-green"]["b"], axis=1), [10, 20, 30])
+    meta.write_text(json.dumps({"entries": [{"site": "a", "step": 0}]}))
+    with pytest.raises(ValueError, match="refit the probes"):
+        scale_by_spread({"red-green": {"a": unit}}, [("red", "green")], [meta])

@@ -16,7 +16,13 @@ from icm.toy.features import (
     save_feature_net,
     train_feature_net,
 )
-from icm.toy.oracle import foreground_mask, labels_table, oracle_label, oracle_labels
+from icm.toy.oracle import (
+    foreground_mask,
+    labels_table,
+    neutralise,
+    oracle_label,
+    oracle_labels,
+)
 from icm.toy.world import (
     BACKGROUND,
     COLORS,
@@ -195,3 +201,22 @@ def test_feature_net_training_is_deterministic() -> None:
 
     a, b = run(), run()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_neutralising_an_attribute_hides_it_and_nothing_else() -> None:
+    import dataclasses
+
+    scene = Scene("circle", "red", 8.0, 7.5, 11)
+    recoloured = dataclasses.replace(scene, color="blue")
+    reshaped = dataclasses.replace(scene, shape="square")
+    moved = dataclasses.replace(scene, cx=5.0)
+    image = render(scene, 16)
+    assert np.array_equal(neutralise(image, "color"), neutralise(render(recoloured, 16), "color"))
+    assert np.array_equal(neutralise(image, "shape"), neutralise(render(reshaped, 16), "shape"))
+    # what the attribute does not cover still shows: position, and the other attribute
+    assert not np.array_equal(neutralise(image, "color"), neutralise(render(moved, 16), "color"))
+    assert not np.array_equal(neutralise(image, "shape"),
+                              neutralise(render(recoloured, 16), "shape"))
+    assert not np.array_equal(neutralise(image, "color"), neutralise(render(reshaped, 16), "color"))
+    with pytest.raises(ValueError, match="neutralise"):
+        neutralise(image, "size")

@@ -142,6 +142,12 @@ def test_toy_color_through_the_table(workdir, tmp_path):
             "shard-*/samples.csv")])["seed"]
         assert not set(seeds) & set(generated["seed"]), variant
     assert (base / "grid.png").exists() and (base / "metrics.png").exists()
+    # One-target tables (paper Table 5): the same seeds in every variant, none counted twice.
+    green = pd.read_csv(base / "target-green/table.csv").set_index("variant")
+    assert list(green.index) == list(table.index) and green["n_images"].nunique() == 1
+    assert green.loc["original", "success_rate"] == 0 and green.loc["icm", "n_steered"] > 0
+    assert (green["n_eligible"] <= green["n_images"]).all()
+    assert record["alpha_unit"] == "spread"
     # Same seeds everywhere: an unsteered batch (target red, which is only ever a negative
     # in the test config's pairs, so it has no direction) is the original image bit for bit;
     # a steered one differs.
@@ -166,7 +172,8 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     out = plan.stdout + plan.stderr
     jobs = job_counts(out)
     assert jobs == {"steer_images": 1, "compute_metrics": 1, "plot_grid": 1,
-                    "collect_table": 1, "plot_tradeoff": 1, "total": 5}, out[-2000:]
+                    "collect_table": 1, "plot_tradeoff": 1, "tabulate_target": 3,
+                    "total": 8}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
     check_what_reruns(workdir, tmp_path)
 
@@ -203,17 +210,22 @@ def check_what_reruns(workdir, tmp_path):
     # k: the automatic start (through the ranking) and the variants that choose k sites,
     # never the original.
     recalibrated = {"calibrate_steering": 5, "plot_tradeoff": 1, "steer_images": 5,
-                    "compute_metrics": 5, "plot_grid": 1, "collect_table": 1}
-    assert plan("steering: {k: 2}\n") == recalibrated | {"rank_sites": 1, "total": 19}
-    # The calibration grid or floor: calibration and what follows it, nothing before.
+                    "compute_metrics": 5, "plot_grid": 1, "collect_table": 1,
+                    "tabulate_target": 3}
+    assert plan("steering: {k: 2}\n") == recalibrated | {"rank_sites": 1, "total": 22}
+    # The calibration grid, floor or alpha unit: calibration and what follows it.
     assert plan("steering: {calibration: {alphas: [2, 4]}}\n") == recalibrated | {
-        "total": 18}
+        "total": 21}
     assert plan("steering: {calibration: {clip_i_floor: 0.5}}\n") == recalibrated | {
-        "total": 18}
+        "total": 21}
+    assert plan("steering: {alpha_unit: absolute}\n") == recalibrated | {"total": 21}
+    # Which targets are tabulated: the table asks for another set, nothing is steered.
+    assert plan("concepts: {color: {steering: {targets: [green]}}}\n") == {
+        "collect_table": 1, "total": 1}
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
-    assert plan() == recalibrated | {"compute_metrics": 6, "total": 19}  # both score images
+    assert plan() == recalibrated | {"compute_metrics": 6, "total": 22}  # both score images
     metrics.write_text(original.replace('"""Evaluation metrics', '"""Metrics of evaluation', 1))
     assert plan() == {}
     hooks = workdir / "icm/hooks.py"
@@ -228,7 +240,7 @@ def check_what_reruns(workdir, tmp_path):
     os.utime(sidecar)
     assert plan() == {}  # touched, same content
     sidecar.write_text(sidecar.read_text() + "\n")
-    assert plan() == recalibrated | {"compute_metrics": 6, "total": 19}
+    assert plan() == recalibrated | {"compute_metrics": 6, "total": 22}
     weights = workdir / "resources/models/toy/unet/diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes())  # an in-place write, as `git checkout` does
     replaced = plan()

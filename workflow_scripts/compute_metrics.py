@@ -14,5 +14,6 @@ with logging_to(sm.log[0]):
         original=list(sm.input.get("original", [])),
         fid_reference=sm.params.fid_reference,
         toy_features=sm.input.get("toy_features"),
-        output=sm.output[0],
+        output=sm.output.metrics,
+        output_labels=sm.output.labels,
     )

@@ -28,6 +28,7 @@ from icm.jobs.generation import (
 )
 from icm.jobs.probing import fit_probes_job, label_images_job, rank_sites_job
 from icm.jobs.steering import steer_shard_job
+from icm.jobs.targets import target_table_job
 from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
     "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
     "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
     "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
-    "tradeoff_job", "use_threads",
+    "target_table_job", "tradeoff_job", "use_threads",
 ]
 
 

@@ -78,13 +78,15 @@ def calibrate_variant_job(
     device = str(resolve_device(evaluation["device"]))
     labeler_spec = concept["evaluation"]["labeler"] or concept["labeler"]
     labeler = make_labeler(labeler_spec, plan.classes, device=device)
-    embedder = image_embedder(toy, toy_features, evaluation, device)
+    embedder = image_embedder(toy, toy_features, evaluation, device, labeler_spec)
     pipe = load_pipeline(spec, device=generation["device"])
     plan.check_pipeline(pipe, spec.steps)
     settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
     table = pd.DataFrame([s.as_row() for s in samples])
-    rows, base = [], None
-    for alpha in [0.0, *sorted(float(a) for a in calibration["alphas"])]:
+    base = None
+
+    def measure(alpha: float) -> dict[str, Any]:
+        nonlocal base
         images = [image for _, batch_images, _, _ in steer_batches(
             pipe, plan, samples, batch_size, alpha, settings, variant["seed"],
             concept["steering"]["target_draw"]) for image in batch_images]
@@ -92,16 +94,37 @@ def calibrate_variant_job(
                                      plan.classes, concept.get("reference"), table)
         embeddings = embedder.embed_images(images)
         base = embeddings if base is None else base
-        rows.append({"variant": variant_name, "alpha": alpha, "FD": fd,
-                     "CLIP-I": paired_cosine(embeddings, base), "FID": math.nan,
-                     "n_images": len(images)})
+        row = {"variant": variant_name, "alpha": alpha, "FD": fd,
+               "CLIP-I": paired_cosine(embeddings, base), "FID": math.nan,
+               "n_images": len(images)}
         log.info("%s alpha %g: FD %.3f CLIP-I %.3f (%s)", variant_name, alpha, fd,
-                 rows[-1]["CLIP-I"], fd_from)
+                 row["CLIP-I"], fd_from)
+        return row
+
+    rows = alpha_sweep([float(a) for a in calibration["alphas"]], floor,
+                       int(calibration.get("max_doublings", 0)), measure)
     write_table(output, rows, TRADEOFF_COLUMNS)
     alpha, rule = choose_alpha(pd.DataFrame(rows), floor)
     write_json(output_alpha, {"variant": variant_name, "alpha": alpha, "alpha_rule": rule,
                               "clip_i_floor": floor})
     log.info("%s: alpha %g (%s)", variant_name, alpha, rule)
+
+
+def alpha_sweep(grid: Sequence[float], floor: float, doublings: int,
+                measure: Any) -> list[dict[str, Any]]:
+    """``measure(alpha)`` rows at 0 and every alpha of ``grid`` in order, then at twice the
+    last alpha, up to ``doublings`` times, for as long as the last one still keeps CLIP-I
+    at ``floor`` or above: a selection too weak for the grid is pushed until it costs
+    fidelity, so that every variant is compared near the floor, not at the grid's end."""
+    alphas = [0.0, *sorted(grid)]
+    rows, extra = [], 0
+    while len(rows) < len(alphas):
+        rows.append(measure(alphas[len(rows)]))
+        if (len(rows) == len(alphas) and extra < doublings and alphas[-1] > 0
+                and rows[-1]["CLIP-I"] >= floor):
+            alphas.append(2 * alphas[-1])
+            extra += 1
+    return rows
 
 
 def choose_alpha(sweep: pd.DataFrame, floor: float) -> tuple[float, str]:

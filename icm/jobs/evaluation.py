@@ -92,14 +92,16 @@ def _fid(images: Sequence[str], reference: str, backend: str, toy_features: str 
 
 
 def image_embedder(toy: bool, toy_features: str | None, evaluation: Mapping[str, Any],
-                   device: str) -> Any:
-    """CLIP-I's image tower: the toy feature net in the toy world, else open_clip's CLIP."""
+                   device: str, labeler: Mapping[str, Any] | None = None) -> Any:
+    """CLIP-I's image tower: the toy feature net in the toy world, on images whose concept
+    attribute (the oracle ``labeler``'s) is neutralised; else open_clip's CLIP."""
     from icm.metrics import ClipEmbedder, ToyFeatureEmbedder
 
     if toy:
         if not toy_features:
             raise ValueError("the toy model's metrics need the toy feature extractor")
-        return ToyFeatureEmbedder(toy_features, device=device)
+        return ToyFeatureEmbedder(toy_features, device=device,
+                                  neutral=(labeler or {}).get("attribute"))
     return ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"], device=device,
                         checkpoint_tag=evaluation.get("clip_checkpoint_tag"))
 
@@ -107,21 +109,26 @@ def image_embedder(toy: bool, toy_features: str | None, evaluation: Mapping[str,
 def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image],
              prompts: Sequence[str], classes: Sequence[str],
              reference: Mapping[str, float] | None,
-             rows: pd.DataFrame) -> tuple[float, dict[str, float], str, pd.Series]:
+             rows: pd.DataFrame) -> tuple[float, dict[str, float], str, pd.DataFrame]:
     """FD of ``images`` (rows: their sample table) and how it was computed: from mean class
     probabilities of every image where the labeler has them (FairFace, as the paper), else
-    from shares of labelled images; and the labels."""
+    from shares of labelled images; and per image its ``label`` and ``p_{class}``, the
+    labeler's confidence in each class (its probabilities, else ``labeler.confidences``)."""
     from icm.metrics import fairness_discrepancy, fairness_discrepancy_from_probabilities
 
     margin = float(spec.get("margin", 0.0))
-    labels = label_table(rows, labeler.scores(images), labeler, margin)["label"]
+    matrix = labeler.scores(images)
+    labels = label_table(rows, matrix, labeler, margin)["label"]
     probabilities = labeler.class_probabilities(images)
+    confidence = probabilities if probabilities is not None else labeler.confidences(matrix)
+    labelled = pd.DataFrame({"label": labels.to_numpy(),
+                             **{f"p_{c}": confidence[:, k] for k, c in enumerate(classes)}})
     if probabilities is not None:
         fd, per_prompt = fairness_discrepancy_from_probabilities(probabilities, list(prompts),
                                                                  classes, reference)
-        return fd, per_prompt, "mean class probabilities of every image", labels
+        return fd, per_prompt, "mean class probabilities of every image", labelled
     fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
-    return fd, per_prompt, "shares of labelled images", labels
+    return fd, per_prompt, "shares of labelled images", labelled
 
 
 def compute_metrics_job(
@@ -135,25 +142,32 @@ def compute_metrics_job(
     fid_reference: str | None,
     toy_features: str | None,
     output: str | Path,
+    output_labels: str | Path,
 ) -> None:
-    """Metrics of one variant. ``original``: the unsteered variant's shard tables, for CLIP-I
-    (same seeds, paired by sample); empty when this is the original itself."""
-    from icm.metrics import clip_t, paired_cosine, prompt_agreement
+    """Metrics of one variant (``output``) and per image its label, class confidences and
+    CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
+    variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
+    the original itself."""
+    from icm.metrics import clip_t, paired_cosine, paired_cosines, prompt_agreement
 
     device = str(resolve_device(evaluation["device"]))
     classes = list(concept["classes"])
     spec = concept["evaluation"]["labeler"] or concept["labeler"]
     labeler = make_labeler(spec, classes, device=device)  # fails here if weights are missing
-    embedder = image_embedder(toy, toy_features, evaluation, device)
+    embedder = image_embedder(toy, toy_features, evaluation, device, spec)
     rows = read_shards(steered)
     images = load_images(rows["image"])
-    fd, fd_per_prompt, fd_from, labels = score_fd(labeler, spec, images, list(rows["prompt"]),
-                                                  classes, concept.get("reference"), rows)
+    fd, fd_per_prompt, fd_from, labelled = score_fd(labeler, spec, images,
+                                                    list(rows["prompt"]), classes,
+                                                    concept.get("reference"), rows)
+    labels = labelled["label"]
     embeddings = embedder.embed_images(images)
-    clip_i = math.nan
+    clip_i, per_image = math.nan, np.full(len(rows), np.nan)
     if original:
         base = read_shards(original).set_index("sample").loc[rows["sample"]]
-        clip_i = paired_cosine(embeddings, embedder.embed_images(load_images(base["image"])))
+        base_embeddings = embedder.embed_images(load_images(base["image"]))
+        clip_i = paired_cosine(embeddings, base_embeddings)
+        per_image = paired_cosines(embeddings, base_embeddings)
     if toy:
         text_alignment = prompt_agreement(list(rows["prompt"]), images)
         text_backend = "toy oracle: prompt attributes present"
@@ -179,6 +193,9 @@ def compute_metrics_job(
         "versions": package_versions(),
     }
     write_json(output, result)
+    per_sample = pd.concat([rows[["sample", "prompt", "target", "steered"]].reset_index(
+        drop=True), labelled, pd.Series(per_image, name="CLIP-I")], axis=1)
+    write_table(output_labels, per_sample.to_dict("records"), columns=list(per_sample.columns))
     log.info("%s: FD %.3f FID %.2f CLIP-I %.3f CLIP-T %.3f (%s)", variant, fd, fid, clip_i,
              text_alignment, counts)
 

@@ -87,6 +87,7 @@ def fit_probes_job(
                              "negative": target.negative, "positive": target.positive,
                              "train_acc": float(tr), "test_acc": float(te),
                              "prompt_acc": r.prompt_acc, "gain": float(te) - r.prompt_acc,
+                             "spread": float(r.spread[step]),
                              "control": probes["control"], "n_train": r.n_train,
                              "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
                              f"n_{target.positive}": r.counts[target.positive]})
@@ -108,7 +109,10 @@ def fit_probes_job(
         "concept": {k: concept[k] for k in ("prompts", "classes")},
         "timesteps": [float(t) for t in step_axis],
         "num_train_timesteps": train_timesteps,
-        "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc")}
+        "spread": "pooled within-class std of the training samples along each unit vector, "
+                  "the unit of alpha_unit: spread",
+        "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc",
+                                         "spread")}
                     for row in scores.to_dict("records")],
         "versions": package_versions(),
     })
@@ -143,15 +147,18 @@ def rank_sites_job(
     record: dict[str, Any] = {"steer_start": probes["steer_start"]}
     if probes["steer_start"] == "auto":
         level = probes["start_level"]
-        t0, pvalues = auto_start_step(scores, k, level)
-        record |= {"start_level": level, "k": k, "pvalues": [float(p) for p in pvalues]}
+        sites_per = probes.get("sites_per", "pair")
+        t0, pvalues = auto_start_step(scores, k, level, sites_per=sites_per)
+        record |= {"start_level": level, "k": k, "sites_per": sites_per,
+                   "pvalues": [float(p) for p in pvalues]}
         if t0 is None:
             t0 = len(timesteps) - 1
             rule = (f"auto: no step's probes beat the prompt-only baseline at level {level}; "
                     "steering only at the last step")
             log.warning(rule)
         else:
-            rule = (f"auto: first step whose {k} best self-attention sites per pair beat the "
+            which = "per pair" if sites_per == "pair" else "of the concept ranking"
+            rule = (f"auto: first step whose {k} best self-attention sites {which} beat the "
                     f"prompt-only baseline (one-sided binomial test, level {level})")
     else:
         t0 = scores_start_step(scores, int(probes["steer_start"]))

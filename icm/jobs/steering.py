@@ -76,6 +76,7 @@ class SteeringPlan:
     timesteps: np.ndarray | None
     start_step: int | None
     start_rule: str | None
+    alpha_unit: str = "absolute"
 
     def check_pipeline(self, pipe: Any, steps: int) -> np.ndarray:
         """The pipeline's planned timesteps, which must be the probes' when it steers."""
@@ -93,8 +94,10 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
                   ranking: str | Path | None, pair_ranking: str | Path | None,
                   directions: Sequence[str | Path], directions_meta: Sequence[str | Path],
                   start: str | Path | None) -> SteeringPlan:
-    """The ``SteeringPlan`` of a resolved variant (``sites``, ``seed``, ``k``); the original
-    (``sites: none``) reads no probe output."""
+    """The ``SteeringPlan`` of a resolved variant (``sites``, ``seed``, ``k``, ``alpha_unit``);
+    the original (``sites: none``) reads no probe output. With ``alpha_unit: spread`` each
+    direction row is scaled by its site's spread at that step (``directions.json``), so
+    alpha counts within-class standard deviations along the probe axis."""
     classes = list(concept["classes"])
     pairs = [tuple(p) for p in concept["pairs"]]
     names = [Pair(*p).name for p in pairs]
@@ -108,6 +111,11 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
         names, variant["sites"], variant.get("k"), variant["seed"])
     vectors = load_directions(pairs, directions, sites)
     timesteps = probe_step_axis(directions_meta)
+    unit = variant.get("alpha_unit", "absolute")
+    if unit == "spread":
+        vectors = scale_by_spread(vectors, pairs, directions_meta)
+    elif unit != "absolute":
+        raise ValueError(f"alpha_unit {unit!r}: use 'spread' or 'absolute'")
     chosen = json.loads(Path(start).read_text())
     start_step = int(chosen["start_step"])
     if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
@@ -120,7 +128,29 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
                 raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
                                  f"probes list {len(timesteps)} timesteps: refit the probes")
     return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
-                        chosen["start_rule"])
+                        chosen["start_rule"], unit)
+
+
+def scale_by_spread(vectors: Mapping[str, Mapping[str, np.ndarray]],
+                    pairs: Sequence[Sequence[str]],
+                    metas: Sequence[str | Path]) -> dict[str, dict[str, np.ndarray]]:
+    """Each pair's unit direction rows times the site's spread at that step, read from the
+    probes' ``directions.json`` (in the order of ``pairs``)."""
+    out = {}
+    for pair, meta in zip(pairs, metas, strict=True):
+        name = Pair(*pair).name
+        entries = json.loads(Path(meta).read_text())["entries"]
+        if entries and "spread" not in entries[0]:
+            raise ValueError(f"{meta} has no spreads (probes fitted before alpha_unit): "
+                             "refit the probes, or set steering.alpha_unit: absolute")
+        spread: dict[str, dict[int, float]] = {}
+        for e in entries:
+            spread.setdefault(e["site"], {})[int(e["step"])] = float(e["spread"])
+        out[name] = {}
+        for site, v in vectors[name].items():
+            scale = np.array([spread[site][step] for step in range(v.shape[0])], dtype=v.dtype)
+            out[name][site] = v * scale[:, None]
+    return out
 
 
 def steer_batches(pipe: Any, plan: SteeringPlan, samples: Sequence, batch_size: int,
@@ -222,6 +252,7 @@ def steer_shard_job(
                             for c, p in plan.pushes.items()},
         "alpha": alpha,
         "alpha_rule": alpha_rule,
+        "alpha_unit": plan.alpha_unit,
         "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],

@@ -67,6 +67,30 @@ def foreground_mask(image: np.ndarray, threshold: float = FG_THRESHOLD) -> np.nd
     return np.linalg.norm(rgb - _background(rgb), axis=-1) > threshold
 
 
+#: The grey a neutralised foreground is painted (``neutralise``): no palette colour.
+NEUTRAL_GREY = (128, 128, 128)
+
+
+def neutralise(image: np.ndarray, attribute: str) -> np.ndarray:
+    """uint8 (H, W, 3) ``image`` with ``attribute`` made uninformative, so that an image
+    similarity after it measures what steering ``attribute`` should have left alone:
+    ``color`` paints the foreground grey; ``shape`` fills the foreground's bounding box
+    with its median colour (a circle, square or triangle of one extent share that box)."""
+    rgb = np.asarray(image).copy()
+    mask = foreground_mask(rgb)
+    if mask.sum() < MIN_FG_PIXELS:
+        return rgb
+    if attribute == "color":
+        rgb[mask] = NEUTRAL_GREY
+    elif attribute == "shape":
+        rows, cols = np.nonzero(mask)
+        colour = np.median(rgb[mask], axis=0).astype(np.uint8)
+        rgb[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = colour
+    else:
+        raise ValueError(f"can neutralise 'color' or 'shape', not {attribute!r}")
+    return rgb
+
+
 #: Template search: (step in pixels, centre offsets in steps, size offsets in steps). A coarse
 #: pass around the bounding box, then a finer one around the coarse winner. Sizes reach
 #: below the box's extent by more than above it: a triangle's apex row is often empty.
