@@ -55,7 +55,7 @@ class ActivationCapture(SiteHooks):
         self._timesteps: list[float | None] = []
 
     def on_output(self, site: str, step: int, output: Any) -> None:
-        hidden = output_tensor(output)
+        hidden = output_tensor(output, site)
         seen = self._pooled[site]
         if step != len(seen):
             raise RuntimeError(
@@ -88,7 +88,8 @@ class ActivationCapture(SiteHooks):
 def capture_activations(
     pipe: Any, sites: Sequence[str] | None = None, cfg: CFGMode = "auto"
 ) -> ActivationCapture:
-    """Context manager capturing ``sites`` (default: every attn1/attn2 site of the model)."""
+    """Context manager capturing ``sites`` (default: every site of the model's family,
+    ``icm.families``)."""
     if sites is None:
         sites = list_sites(denoiser_of(pipe))
     return ActivationCapture(pipe, sites, cfg)

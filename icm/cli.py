@@ -1,4 +1,5 @@
-"""Command line: ``python -m icm inspect PATH`` summarises an activation store."""
+"""Command line: ``python -m icm inspect PATH`` summarises an activation store;
+``python -m icm sites MODEL`` lists a model's sites (kind, width) without its weights."""
 
 from __future__ import annotations
 
@@ -67,12 +68,49 @@ def describe_store(path: str | Path) -> str:
     return "\n".join(lines)
 
 
+def describe_sites(model: str, config_path: str | Path = "config.yaml") -> str:
+    """The sites of ``model`` (a name in ``config_path``'s ``models``, or a family name),
+    built from its config on the meta device: one line per site, then counts per kind."""
+    from collections import Counter
+
+    import yaml
+
+    from icm.models.meta import denoiser_config, denoiser_on_meta, site_table
+
+    models = {}
+    if Path(config_path).is_file():
+        models = (yaml.safe_load(Path(config_path).read_text()) or {}).get("models", {})
+    entry = models.get(model) or {"family": model}
+    family, config, origin = denoiser_config(model, entry)
+    rows = site_table(denoiser_on_meta(config))
+    width = max((len(r["site"]) for r in rows), default=4)
+    lines = [f"model      {model} (family {family.name}, {family.denoiser} "
+             f"{config['_class_name']}, config from {origin})",
+             f"guidance   {family.guidance}; steered kinds {', '.join(family.steer_kinds)}",
+             f"  {'site':<{width}}  {'kind':<6} {'width':>6}"]
+    lines += [f"  {r['site']:<{width}}  {r['kind']:<6} {r['width']:>6}" for r in rows]
+    counts = Counter((r["kind"], r["label"]) for r in rows)
+    lines.append("sites      " + ", ".join(f"{n} {kind} ({label})"
+                                         for (kind, label), n in counts.items()))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="summarise a Zarr activation store")
     inspect.add_argument("path", type=Path)
+    sites = commands.add_parser("sites", help="list a model's sites without its weights")
+    sites.add_argument("model", help="a model of config.yaml (sd15, sdxl, ...) or a family")
+    sites.add_argument("--config", type=Path, default=Path("config.yaml"))
     args = parser.parse_args(argv)
+    if args.command == "sites":
+        try:
+            print(describe_sites(args.model, args.config))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "inspect":
         if not (args.path / "zarr.json").exists():
             print(f"error: {args.path} is not a Zarr v3 store (no zarr.json)", file=sys.stderr)

@@ -24,7 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from icm.families import FAMILIES
 from icm.probes import Pair
+
+#: The site kinds ``top``, ``worst`` and ``random`` choose among, over every family.
+STEERED_KINDS = frozenset(k for family in FAMILIES.values() for k in family.steer_kinds)
 
 SELECTIONS = ("none", "top", "cross", "all", "random", "worst")
 
@@ -89,12 +93,13 @@ def batch_target(classes: Sequence[str], probs: np.ndarray, seed: int, batch_ind
 def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
                  seed: int | Sequence[int] = 0) -> list[str]:
     """Sites a layer-selection variant steers, from a ranking (``ranking.csv`` or one pair's
-    rows of ``ranking_by_pair.csv``). ``random`` draws from the self-attention sites in name
-    order, so its draw does not depend on the ranking."""
+    rows of ``ranking_by_pair.csv``). ``top``, ``worst`` and ``random`` choose among the
+    sites of the families' steered kinds (``icm.families``: self-attention, or FLUX's block
+    outputs); ``random`` draws in name order, so its draw does not depend on the ranking."""
     if selection not in SELECTIONS:
         raise ValueError(f"unknown site selection {selection!r}; use one of {SELECTIONS}")
     ranked = ranking.sort_values("rank")
-    self_attention = ranked[ranked["kind"] == "attn1"]
+    self_attention = ranked[ranked["kind"].isin(STEERED_KINDS)]
     if selection == "none":
         return []
     if selection == "all":
@@ -102,7 +107,8 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
     if k is None:
         raise ValueError(f"selection {selection!r} needs k, the number of sites")
     if k > len(self_attention):
-        raise ValueError(f"k={k} but the ranking has {len(self_attention)} self-attention sites")
+        raise ValueError(f"k={k} but the ranking has {len(self_attention)} sites of the steered "
+                         f"kinds {sorted(STEERED_KINDS)}")
     if selection == "top":
         return list(self_attention["site"][:k])
     if selection == "worst":

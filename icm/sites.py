@@ -2,7 +2,8 @@
 
 A site is the path of a module inside the denoiser (``pipe.unet`` or ``pipe.transformer``),
 e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn1``. Using the path verbatim keeps
-results readable next to the diffusers source and stable across runs.
+results readable next to the diffusers source and stable across runs. Which modules are
+sites, per family, is the family table's business (``icm.families``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-#: Module-name suffixes of the attention layers the method probes, per kind.
-SITE_KINDS: dict[str, str] = {"attn1": "self-attention", "attn2": "cross-attention"}
+from icm.families import KINDS, family_of, image_stream, kind_of
+
+#: Site kind -> what it is, for every family (``icm.families.KINDS``).
+SITE_KINDS: dict[str, str] = {name: kind.label for name, kind in KINDS.items()}
 
 
 def denoiser_of(pipe: object) -> nn.Module:
@@ -26,23 +29,24 @@ def denoiser_of(pipe: object) -> nn.Module:
 
 
 def site_kind(site: str) -> str:
-    """``attn1`` or ``attn2``: the last component of the module path."""
-    return site.rsplit(".", 1)[-1]
+    """The kind of a site path (``attn1``, ``attn2``, ``double``, ``single``)."""
+    return kind_of(site).name
 
 
-# UNets register ``mid_block`` after ``up_blocks``; data flows down -> mid -> up.
-_FORWARD_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
-
-
-def list_sites(denoiser: nn.Module, kinds: Iterable[str] = ("attn1", "attn2")) -> list[str]:
-    """All sites of the given kinds, in forward order (registration order within a block
-    group; transformer blocks register in forward order already)."""
-    wanted = set(kinds)
-    unknown = wanted - set(SITE_KINDS)
+def list_sites(denoiser: nn.Module, kinds: Iterable[str] | None = None) -> list[str]:
+    """All sites of the given kinds (default: every kind of the denoiser's family), in
+    forward order: registration order within a top-level group, groups in the family's
+    forward order (UNets register ``mid_block`` after ``up_blocks``)."""
+    family = family_of(denoiser)
+    wanted = tuple(family.kinds if kinds is None else kinds)
+    unknown = set(wanted) - set(family.kinds)
     if unknown:
-        raise ValueError(f"unknown site kinds {sorted(unknown)}; known: {sorted(SITE_KINDS)}")
-    names = [name for name, _ in denoiser.named_modules() if name and site_kind(name) in wanted]
-    return sorted(names, key=lambda name: _FORWARD_RANK.get(name.split(".", 1)[0], 1))
+        raise ValueError(f"unknown site kinds {sorted(unknown)} for {family.name}; "
+                         f"known: {list(family.kinds)}")
+    rank = {group: i for i, group in enumerate(family.order)}
+    names = [name for name, _ in denoiser.named_modules()
+             if name and any(KINDS[k].matches(name) for k in wanted)]
+    return sorted(names, key=lambda name: rank.get(name.split(".", 1)[0], 1))
 
 
 def resolve_sites(denoiser: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module]:
@@ -57,14 +61,8 @@ def resolve_sites(denoiser: nn.Module, sites: Sequence[str]) -> dict[str, nn.Mod
     return {s: modules[s] for s in sites}
 
 
-def output_tensor(output: object) -> torch.Tensor:
-    """The image-stream hidden states of an attention module's output.
-
-    Joint-attention blocks (FLUX, SD3) return ``(image_states, text_states)``; the image
-    stream is what the method probes and steers.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot read hidden states from an output of type {type(output).__name__}")
+def output_tensor(output: object, site: str = "attn1") -> torch.Tensor:
+    """The image-stream hidden states of a site's output (``icm.families.image_stream``):
+    attention outputs are tensors, or ``(image, text)`` for joint attention; FLUX's blocks
+    return ``(text, image)``."""
+    return image_stream(site, output)

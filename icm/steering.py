@@ -20,15 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from icm.families import image_stream, replace_image_stream
 from icm.hooks import CFGMode, SiteHooks
-from icm.sites import output_tensor
-
-
-def replace_output(output: Any, hidden: torch.Tensor) -> Any:
-    """``output`` with its image-stream hidden states replaced (see ``output_tensor``)."""
-    if isinstance(output, torch.Tensor):
-        return hidden
-    return (hidden, *output[1:])
 
 
 class ActivationSteering(SiteHooks):
@@ -80,7 +73,7 @@ class ActivationSteering(SiteHooks):
         self._check_timestep(site, step)
         if step < self.start_step:
             return None
-        hidden = output_tensor(output)
+        hidden = image_stream(site, output)
         vector = self._vector(site, step, hidden)
         if hidden.ndim == 4:  # (batch, channels, height, width)
             vector = vector[:, None, None]
@@ -88,7 +81,7 @@ class ActivationSteering(SiteHooks):
             raise ValueError(f"{site}: cannot steer an output of shape {tuple(hidden.shape)}")
         steered = hidden.clone()
         steered[self.cond_slice(hidden.shape[0])] += self.alpha * vector
-        return replace_output(output, steered)
+        return replace_image_stream(site, output, steered)
 
 
 def steer_activations(

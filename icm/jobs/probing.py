@@ -158,7 +158,7 @@ def rank_sites_job(
             log.warning(rule)
         else:
             which = "per pair" if sites_per == "pair" else "of the concept ranking"
-            rule = (f"auto: first step whose {k} best self-attention sites {which} beat the "
+            rule = (f"auto: first step whose {k} best steered-kind sites {which} beat the "
                     f"prompt-only baseline (one-sided binomial test, level {level})")
     else:
         t0 = scores_start_step(scores, int(probes["steer_start"]))

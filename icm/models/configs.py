@@ -1,7 +1,9 @@
-"""Stable Diffusion 1.5 component configs, written out so no hub access is needed.
+"""Full-size component configs, written out so no hub access is needed: SD1.5 (every
+component), and the denoisers of SDXL base, SANA 1600M and FLUX.1-dev.
 
-Values follow the ``stable-diffusion-v1-5`` checkpoint's ``*/config.json`` files;
-only version/provenance keys are dropped. They let us build the full-size
+Values follow the checkpoints' ``*/config.json`` files (``stable-diffusion-v1-5``,
+``stable-diffusion-xl-base-1.0``, ``Sana_1600M_1024px_diffusers``, ``FLUX.1-dev``); version
+and provenance keys, and keys at their diffusers default, are dropped. They let us build the full-size
 architecture (random weights, or on the meta device) to plan capture sites and
 memory without the real weights.
 """
@@ -104,3 +106,84 @@ def sd15_scheduler_config() -> dict[str, Any]:
         "steps_offset": 1,
         "trained_betas": None,
     }
+
+
+def sdxl_unet_config() -> dict[str, Any]:
+    """SDXL base 1.0 ``unet/config.json``: 3 levels, 1/2/10 transformer layers per attention
+    (70 ``attn1`` + 70 ``attn2``), text-and-time added conditioning."""
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True,
+    }
+
+
+def sana_transformer_config() -> dict[str, Any]:
+    """SANA 1600M 1024px ``transformer/config.json``: 20 blocks of width 2240, each with
+    linear self-attention (``attn1``) and softmax cross-attention (``attn2``)."""
+    return {
+        "_class_name": "SanaTransformer2DModel",
+        "attention_bias": False,
+        "attention_head_dim": 32,
+        "caption_channels": 2304,
+        "cross_attention_dim": 2240,
+        "cross_attention_head_dim": 112,
+        "in_channels": 32,
+        "mlp_ratio": 2.5,
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-06,
+        "num_attention_heads": 70,
+        "num_cross_attention_heads": 20,
+        "num_layers": 20,
+        "out_channels": 32,
+        "patch_size": 1,
+        "sample_size": 32,
+    }
+
+
+def flux_transformer_config() -> dict[str, Any]:
+    """FLUX.1-dev ``transformer/config.json``: 19 double-stream and 38 single-stream blocks
+    of width 3072 (24 heads of 128), with a guidance embedding."""
+    return {
+        "_class_name": "FluxTransformer2DModel",
+        "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": True,
+        "in_channels": 64,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "patch_size": 1,
+        "pooled_projection_dim": 768,
+    }
+
+
+#: The full-size denoiser config of each family (the toy's is its committed folder's).
+DENOISER_CONFIGS = {
+    "sd15": sd15_unet_config,
+    "sdxl": sdxl_unet_config,
+    "sana": sana_transformer_config,
+    "flux": flux_transformer_config,
+}

@@ -1,0 +1,134 @@
+"""The model-family table: what differs between SD1.5, SDXL, SANA, FLUX and the toy model.
+
+Everything that depends on the architecture is a row here, so capture, steering, ranking and
+listing read one table instead of branching on the family name:
+
+* **site kinds**: which modules are sites (a pattern on the diffusers module path), what to
+  call them, and where the image stream is in their output (the tensor itself, or one
+  element of a tuple: FLUX's blocks return ``(text, image)``, joint attention returns
+  ``(image, text)``);
+* **families**: the denoiser attribute and class, the kinds it has, the kinds the layer
+  selections steer (``top``, ``random``, ``worst``: self-attention for UNets and SANA, the
+  block outputs for FLUX, as the ICM paper's appendix F), the forward order of top-level
+  module groups, and the guidance layout (``batched``: one ``[uncond, cond]`` batch per
+  step; ``embedded``: FLUX.1-dev's guidance embedding, every row conditional).
+
+Full-size configs of each family's denoiser are in ``icm.models.configs``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+Guidance = Literal["batched", "embedded"]
+
+
+@dataclass(frozen=True)
+class SiteKind:
+    """Modules of one kind: ``pattern`` fully matches their module paths; the image stream
+    of their output is the tensor itself, or element ``image`` of a tuple."""
+
+    name: str
+    label: str
+    pattern: str
+    image: int = 0
+    width: str = "to_out.0"  # the submodule whose out_features is the site's width
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.pattern, path) is not None
+
+
+#: Every site kind, in the order kinds are tried when a path is classified.
+KINDS: dict[str, SiteKind] = {k.name: k for k in (
+    SiteKind("attn1", "self-attention", r"(?:.+\.)?attn1"),
+    SiteKind("attn2", "cross-attention", r"(?:.+\.)?attn2"),
+    SiteKind("single", "single-stream block", r"single_transformer_blocks\.\d+", image=1,
+             width="proj_out"),
+    SiteKind("double", "double-stream block", r"transformer_blocks\.\d+", image=1,
+             width="ff.net.2"),
+)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture family (see the module docstring)."""
+
+    name: str
+    denoiser: str  # pipeline attribute: "unet" or "transformer"
+    denoiser_class: str
+    kinds: tuple[str, ...]
+    steer_kinds: tuple[str, ...]
+    guidance: Guidance
+    order: tuple[str, ...] = ()  # top-level module groups in forward order (others: 1)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("sd15", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+           ("down_blocks", "mid_block", "up_blocks")),
+    Family("sdxl", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+           ("down_blocks", "mid_block", "up_blocks")),
+    Family("toy", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+           ("down_blocks", "mid_block", "up_blocks")),
+    Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
+           "batched"),
+    Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
+           ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks")),
+)}
+
+
+def family_named(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of(denoiser: nn.Module) -> Family:
+    """The (first) family whose denoiser class this is: families sharing a class (the UNets)
+    share their site kinds and order, which is all a denoiser alone decides."""
+    cls = type(denoiser).__name__
+    for family in FAMILIES.values():
+        if family.denoiser_class == cls:
+            return family
+    # An unknown denoiser (a test double, a new UNet variant): attention modules as UNets.
+    return FAMILIES["sd15"]
+
+
+def kind_of(site: str, family: Family | None = None) -> SiteKind:
+    """The kind of a site path: among ``family``'s kinds, or among all kinds."""
+    names = family.kinds if family else tuple(KINDS)
+    for name in names:
+        if KINDS[name].matches(site):
+            return KINDS[name]
+    raise ValueError(f"{site!r} is no site of kinds {list(names)}")
+
+
+def site_width(denoiser: nn.Module, site: str) -> int:
+    """Channels of a site's image stream, read off the module (no forward pass: works on
+    the meta device)."""
+    module = denoiser.get_submodule(site).get_submodule(kind_of(site).width)
+    return int(module.out_features)
+
+
+def image_stream(site: str, output: Any) -> torch.Tensor:
+    """The image-stream hidden states in a site's output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output:
+        index = kind_of(site).image
+        if index < len(output) and isinstance(output[index], torch.Tensor):
+            return output[index]
+    raise TypeError(f"{site}: cannot read hidden states from an output of type "
+                    f"{type(output).__name__}")
+
+
+def replace_image_stream(site: str, output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` with its image stream replaced by ``hidden`` (the rest untouched)."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    index = kind_of(site).image
+    return (*output[:index], hidden, *output[index + 1:])
