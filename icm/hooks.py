@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from icm.families import family_of
 from icm.schedule import check_scheduler
 from icm.sites import denoiser_of, resolve_sites
 
@@ -136,9 +137,13 @@ class SiteHooks:
 
     # -- which part of the batch is conditional -------------------------------------------
     def cond_slice(self, batch: int) -> slice:
-        """Rows of the batch that belong to the conditional (text-guided) branch."""
+        """Rows of the batch that belong to the conditional (text-guided) branch: with
+        ``auto``, the second half when the family batches guidance (``icm.families``) and
+        the pipeline runs it; every row for an embedded-guidance family (FLUX.1-dev)."""
+        batched = family_of(self.denoiser).guidance == "batched"
         use_half = self.cfg == "cond_half" or (
-            self.cfg == "auto" and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+            self.cfg == "auto" and batched
+            and bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         )
         if not use_half:
             return slice(0, batch)

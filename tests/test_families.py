@@ -78,3 +78,19 @@ def test_the_sites_command_reads_configs_and_local_folders():
     assert "resources/models/toy/unet/config.json" in toy and "7 attn1" in toy
     with pytest.raises(ValueError, match="unknown family"):
         describe_sites("no-such-model")
+
+
+def test_embedded_guidance_keeps_every_row_conditional():
+    from torch import nn
+
+    from icm.hooks import SiteHooks
+
+    def pipe_with(class_name):
+        denoiser = type(class_name, (nn.Module,), {})()
+        denoiser.transformer_blocks = nn.ModuleList([nn.Linear(2, 2)])
+        return type("Pipe", (), {"transformer": denoiser, "do_classifier_free_guidance": True})()
+
+    flux = SiteHooks(pipe_with("FluxTransformer2DModel"), ["transformer_blocks.0"])
+    assert flux.cond_slice(4) == slice(0, 4)  # FLUX.1-dev: no [uncond, cond] batch
+    sana = SiteHooks(pipe_with("SanaTransformer2DModel"), ["transformer_blocks.0"])
+    assert sana.cond_slice(4) == slice(2, 4)  # batched guidance: the second half
