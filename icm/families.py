@@ -11,7 +11,8 @@ listing read one table instead of branching on the family name:
   selections steer (``top``, ``random``, ``worst``: self-attention for UNets and SANA, the
   block outputs for FLUX, as the ICM paper's appendix F), the forward order of top-level
   module groups, and the guidance layout (``batched``: one ``[uncond, cond]`` batch per
-  step; ``embedded``: FLUX.1-dev's guidance embedding, every row conditional).
+  step; ``embedded``: FLUX.1-dev's guidance embedding, every row conditional), and the
+  scale of the timestep the denoiser is given (FLUX's pipeline passes ``t / 1000``).
 
 Full-size configs of each family's denoiser are in ``icm.models.configs``.
 """
@@ -65,6 +66,7 @@ class Family:
     steer_kinds: tuple[str, ...]
     guidance: Guidance
     order: tuple[str, ...] = ()  # top-level module groups in forward order (others: 1)
+    timestep_scale: float = 1.0  # scheduler timestep = what the denoiser is given x this
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -77,7 +79,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
            "batched"),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
-           ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks")),
+           ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
+           timestep_scale=1000.0),
 )}
 
 

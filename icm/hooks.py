@@ -89,6 +89,7 @@ class DenoisingClock:
 
         scheduler.set_timesteps = set_timesteps
         self._original_set_timesteps = original
+        self._timestep_scale = family_of(denoiser_of(self.pipe)).timestep_scale
         self._handle = denoiser_of(self.pipe).register_forward_pre_hook(
             self._tick, with_kwargs=True
         )
@@ -112,7 +113,8 @@ class DenoisingClock:
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if isinstance(t, torch.Tensor):
             t = t.flatten()[0].item() if t.numel() else None
-        self.timestep = None if t is None else float(t)
+        # In the scheduler's units: FLUX's pipeline hands its transformer t / 1000.
+        self.timestep = None if t is None else float(t) * self._timestep_scale
 
 
 class SiteHooks:
