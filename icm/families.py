@@ -12,7 +12,9 @@ listing read one table instead of branching on the family name:
   block outputs for FLUX, as the ICM paper's appendix F), the forward order of top-level
   module groups, and the guidance layout (``batched``: one ``[uncond, cond]`` batch per
   step; ``embedded``: FLUX.1-dev's guidance embedding, every row conditional), and the
-  scale of the timestep the denoiser is given (FLUX's pipeline passes ``t / 1000``).
+  scale of the timestep the denoiser is given (FLUX's pipeline passes ``t / 1000``); with
+  ``separate_uncond``, a second denoiser call at the same timestep is a separate
+  unconditional branch (FLUX with ``true_cfg_scale > 1``), which hooks skip.
 
 Full-size configs of each family's denoiser are in ``icm.models.configs``.
 """
@@ -67,6 +69,7 @@ class Family:
     guidance: Guidance
     order: tuple[str, ...] = ()  # top-level module groups in forward order (others: 1)
     timestep_scale: float = 1.0  # scheduler timestep = what the denoiser is given x this
+    separate_uncond: bool = False  # a second denoiser call per step can be the uncond branch
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -80,7 +83,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "batched"),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
-           timestep_scale=1000.0),
+           timestep_scale=1000.0, separate_uncond=True),
 )}
 
 

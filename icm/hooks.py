@@ -57,6 +57,8 @@ class DenoisingClock:
         self.pipe = pipe
         self.step: int = -1
         self.timestep: float | None = None
+        self.unconditional = False  # the current call is a separate unconditional branch
+        self._timestep_scale, self._separate_uncond = 1.0, False
         self._users = 0
         self._handle: RemovableHandle | None = None
         self._original_set_timesteps: Callable[..., Any] | None = None
@@ -73,7 +75,7 @@ class DenoisingClock:
             self._uninstall()
 
     def reset(self) -> None:
-        self.step, self.timestep = -1, None
+        self.step, self.timestep, self.unconditional = -1, None, False
 
     def _install(self) -> None:
         scheduler = self.pipe.scheduler
@@ -89,7 +91,9 @@ class DenoisingClock:
 
         scheduler.set_timesteps = set_timesteps
         self._original_set_timesteps = original
-        self._timestep_scale = family_of(denoiser_of(self.pipe)).timestep_scale
+        family = family_of(denoiser_of(self.pipe))
+        self._timestep_scale = family.timestep_scale
+        self._separate_uncond = family.separate_uncond
         self._handle = denoiser_of(self.pipe).register_forward_pre_hook(
             self._tick, with_kwargs=True
         )
@@ -103,6 +107,18 @@ class DenoisingClock:
         self._handle = self._original_set_timesteps = None
 
     def _tick(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if isinstance(t, torch.Tensor):
+            t = t.flatten()[0].item() if t.numel() else None
+        # In the scheduler's units: FLUX's pipeline hands its transformer t / 1000.
+        timestep = None if t is None else float(t) * self._timestep_scale
+        # A family whose unconditional branch is a separate call (FLUX with true_cfg_scale
+        # > 1) calls the denoiser twice at one timestep: the second call is that branch,
+        # no new step, and capture and steering leave it alone.
+        self.unconditional = (self._separate_uncond and self.step >= 0
+                              and timestep is not None and timestep == self.timestep)
+        if self.unconditional:
+            return
         self.step += 1
         planned = getattr(self.pipe.scheduler, "timesteps", None)
         if planned is not None and self.step >= len(planned):
@@ -110,11 +126,7 @@ class DenoisingClock:
                 f"denoiser call {self.step + 1} but the scheduler planned {len(planned)} "
                 "timesteps: this pipeline calls the denoiser more than once per step, which "
                 "capture and steering do not support")
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        if isinstance(t, torch.Tensor):
-            t = t.flatten()[0].item() if t.numel() else None
-        # In the scheduler's units: FLUX's pipeline hands its transformer t / 1000.
-        self.timestep = None if t is None else float(t) * self._timestep_scale
+        self.timestep = timestep
 
 
 class SiteHooks:
@@ -193,6 +205,8 @@ class SiteHooks:
             raise RuntimeError(
                 f"{site} ran before the denoiser: hooks expect calls through the pipeline"
             )
+        if self.clock.unconditional:  # a separate unconditional call: not ours
+            return None
         return self.on_output(site, self.clock.step, output)
 
     def on_output(self, site: str, step: int, output: Any) -> Any:  # pragma: no cover

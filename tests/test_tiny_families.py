@@ -115,3 +115,66 @@ def test_a_saved_replica_loads_back_through_the_real_loading_code(family_pipe, t
     assert type(loaded) is type(family_pipe)
     loaded.icm_test_family = family
     np.testing.assert_array_equal(run(loaded), run(family_pipe))
+
+
+def raw_means(pipe, site):
+    """Token means of every call of ``site`` (a plain torch hook, outside the registry)."""
+    calls = []
+    module = denoiser_of(pipe).get_submodule(site)
+    handle = module.register_forward_hook(
+        lambda m, a, out: calls.append(output_tensor(out, site).mean(dim=1).detach().clone()))
+    return calls, handle
+
+
+def test_flux_true_cfg_calls_are_skipped_by_capture_and_steering():
+    """FLUX with true_cfg_scale > 1 calls its transformer twice per step (conditional, then
+    unconditional): the step is the loop index, capture keeps the conditional call only,
+    steering touches only it."""
+    from icm.models.tiny_flux import build_tiny_flux
+
+    pipe = build_tiny_flux(seed=0)
+    pipe.icm_test_family = "flux"
+    calls = {**CALLS["flux"], "true_cfg_scale": 2.0, "negative_prompt": ["blurry"] * 2}
+
+    def run_cfg():
+        generator = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS))]
+        return pipe(PROMPTS, num_inference_steps=STEPS, generator=generator,
+                    output_type="np", **calls).images
+
+    site = list_sites(denoiser_of(pipe))[0]
+    plain_calls, handle = raw_means(pipe, site)
+    with capture_activations(pipe, [site]) as capture:
+        run_cfg()
+        batch = capture.pop()
+    handle.remove()
+    assert len(plain_calls) == 2 * STEPS  # cond, uncond per step
+    np.testing.assert_allclose(batch.activations[site][:, :, :],
+                               torch.stack(plain_calls[0::2], dim=1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(batch.timesteps, pipe.scheduler.timesteps.numpy(), rtol=1e-5)
+    v = np.random.default_rng(0).standard_normal((STEPS, site_width(denoiser_of(pipe), site)))
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    steered_calls, handle = raw_means(pipe, site)
+    with steer_activations(pipe, {site: v}, alpha=2.0, start_step=0):
+        run_cfg()
+    handle.remove()
+    cond_shift = steered_calls[0] - plain_calls[0]  # step 0, identical inputs
+    torch.testing.assert_close(cond_shift, 2.0 * torch.as_tensor(v[0]).expand_as(cond_shift),
+                               rtol=0, atol=1e-5)
+    assert (steered_calls[1] - plain_calls[1]).abs().max() == 0  # the unconditional call
+
+
+def test_sdxl_with_guidance_off_captures_every_row():
+    from icm.models.tiny_sdxl import build_tiny_sdxl
+
+    pipe = build_tiny_sdxl(seed=0)
+    site = list_sites(denoiser_of(pipe))[0]
+    plain_calls, handle = raw_means(pipe, site)
+    with capture_activations(pipe, [site]) as capture:
+        generator = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS))]
+        pipe(PROMPTS, num_inference_steps=STEPS, generator=generator, output_type="np",
+             height=32, width=32, guidance_scale=1.0)
+        batch = capture.pop()
+    handle.remove()
+    assert len(plain_calls) == STEPS and plain_calls[0].shape[0] == len(PROMPTS)  # no doubling
+    np.testing.assert_allclose(batch.activations[site], torch.stack(plain_calls, 1).numpy(),
+                               atol=1e-6)
