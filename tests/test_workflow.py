@@ -13,29 +13,36 @@ from PIL import Image
 from workflow_helpers import TEST_CONFIG, job_counts, snakemake
 
 
-def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir):
-    result = snakemake(workdir, "-n", "results/sd15/gender/table.csv")
+@pytest.mark.parametrize(("model", "shards"), [("sd15", 4), ("sdxl", 8), ("sana", 8),
+                                               ("flux", 16)])
+def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir, model, shards):
+    result = snakemake(workdir, "-n", f"results/{model}/gender/table.csv")
     assert result.returncode == 0, result.stderr
     out = result.stdout + result.stderr
     jobs = job_counts(out)
-    assert jobs["generate_images"] == 4  # sd15: n_shards 4
+    assert jobs["generate_images"] == shards  # the model's n_shards
     for stage in ("merge_samples", "label_images", "fit_probes", "rank_sites", "collect_table"):
         assert jobs[stage] == 1
     generation = out.split("rule generate_images:")[1].split("rule ")[0]
     assert "gpu=1" in generation
 
 
-def test_missing_weights_fail_fast_with_a_clear_message(workdir):
-    result = snakemake(workdir, "--cores", "1", "results/sd15/gender/generation/samples.csv")
+@pytest.mark.parametrize(("model", "hub_id"), [
+    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sana", "Efficient-Large-Model/Sana_1600M_1024px_diffusers"),
+    ("flux", "black-forest-labs/FLUX.1-dev")])
+def test_missing_weights_fail_fast_with_a_clear_message(workdir, model, hub_id):
+    result = snakemake(workdir, "--cores", "1", f"results/{model}/gender/generation/samples.csv")
     assert result.returncode != 0
-    logs = list((workdir / "logs/sd15/gender/generation").glob("shard-*.log"))
+    logs = list((workdir / f"logs/{model}/gender/generation").glob("shard-*.log"))
     assert len(logs) == 1  # the first failing job stops the run
     log = logs[0].read_text()
     assert "ModelNotAvailableError" in log
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in log
+    assert hub_id in log
     assert "config.yaml" in log
-    assert not (workdir / "results/sd15").exists() or not any(
-        p.is_file() for p in (workdir / "results/sd15").rglob("*"))
+    assert not (workdir / f"results/{model}").exists() or not any(
+        p.is_file() for p in (workdir / f"results/{model}").rglob("*"))
 
 
 @pytest.mark.slow
