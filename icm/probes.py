@@ -292,8 +292,12 @@ def fit_torch(
     dual Newton system; "auto" takes the cheaper (``use_dual``). Float32 by default: the
     Newton direction tolerates it, and the objective of the line search is summed in float64.
 
-    Returns train and test accuracy (sites, steps) and unit directions in unscaled space
-    (sites, steps, channels).
+    ``x`` may be any array-like that returns ``x[rows, :, step]`` (``icm.store.StepStack``
+    reads one step from the stores at a time), so peak memory is one step of the sites.
+
+    Returns train and test accuracy (sites, steps), unit directions in unscaled space
+    (sites, steps, channels) and each direction's spread (sites, steps): the pooled
+    within-class std of the training rows projected on it (``direction_spread``).
     """
     device = torch.device(device)
     _, sites, steps, channels = np.shape(x)
@@ -305,6 +309,8 @@ def fit_torch(
     penalty[channels:] = 0.0  # covariates and intercept
     train_acc, test_acc = np.empty((sites, steps)), np.empty((sites, steps))
     directions = np.empty((sites, steps, channels))
+    spread = np.empty((sites, steps))
+    positive = torch.as_tensor(y[train] == 1, device=device)
     unconverged = 0
     dual = use_dual(len(train), width) if solver == "auto" else solver == "dual"
     if extra and dual:
@@ -352,10 +358,16 @@ def fit_torch(
         test_acc[:, step] = _accuracy(test_logits.cpu().numpy(), y[test])
         raw = coef.double().cpu().numpy()
         directions[:, step] = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
+        # xt holds the centred training rows: project them on the unit directions.
+        unit = torch.as_tensor(directions[:, step], dtype=dtype, device=device)
+        proj = torch.einsum("nsc,sc->ns", xt, unit).double()
+        within = sum(((p - p.mean(dim=0)) ** 2).sum(dim=0)
+                     for p in (proj[positive], proj[~positive]))
+        spread[:, step] = (within / max(len(train) - 2, 1)).sqrt().cpu().numpy()
     if unconverged:
         log.warning("%d of %d probes did not reach tol=%g in %d Newton iterations",
                     unconverged, sites * steps, tol, iterations)
-    return train_acc, test_acc, directions
+    return train_acc, test_acc, directions, spread
 
 
 def fit_pair(
@@ -371,7 +383,8 @@ def fit_pair(
     control: bool = True,
 ) -> list[ProbeResult]:
     """Probes for every site and step. ``activations[site]`` is (samples, steps, channels),
-    rows aligned with ``labels``; samples of other classes are left out. With ``groups``
+    rows aligned with ``labels`` (or, for the torch backend, one ``icm.store.StepStack`` of
+    equal-width sites, read a step at a time); samples of other classes are left out. With ``groups``
     (each sample's prompt) the prompt baseline is reported and, with ``control``, the probes
     are prompt-controlled (module docstring)."""
     labels = np.asarray(labels)
@@ -388,6 +401,8 @@ def fit_pair(
 
     results: list[ProbeResult] = []
     if backend == "sklearn":
+        if hasattr(activations, "sites"):
+            raise ValueError("the scikit-learn reference fits in-memory arrays, not a StepStack")
         for site, x in activations.items():
             tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test,
                                                covariates=covariates)
@@ -397,17 +412,21 @@ def fit_pair(
         return results
     if backend != "torch":
         raise ValueError(f"unknown probe backend {backend!r}; use 'torch' or 'sklearn'")
-    # Group equal-width sites so each group is one batched solve over (site, step) problems.
-    by_width: dict[int, list[str]] = {}
-    for site, x in activations.items():
-        by_width.setdefault(np.shape(x)[-1], []).append(site)
-    for sites in by_width.values():
-        stacked = np.stack([np.asarray(activations[s]) for s in sites], axis=1)
-        tr_acc, te_acc, dirs = fit_torch(stacked, y, train, test, device=device,
-                                         covariates=covariates)
+    # Group equal-width sites so each group is one batched solve over (site, step) problems;
+    # a lazily read group (``icm.store.StepStack``, with ``sites``) is one group already.
+    if hasattr(activations, "sites"):
+        width_groups = [(list(activations.sites), activations)]
+    else:
+        by_width: dict[int, list[str]] = {}
+        for site, x in activations.items():
+            by_width.setdefault(np.shape(x)[-1], []).append(site)
+        width_groups = [(sites, np.stack([np.asarray(activations[s]) for s in sites], axis=1))
+                        for sites in by_width.values()]
+    for sites, stacked in width_groups:
+        tr_acc, te_acc, dirs, spread = fit_torch(stacked, y, train, test, device=device,
+                                                 covariates=covariates)
         for k, site in enumerate(sites):
             results.append(ProbeResult(site, pair, tr_acc[k], te_acc[k], dirs[k], len(train),
-                                       len(test), counts, prompt_acc,
-                                       direction_spread(stacked[:, k], y, train, dirs[k])))
-    order = list(activations)
+                                       len(test), counts, prompt_acc, spread[k]))
+    order = [r.site for r in results] if hasattr(activations, "sites") else list(activations)
     return sorted(results, key=lambda r: order.index(r.site))

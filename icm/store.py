@@ -177,6 +177,44 @@ def read_sites(
     return samples, arrays, groups[0]["timestep"][:]
 
 
+class StepStack:
+    """Equal-width sites of several shards as one lazy (samples, sites, steps, channels)
+    array: ``stack[rows, :, step]`` reads that step of every site (one chunk row per site
+    and shard, as the store is chunked per (site, step)) and keeps it for the next call, so
+    a probe fit that walks the steps in order holds one step in memory, never all of them.
+    ``rows`` selects and orders samples (indices into the shards' concatenated samples)."""
+
+    def __init__(self, stores: list[str | Path], sites: list[str],
+                 rows: np.ndarray | None = None) -> None:
+        self.groups = [open_store(p) for p in stores]
+        if not self.groups:
+            raise ValueError("no activation stores given")
+        self.sites = list(sites)
+        widths = {self.groups[0][s].shape[-1] for s in self.sites}
+        if len(widths) != 1:
+            raise ValueError(f"a StepStack holds sites of one width, got {sorted(widths)}")
+        total = sum(g["sample"].shape[0] for g in self.groups)
+        self.rows = np.arange(total) if rows is None else np.asarray(rows)
+        steps = self.groups[0][self.sites[0]].shape[1]
+        self.shape = (len(self.rows), len(self.sites), steps, widths.pop())
+        self._step: tuple[int, np.ndarray] | None = None
+
+    def step(self, step: int) -> np.ndarray:
+        """(rows, sites, channels) at ``step``."""
+        if self._step is None or self._step[0] != step:
+            self._step = None  # release the previous step before reading the next
+            per_site = [np.concatenate([g[s][:, step, :] for g in self.groups])[self.rows]
+                        for s in self.sites]
+            self._step = (step, np.stack(per_site, axis=1))
+        return self._step[1]
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        rows, sites, step = key
+        if sites != slice(None) or not isinstance(step, (int, np.integer)):
+            raise IndexError("a StepStack is read as stack[rows, :, step]")
+        return self.step(int(step))[rows]
+
+
 def site_widths(store: str | Path) -> dict[str, int]:
     """Channel width of every site in a store, in forward order."""
     group = open_store(store)

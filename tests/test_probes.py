@@ -110,8 +110,8 @@ def test_dual_form_solves_the_same_problem_as_the_primal():
     x[:, :, :, 0] += np.where(y == 1, 1.5, -1.5)[:, None, None]
     train, test = split_indices(y, 0.25, 0)
     assert use_dual(len(train), width + 1) and not use_dual(len(train), 16)
-    primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64)
-    dual = fit_torch(x, y, train, test, solver="dual", dtype=torch.float64)
+    primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64)[:3]
+    dual = fit_torch(x, y, train, test, solver="dual", dtype=torch.float64)[:3]
     np.testing.assert_allclose(dual[2], primal[2], atol=1e-6)
     np.testing.assert_array_equal(dual[1], primal[1])
     reference = fit_sklearn(x[:, 0], y, train, test)
@@ -128,7 +128,7 @@ def test_warm_starts_survive_a_label_flip_between_steps():
     x = rng.standard_normal((n, 1, 4, width))
     x[:, 0, :, 0] += 4.0 * sign[:, None] * np.array([1.0, -1.0, 1.0, -1.0])  # nearly separable
     train, test = split_indices(y, 0.2, 0)
-    fast = fit_torch(x, y, train, test)
+    fast = fit_torch(x, y, train, test)[:3]
     reference = fit_sklearn(x[:, 0], y, train, test)
     assert np.sum(reference[2] * fast[2][0], axis=1).min() > 0.999
     assert np.sign(fast[2][0, :, 0]).tolist() == [1.0, -1.0, 1.0, -1.0]
@@ -143,7 +143,7 @@ def test_constant_channel_is_left_alone_as_scikit_learn_does():
     y = (labels == "green").astype(np.int64)
     train, test = split_indices(y, 0.2, 0)
     _, _, reference = fit_sklearn(x, y, train, test)
-    _, _, fast = fit_torch(x[:, None], y, train, test)
+    _, _, fast, _ = fit_torch(x[:, None], y, train, test)
     cosine = np.sum(reference * fast[0], axis=1)
     assert cosine.min() >= 0.999, cosine
     np.testing.assert_allclose(fast[0][:, 5], 0.0, atol=1e-6)
@@ -217,3 +217,39 @@ def test_automatic_start_is_the_first_step_that_beats_the_prompt_significantly()
     # A prompt that decides everything leaves nothing to beat: no start.
     frame["prompt_acc"] = 1.0
     assert auto_start_step(frame, k=1, level=0.01)[0] is None
+
+
+def test_probes_read_step_by_step_give_the_in_memory_result(tmp_path):
+    """Two shards read lazily (one step of the group in memory at a time) fit the same
+    probes as the arrays in memory, and each step is read once, in order."""
+    from icm.capture import CapturedBatch
+    from icm.samples import plan_samples
+    from icm.store import ActivationStoreWriter, StepStack
+
+    acts, labels = planted(n=160, steps=6, seed=4)
+    group = ["mid.attn1", "mid.attn2"]  # one width (24)
+    plan = plan_samples(["a shape"], 160, base_seed=0)
+    stores = []
+    for shard, part in enumerate((slice(0, 96), slice(96, 160))):
+        stores.append(tmp_path / f"shard-{shard}.zarr")
+        with ActivationStoreWriter(stores[-1], plan[part], {}, chunk_samples=32) as writer:
+            writer.write(CapturedBatch({s: acts[s][part].astype(np.float32) for s in group},
+                                       np.arange(6.0)))
+    rows = np.flatnonzero(labels != "")[::-1].copy()  # any order and subset of samples
+
+    class Counting(StepStack):
+        reads: list[int] = []
+
+        def step(self, step):
+            if self._step is None or self._step[0] != step:
+                self.reads.append(step)
+            return super().step(step)
+
+    lazy = fit_pair(Counting(stores, group, rows=rows), labels[rows], PAIR)
+    eager = fit_pair({s: acts[s][rows].astype(np.float32) for s in group}, labels[rows], PAIR)
+    assert Counting.reads == list(range(6))
+    for a, b in zip(lazy, eager, strict=True):
+        assert a.site == b.site
+        np.testing.assert_array_equal(a.test_acc, b.test_acc)
+        np.testing.assert_allclose(a.directions, b.directions, atol=1e-6)
+        np.testing.assert_allclose(a.spread, b.spread, rtol=1e-5)

@@ -57,7 +57,7 @@ def fit_probes_job(
     from icm.provenance import package_versions
     from icm.ranking import plot_heatmap, step_timesteps
     from icm.sites import site_kind
-    from icm.store import open_store, read_sites, site_widths
+    from icm.store import StepStack, open_store, read_sites, site_widths
 
     target = Pair(negative=pair[0], positive=pair[1])
     labels = pd.read_csv(labels_csv, keep_default_na=False)
@@ -68,13 +68,18 @@ def fit_probes_job(
     # Stores before the step rule was recorded ran 1000-timestep models only.
     train_timesteps = int(open_store(stores[0]).attrs.get("num_train_timesteps", 1000))
     rows, directions = [], {}
-    for width in dict.fromkeys(widths.values()):  # one width group at a time bounds memory
+    samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
+    timesteps = open_store(stores[0])["timestep"][:]
+    keep = np.flatnonzero(np.isin(samples, labels.index))
+    y = labels.loc[samples[keep], "label"].to_numpy()
+    prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
+    for width in dict.fromkeys(widths.values()):  # one width group at a time
         group = [s for s, w in widths.items() if w == width]
-        samples, arrays, timesteps = read_sites(list(stores), group)
-        keep = np.isin(samples, labels.index)
-        y = labels.loc[samples[keep], "label"].to_numpy()
-        prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
-        results = fit_pair({s: a[keep] for s, a in arrays.items()}, y, target,
+        if probes["backend"] == "torch":  # read step by step: memory of one step
+            activations = StepStack(list(stores), group, rows=keep)
+        else:  # the scikit-learn reference: the group in memory
+            activations = {s: a[keep] for s, a in read_sites(list(stores), group)[1].items()}
+        results = fit_pair(activations, y, target,
                            backend=probes["backend"], test_size=probes["test_size"],
                            seed=probes["seed"], min_per_class=probes["min_per_class"],
                            device=device, groups=prompts, control=control)
