@@ -75,6 +75,17 @@ class ProbeResult:
     spread: np.ndarray | None = None  # (steps,) within-class std along the direction (train)
 
 
+#: Bytes of fitting memory per (sample, site, channel) of a batched torch fit: the step read,
+#: its centred copy, the standardised design and the Newton scratch, with temporaries
+#: (measured: benchmarks/probe_memory.py, 36 on 8 sites x 1280 channels).
+FIT_BYTES_PER_VALUE = 36
+
+
+def sites_per_fit(samples: int, width: int, memory_mb: float) -> int:
+    """How many equal-width sites one batched fit may hold within ``memory_mb``."""
+    return max(1, int(memory_mb * 2**20 // (FIT_BYTES_PER_VALUE * samples * width)))
+
+
 def split_indices(y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/test split of sample positions (shared by both backends)."""
     index = np.arange(len(y))

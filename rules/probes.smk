@@ -25,6 +25,7 @@ rule fit_probes:
     threads: model_threads
     resources:
         gpu=gpu_resources,
+        mem_mb=mem_resources,  # half of it bounds one batched fit (sites per fit)
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"

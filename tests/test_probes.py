@@ -253,3 +253,13 @@ def test_probes_read_step_by_step_give_the_in_memory_result(tmp_path):
         np.testing.assert_array_equal(a.test_acc, b.test_acc)
         np.testing.assert_allclose(a.directions, b.directions, atol=1e-6)
         np.testing.assert_allclose(a.spread, b.spread, rtol=1e-5)
+
+
+def test_sites_per_fit_follows_the_memory_budget():
+    from icm.probes import FIT_BYTES_PER_VALUE, sites_per_fit
+
+    # SDXL's widest group at N = 2,000 under a 4 GB budget
+    per_site = FIT_BYTES_PER_VALUE * 2000 * 1280
+    assert sites_per_fit(2000, 1280, 4096) == 4096 * 2**20 // per_site
+    assert sites_per_fit(2000, 1280, 4096) * per_site <= 4096 * 2**20
+    assert sites_per_fit(10**7, 1280, 1) == 1  # never zero

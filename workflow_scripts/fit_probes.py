@@ -7,4 +7,5 @@ use_threads(sm.threads)
 with logging_to(sm.log[0]):
     fit_probes_job(sm.params.concept, sm.params.probes, sm.params.pair, sm.input.labels,
                    list(sm.input.stores), sm.output.scores, sm.output.directions,
-                   sm.output.meta, sm.output.heatmap)
+                   sm.output.meta, sm.output.heatmap,
+                   memory_mb=0.5 * sm.resources.get("mem_mb", 4000))  # half the job's

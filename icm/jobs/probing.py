@@ -47,13 +47,16 @@ def fit_probes_job(
     concept: Mapping[str, Any], probes: Mapping[str, Any], pair: tuple[str, str],
     labels_csv: str | Path, stores: Sequence[str | Path], output_scores: str | Path,
     output_directions: str | Path, output_meta: str | Path, output_heatmap: str | Path,
+    memory_mb: float = 2000,
 ) -> None:
-    """Fit one class pair's probes for every (site, step); write scores, directions, heatmap."""
+    """Fit one class pair's probes for every (site, step); write scores, directions, heatmap.
+    The torch backend reads each width group step by step, in batches of sites sized to
+    ``memory_mb`` (the job's memory, not a setting: results do not depend on it)."""
     import numpy as np
     import pandas as pd
     from safetensors.numpy import save_file
 
-    from icm.probes import Pair, fit_pair
+    from icm.probes import Pair, fit_pair, sites_per_fit
     from icm.provenance import package_versions
     from icm.ranking import plot_heatmap, step_timesteps
     from icm.sites import site_kind
@@ -73,8 +76,14 @@ def fit_probes_job(
     keep = np.flatnonzero(np.isin(samples, labels.index))
     y = labels.loc[samples[keep], "label"].to_numpy()
     prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
-    for width in dict.fromkeys(widths.values()):  # one width group at a time
+    batches = []  # (sites of one width, fitted together)
+    for width in dict.fromkeys(widths.values()):
         group = [s for s, w in widths.items() if w == width]
+        size = sites_per_fit(len(keep), width, memory_mb) if probes["backend"] == "torch" \
+            else len(group)
+        batches += [group[i:i + size] for i in range(0, len(group), size)]
+    log.info("%d sites in %d batched fits", len(widths), len(batches))
+    for group in batches:
         if probes["backend"] == "torch":  # read step by step: memory of one step
             activations = StepStack(list(stores), group, rows=keep)
         else:  # the scikit-learn reference: the group in memory
