@@ -19,15 +19,19 @@ STEPS = 3
 
 # Per family: how the tests call the tiny pipeline (FLUX.1-dev: its guidance embedding).
 CALLS = {"sdxl": {"height": 32, "width": 32, "guidance_scale": 5.0},
+         "sana": {"height": 32, "width": 32, "guidance_scale": 4.5, "max_sequence_length": 16,
+                  "use_resolution_binning": False, "complex_human_instruction": None},
          "flux": {"height": 16, "width": 16, "guidance_scale": 3.5, "max_sequence_length": 16}}
 
 
 @pytest.fixture(scope="module", params=sorted(CALLS))
 def family_pipe(request):
     from icm.models.tiny_flux import build_tiny_flux
+    from icm.models.tiny_sana import build_tiny_sana
     from icm.models.tiny_sdxl import build_tiny_sdxl
 
-    pipe = {"sdxl": build_tiny_sdxl, "flux": build_tiny_flux}[request.param](seed=0)
+    builders = {"sdxl": build_tiny_sdxl, "sana": build_tiny_sana, "flux": build_tiny_flux}
+    pipe = builders[request.param](seed=0)
     pipe.icm_test_family = request.param
     return pipe
 
@@ -106,10 +110,12 @@ def test_steering_is_the_identity_at_zero_and_alpha_v_on_conditional_rows(family
 def test_a_saved_replica_loads_back_through_the_real_loading_code(family_pipe, tmp_path):
     from icm.models import ModelSpec, load_pipeline
     from icm.models.tiny_flux import save_tiny_flux
+    from icm.models.tiny_sana import save_tiny_sana
     from icm.models.tiny_sdxl import save_tiny_sdxl
 
     family = family_pipe.icm_test_family
-    folder = {"sdxl": save_tiny_sdxl, "flux": save_tiny_flux}[family](tmp_path / family)
+    savers = {"sdxl": save_tiny_sdxl, "sana": save_tiny_sana, "flux": save_tiny_flux}
+    folder = savers[family](tmp_path / family)
     loaded = load_pipeline(ModelSpec(name=f"tiny-{family}", family=family, dtype="float32",
                                      source=str(folder)), device="cpu")
     assert type(loaded) is type(family_pipe)

@@ -99,12 +99,14 @@ def merge_samples_job(shard_tables: Sequence[str | Path], output: str | Path) ->
 
 def build_model_job(builder: str, output: str | Path, seed: int = 0) -> None:
     """Build a model that the workflow makes itself instead of downloading: a tiny
-    random-weight replica of a family (``tiny-sd15``, ``tiny-sdxl``, ``tiny-flux``)."""
+    random-weight replica of a family (``tiny-sd15``, ``tiny-sdxl``, ``tiny-sana``,
+    ``tiny-flux``)."""
     from icm.models.tiny_flux import save_tiny_flux
+    from icm.models.tiny_sana import save_tiny_sana
     from icm.models.tiny_sdxl import save_tiny_sdxl
 
     builders = {"tiny-sd15": save_tiny_sd15, "tiny-sdxl": save_tiny_sdxl,
-                "tiny-flux": save_tiny_flux}
+                "tiny-sana": save_tiny_sana, "tiny-flux": save_tiny_flux}
     if builder not in builders:
         raise ValueError(f"unknown model builder {builder!r}; known: {sorted(builders)}")
     builders[builder](Path(output), seed=seed)
