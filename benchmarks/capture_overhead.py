@@ -6,6 +6,11 @@ cost. Runs alternate plain / captured to cancel drift; the ratio is of the media
 
     python benchmarks/capture_overhead.py                      # CPU: 128 px, 4 steps
     python benchmarks/capture_overhead.py --device cuda --resolution 512 --steps 20 --batch 8
+    python benchmarks/capture_overhead.py --model tiny-flux    # a family's tiny replica
+
+``--model`` picks the full-size SD1.5 architecture (default) or a tiny replica of another
+family (``tiny-sdxl``, ``tiny-sana``, ``tiny-flux``: every site of the family's kinds, at
+the replica's size, so the ratio there is an upper bound dominated by hook overhead).
 """
 
 from __future__ import annotations
@@ -20,6 +25,19 @@ import torch
 
 from icm.capture import capture_activations
 from icm.models import build_sd15_pipeline
+from icm.models.tiny_flux import build_tiny_flux
+from icm.models.tiny_sana import build_tiny_sana
+from icm.models.tiny_sdxl import build_tiny_sdxl
+
+#: --model: (builder, call keywords); tiny replicas run at their own size.
+MODELS = {
+    "sd15-full": (lambda: build_sd15_pipeline("full", seed=0), {}),
+    "tiny-sdxl": (build_tiny_sdxl, {"size": 32}),
+    "tiny-sana": (build_tiny_sana, {"size": 32, "use_resolution_binning": False,
+                                    "complex_human_instruction": None,
+                                    "max_sequence_length": 16}),
+    "tiny-flux": (build_tiny_flux, {"size": 16, "max_sequence_length": 16}),
+}
 
 
 def timed(fn, device: str) -> float:
@@ -41,18 +59,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--model", default="sd15-full", choices=sorted(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
 
-    pipe = build_sd15_pipeline("full", seed=0).to(args.device, dtype)
+    build, extra = MODELS[args.model]
+    pipe = build().to(args.device, dtype)
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a photo of a person"] * args.batch
+    size = args.resolution if args.model == "sd15-full" else extra.pop("size")
 
     def generate() -> None:
         generator = [torch.Generator("cpu").manual_seed(i) for i in range(args.batch)]
-        pipe(prompts, num_inference_steps=args.steps, height=args.resolution,
-             width=args.resolution, generator=generator, output_type="np")
+        pipe(prompts, num_inference_steps=args.steps, height=size, width=size,
+             generator=generator, output_type="np", **extra)
 
     def generate_captured() -> None:
         with capture_activations(pipe) as cap:
@@ -68,7 +89,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads}",
         "dtype": str(dtype).removeprefix("torch."),
-        "resolution": args.resolution,
+        "model": args.model,
+        "resolution": size,
         "steps": args.steps,
         "batch": args.batch,
         "repeats": args.repeats,
@@ -78,7 +100,7 @@ def main() -> None:
     }
     result["ratio"] = result["capture_median_s"] / result["plain_median_s"]
     print(json.dumps(result, indent=2))
-    print(f"| {result['device']} | {result['dtype']} | {args.resolution} px, {args.steps} steps, "
+    print(f"| {args.model} | {result['device']} | {result['dtype']} | {size} px, {args.steps} steps, "
           f"batch {args.batch} | {result['plain_median_s']:.3f} s | "
           f"{result['capture_median_s']:.3f} s | {result['ratio']:.3f} |")
     if args.out:
