@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from icm.families import image_stream
 from icm.hooks import CFGMode, SiteHooks
-from icm.sites import denoiser_of, list_sites, output_tensor
+from icm.sites import denoiser_of, list_sites
 
 
 @dataclass
@@ -55,7 +56,7 @@ class ActivationCapture(SiteHooks):
         self._timesteps: list[float | None] = []
 
     def on_output(self, site: str, step: int, output: Any) -> None:
-        hidden = output_tensor(output, site)
+        hidden = image_stream(site, output)
         seen = self._pooled[site]
         if step != len(seen):
             raise RuntimeError(

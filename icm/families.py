@@ -21,6 +21,7 @@ Full-size configs of each family's denoiser are in ``icm.models.configs``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -104,8 +105,10 @@ def family_of(denoiser: nn.Module) -> Family:
     return FAMILIES["sd15"]
 
 
+@functools.lru_cache(maxsize=4096)
 def kind_of(site: str, family: Family | None = None) -> SiteKind:
-    """The kind of a site path: among ``family``'s kinds, or among all kinds."""
+    """The kind of a site path: among ``family``'s kinds, or among all kinds (cached: the
+    hooks ask on every call)."""
     names = family.kinds if family else tuple(KINDS)
     for name in names:
         if KINDS[name].matches(site):

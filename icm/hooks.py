@@ -143,6 +143,7 @@ class SiteHooks:
             raise ValueError(f"cfg must be 'auto', 'cond_half' or 'all', not {cfg!r}")
         self.pipe = pipe
         self.denoiser = denoiser_of(pipe)
+        self.family = family_of(self.denoiser)
         self.modules = resolve_sites(self.denoiser, list(sites))
         self.sites = list(self.modules)
         self.cfg = cfg
@@ -154,7 +155,7 @@ class SiteHooks:
         """Rows of the batch that belong to the conditional (text-guided) branch: with
         ``auto``, the second half when the family batches guidance (``icm.families``) and
         the pipeline runs it; every row for an embedded-guidance family (FLUX.1-dev)."""
-        batched = family_of(self.denoiser).guidance == "batched"
+        batched = self.family.guidance == "batched"
         use_half = self.cfg == "cond_half" or (
             self.cfg == "auto" and batched
             and bool(getattr(self.pipe, "do_classifier_free_guidance", False))

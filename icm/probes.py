@@ -134,11 +134,17 @@ def direction_spread(x: np.ndarray, y: np.ndarray, train: np.ndarray,
     one class's samples spread along the axis, the unit of ``alpha_unit: spread`` steering
     (a step whose activations are small gets a small push)."""
     rows = np.asarray(x[train])
-    proj = np.einsum("nsc,sc->ns", rows, directions.astype(rows.dtype)).astype(np.float64)
-    labels = y[train]
-    within = sum(((proj[labels == c] - proj[labels == c].mean(0)) ** 2).sum(0)
-                 for c in (0, 1))
-    return np.sqrt(within / max(len(labels) - 2, 1))
+    proj = np.einsum("nsc,sc->ns", rows, directions.astype(rows.dtype))
+    return pooled_within_std(proj, y[train] == 1)
+
+
+def pooled_within_std(projections: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """Per column of ``projections`` (samples, K), the standard deviation within the two
+    classes (``positive`` a boolean per sample), pooled: the spread of one class."""
+    proj = np.asarray(projections, dtype=np.float64)
+    within = sum(((proj[rows] - proj[rows].mean(axis=0)) ** 2).sum(axis=0)
+                 for rows in (positive, ~positive))
+    return np.sqrt(within / max(len(proj) - 2, 1))
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -321,7 +327,6 @@ def fit_torch(
     train_acc, test_acc = np.empty((sites, steps)), np.empty((sites, steps))
     directions = np.empty((sites, steps, channels))
     spread = np.empty((sites, steps))
-    positive = torch.as_tensor(y[train] == 1, device=device)
     unconverged = 0
     dual = use_dual(len(train), width) if solver == "auto" else solver == "dual"
     if extra and dual:
@@ -371,10 +376,8 @@ def fit_torch(
         directions[:, step] = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
         # xt holds the centred training rows: project them on the unit directions.
         unit = torch.as_tensor(directions[:, step], dtype=dtype, device=device)
-        proj = torch.einsum("nsc,sc->ns", xt, unit).double()
-        within = sum(((p - p.mean(dim=0)) ** 2).sum(dim=0)
-                     for p in (proj[positive], proj[~positive]))
-        spread[:, step] = (within / max(len(train) - 2, 1)).sqrt().cpu().numpy()
+        proj = torch.einsum("nsc,sc->ns", xt, unit).cpu().numpy()
+        spread[:, step] = pooled_within_std(proj, y[train] == 1)
     if unconverged:
         log.warning("%d of %d probes did not reach tol=%g in %d Newton iterations",
                     unconverged, sites * steps, tol, iterations)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import nn
 
-from icm.families import KINDS, family_of, image_stream, kind_of
+from icm.families import KINDS, family_of, kind_of
 
 #: Site kind -> what it is, for every family (``icm.families.KINDS``).
 SITE_KINDS: dict[str, str] = {name: kind.label for name, kind in KINDS.items()}
@@ -60,9 +59,3 @@ def resolve_sites(denoiser: nn.Module, sites: Sequence[str]) -> dict[str, nn.Mod
         raise ValueError(f"duplicate sites in {list(sites)}")
     return {s: modules[s] for s in sites}
 
-
-def output_tensor(output: object, site: str = "attn1") -> torch.Tensor:
-    """The image-stream hidden states of a site's output (``icm.families.image_stream``):
-    attention outputs are tensors, or ``(image, text)`` for joint attention; FLUX's blocks
-    return ``(text, image)``."""
-    return image_stream(site, output)

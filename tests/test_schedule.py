@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from icm.capture import capture_activations
+from icm.families import image_stream
 from icm.hooks import SiteHooks
 from icm.models import build_sd15_pipeline, sd15_scheduler_config
 from icm.probes import Pair, fit_pair
@@ -18,7 +19,7 @@ from icm.schedule import (
     start_step,
     train_timesteps,
 )
-from icm.sites import denoiser_of, output_tensor
+from icm.sites import denoiser_of
 from icm.steering import steer_activations
 from icm.toy.pipeline import toy_scheduler_config
 
@@ -70,7 +71,7 @@ class Outputs(SiteHooks):
         self.steps: list[torch.Tensor] = []
 
     def on_output(self, site, step, output):
-        self.steps.append(output_tensor(output).detach().clone())
+        self.steps.append(image_stream(site, output).detach().clone())
 
 
 def generate(pipe, guidance, steered=None):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from icm.families import image_stream
 from icm.hooks import DoubleHookError, SiteHooks
-from icm.sites import denoiser_of, list_sites, output_tensor
+from icm.sites import denoiser_of, list_sites
 from icm.steering import steer_activations
 
 PROMPTS = ["a photo of a person", "a portrait of a woman"]
@@ -32,7 +33,7 @@ class RowMeans(SiteHooks):
         self.means: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
 
     def on_output(self, site, step, output):
-        self.means[site].append(output_tensor(output).mean(dim=1).detach().clone())
+        self.means[site].append(image_stream(site, output).mean(dim=1).detach().clone())
 
 
 def directions_for(pipe, sites, seed=0):

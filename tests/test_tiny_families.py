@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from icm.capture import capture_activations
-from icm.families import FAMILIES, site_width
+from icm.families import FAMILIES, image_stream, site_width
 from icm.hooks import SiteHooks
-from icm.sites import denoiser_of, list_sites, output_tensor
+from icm.sites import denoiser_of, list_sites
 from icm.steering import steer_activations
 
 PROMPTS = ["a photo of a person", "a portrait of a woman"]
@@ -58,7 +58,7 @@ class RowMeans(SiteHooks):
         self.means = {s: [] for s in self.sites}
 
     def on_output(self, site, step, output):
-        self.means[site].append(output_tensor(output, site).mean(dim=1).detach().clone())
+        self.means[site].append(image_stream(site, output).mean(dim=1).detach().clone())
 
 
 def test_capture_records_the_conditional_means_and_changes_no_pixel(family_pipe):
@@ -109,13 +109,14 @@ def test_steering_is_the_identity_at_zero_and_alpha_v_on_conditional_rows(family
 
 def test_a_saved_replica_loads_back_through_the_real_loading_code(family_pipe, tmp_path):
     from icm.models import ModelSpec, load_pipeline
-    from icm.models.tiny_flux import save_tiny_flux
-    from icm.models.tiny_sana import save_tiny_sana
-    from icm.models.tiny_sdxl import save_tiny_sdxl
+    from icm.models.tiny import save_replica
+    from icm.models.tiny_flux import build_tiny_flux
+    from icm.models.tiny_sana import build_tiny_sana
+    from icm.models.tiny_sdxl import build_tiny_sdxl
 
     family = family_pipe.icm_test_family
-    savers = {"sdxl": save_tiny_sdxl, "sana": save_tiny_sana, "flux": save_tiny_flux}
-    folder = savers[family](tmp_path / family)
+    builders = {"sdxl": build_tiny_sdxl, "sana": build_tiny_sana, "flux": build_tiny_flux}
+    folder = save_replica(builders[family], tmp_path / family)
     loaded = load_pipeline(ModelSpec(name=f"tiny-{family}", family=family, dtype="float32",
                                      source=str(folder)), device="cpu")
     assert type(loaded) is type(family_pipe)
@@ -128,7 +129,7 @@ def raw_means(pipe, site):
     calls = []
     module = denoiser_of(pipe).get_submodule(site)
     handle = module.register_forward_hook(
-        lambda m, a, out: calls.append(output_tensor(out, site).mean(dim=1).detach().clone()))
+        lambda m, a, out: calls.append(image_stream(site, out).mean(dim=1).detach().clone()))
     return calls, handle
 
 

@@ -148,7 +148,7 @@ def compute_metrics_job(
     CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
     variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
     the original itself."""
-    from icm.metrics import clip_t, paired_cosine, paired_cosines, prompt_agreement
+    from icm.metrics import clip_t, paired_cosines, prompt_agreement
 
     device = str(resolve_device(evaluation["device"]))
     classes = list(concept["classes"])
@@ -165,9 +165,8 @@ def compute_metrics_job(
     clip_i, per_image = math.nan, np.full(len(rows), np.nan)
     if original:
         base = read_shards(original).set_index("sample").loc[rows["sample"]]
-        base_embeddings = embedder.embed_images(load_images(base["image"]))
-        clip_i = paired_cosine(embeddings, base_embeddings)
-        per_image = paired_cosines(embeddings, base_embeddings)
+        per_image = paired_cosines(embeddings, embedder.embed_images(load_images(base["image"])))
+        clip_i = float(per_image.mean())
     if toy:
         text_alignment = prompt_agreement(list(rows["prompt"]), images)
         text_backend = "toy oracle: prompt attributes present"

@@ -9,6 +9,7 @@ checkpoint ships (PNDM, with its config), so what the tests run is what users ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -124,12 +125,18 @@ def build_sd15_pipeline(
     return pipe.to(device)
 
 
-def save_tiny_sd15(path: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline as a diffusers directory, atomically (an interrupted build never
-    leaves a half-written model at ``path``, which Snakemake would trust)."""
+def save_replica(build: Callable[..., Any], path: Path, seed: int = 0) -> Path:
+    """Save the pipeline ``build(seed=seed)`` makes as a diffusers directory, atomically (an
+    interrupted build never leaves a half-written model at ``path``, which Snakemake would
+    trust). Every tiny replica is saved through it."""
     with atomic_directory(path, replace=True) as partial:
-        build_sd15_pipeline("tiny", seed=seed).save_pretrained(partial, safe_serialization=True)
+        build(seed=seed).save_pretrained(partial, safe_serialization=True)
     return Path(path)
+
+
+def save_tiny_sd15(path: Path, seed: int = 0) -> Path:
+    """Save the tiny SD1.5 pipeline (``save_replica``)."""
+    return save_replica(lambda seed: build_sd15_pipeline("tiny", seed=seed), path, seed)
 
 
 def build_sd15_unet_on_meta() -> UNet2DConditionModel:

@@ -7,8 +7,6 @@ text encoders, and FLUX's flow-matching Euler scheduler with its dynamic shift.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -24,7 +22,6 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from icm.atomic import atomic_directory
 from icm.models.tiny import TINY_WORDS, tiny_text_encoder_config
 from icm.models.tokenizer import build_clip_tokenizer
 
@@ -66,10 +63,3 @@ def build_tiny_flux(seed: int = 0, device: str | torch.device = "cpu") -> FluxPi
                         tokenizer_2=tokenizer_2, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def save_tiny_flux(path: Path, seed: int = 0) -> Path:
-    """Save the tiny FLUX pipeline as a diffusers directory, atomically."""
-    with atomic_directory(path, replace=True) as partial:
-        build_tiny_flux(seed=seed).save_pretrained(partial, safe_serialization=True)
-    return Path(path)

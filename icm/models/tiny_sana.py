@@ -10,7 +10,6 @@ flow shift 3). Call it as SANA: ``height``/``width`` multiples of 32,
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -20,8 +19,6 @@ from diffusers import (
     SanaTransformer2DModel,
 )
 from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
-
-from icm.atomic import atomic_directory
 
 
 def build_gemma_tokenizer() -> GemmaTokenizerFast:
@@ -68,10 +65,3 @@ def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPi
                         transformer=transformer.eval(), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def save_tiny_sana(path: Path, seed: int = 0) -> Path:
-    """Save the tiny SANA pipeline as a diffusers directory, atomically."""
-    with atomic_directory(path, replace=True) as partial:
-        build_tiny_sana(seed=seed).save_pretrained(partial, safe_serialization=True)
-    return Path(path)

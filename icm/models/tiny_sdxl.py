@@ -8,7 +8,6 @@ cross-attention context, and SDXL's default scheduler (Euler discrete, SDXL's co
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,6 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from icm.atomic import atomic_directory
 from icm.models.configs import sdxl_unet_config
 from icm.models.tiny import TINY_WORDS, tiny_text_encoder_config, tiny_vae_config
 from icm.models.tokenizer import build_clip_tokenizer
@@ -74,10 +72,3 @@ def build_tiny_sdxl(seed: int = 0, device: str | torch.device = "cpu") -> Stable
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def save_tiny_sdxl(path: Path, seed: int = 0) -> Path:
-    """Save the tiny SDXL pipeline as a diffusers directory, atomically."""
-    with atomic_directory(path, replace=True) as partial:
-        build_tiny_sdxl(seed=seed).save_pretrained(partial, safe_serialization=True)
-    return Path(path)
