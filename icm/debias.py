@@ -30,6 +30,9 @@ from icm.probes import Pair
 #: The site kinds ``top``, ``worst`` and ``random`` choose among, over every family.
 STEERED_KINDS = frozenset(k for family in FAMILIES.values() for k in family.steer_kinds)
 
+#: The kinds ``cross`` steers, over every family (cross-attention; FLUX has none).
+CROSS_KINDS = frozenset(f.cross_kind for f in FAMILIES.values() if f.cross_kind)
+
 SELECTIONS = ("none", "top", "cross", "all", "random", "worst")
 
 
@@ -119,7 +122,7 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
         return [names[i] for i in np.sort(chosen)]
     # cross: the cross-attention sites of the blocks the top self-attention sites live in
     blocks = list(self_attention["block"][:k])
-    cross = ranked[(ranked["kind"] == "attn2") & ranked["block"].isin(blocks)]
+    cross = ranked[ranked["kind"].isin(CROSS_KINDS) & ranked["block"].isin(blocks)]
     if len(cross) < len(blocks):
         raise ValueError(f"no cross-attention site in some of the blocks {blocks}")
     return list(cross["site"])

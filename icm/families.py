@@ -14,7 +14,8 @@ listing read one table instead of branching on the family name:
   step; ``embedded``: FLUX.1-dev's guidance embedding, every row conditional), and the
   scale of the timestep the denoiser is given (FLUX's pipeline passes ``t / 1000``); with
   ``separate_uncond``, a second denoiser call at the same timestep is a separate
-  unconditional branch (FLUX with ``true_cfg_scale > 1``), which hooks skip.
+  unconditional branch (FLUX with ``true_cfg_scale > 1``), which hooks skip; ``schedule``
+  names how the pipeline sets its timesteps (FLUX's shift by the image's token count).
 
 Full-size configs of each family's denoiser are in ``icm.models.configs``.
 """
@@ -24,10 +25,11 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where tensors are met: the Snakefile reads this table
+    import torch
+    from torch import nn
 
 Guidance = Literal["batched", "embedded"]
 
@@ -71,6 +73,13 @@ class Family:
     order: tuple[str, ...] = ()  # top-level module groups in forward order (others: 1)
     timestep_scale: float = 1.0  # scheduler timestep = what the denoiser is given x this
     separate_uncond: bool = False  # a second denoiser call per step can be the uncond branch
+    cross_kind: str | None = "attn2"  # what the `cross` selection steers (None: no such sites)
+    schedule: str = "scheduler"  # how the pipeline sets timesteps (icm.schedule.pipeline_timesteps)
+
+    def selects(self, selection: str) -> bool:
+        """Whether a layer selection exists in this family: ``cross`` needs cross-attention
+        sites, which FLUX's joint attention has none of."""
+        return selection != "cross" or self.cross_kind is not None
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -84,7 +93,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            "batched"),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
-           timestep_scale=1000.0, separate_uncond=True),
+           timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux"),
 )}
 
 
@@ -125,6 +134,8 @@ def site_width(denoiser: nn.Module, site: str) -> int:
 
 def image_stream(site: str, output: Any) -> torch.Tensor:
     """The image-stream hidden states in a site's output."""
+    import torch
+
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, tuple) and output:
@@ -137,7 +148,7 @@ def image_stream(site: str, output: Any) -> torch.Tensor:
 
 def replace_image_stream(site: str, output: Any, hidden: torch.Tensor) -> Any:
     """``output`` with its image stream replaced by ``hidden`` (the rest untouched)."""
-    if isinstance(output, torch.Tensor):
+    if not isinstance(output, tuple):  # the tensor itself
         return hidden
     index = kind_of(site).image
     return (*output[:index], hidden, *output[index + 1:])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from tqdm import tqdm
 
 from icm.atomic import atomic_directory
 from icm.capture import capture_activations
+from icm.models.loading import check_own_arguments
 from icm.provenance import package_versions
 from icm.samples import Sample
-from icm.schedule import denoising_timesteps, train_timesteps
+from icm.schedule import pipeline_timesteps, same_timesteps, train_timesteps
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
 from icm.tables import write_table
@@ -31,11 +33,23 @@ SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """How each image is denoised; recorded in every artifact."""
+    """How each image is denoised; recorded in every artifact. ``arguments``: the model's
+    further pipeline arguments (``models.<m>.pipeline_arguments``, e.g. SANA's
+    ``use_resolution_binning``), passed to every call."""
 
     steps: int
     guidance_scale: float
     resolution: int
+    arguments: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        check_own_arguments(self.arguments)
+
+    @classmethod
+    def of(cls, spec: Any) -> SamplerSettings:
+        """The settings of a ``ModelSpec``."""
+        return cls(spec.steps, spec.guidance_scale, spec.resolution,
+                   dict(spec.pipeline_arguments))
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         return {
@@ -43,7 +57,13 @@ class SamplerSettings:
             "guidance_scale": self.guidance_scale,
             "height": self.resolution,
             "width": self.resolution,
+            **self.arguments,
         }
+
+    def record(self) -> dict[str, Any]:
+        """What artifacts record (JSON-ready)."""
+        return {"steps": self.steps, "guidance_scale": self.guidance_scale,
+                "resolution": self.resolution, "arguments": dict(self.arguments)}
 
 
 def generators(samples: Sequence[Sample]) -> list[torch.Generator]:
@@ -99,12 +119,12 @@ def generate_shard(
     """
     images_dir, table_path = Path(images_dir), Path(table_path)
     sites = list(sites) if sites is not None else list_sites(denoiser_of(pipe))
-    planned = denoising_timesteps(pipe.scheduler, settings.steps)
+    planned = pipeline_timesteps(pipe, settings.steps, settings.resolution)
     attrs = {
         **(attrs or {}),
         "sites": sites,
         "n_samples": len(samples),
-        "sampler": settings.__dict__,
+        "sampler": settings.record(),
         # The step axis is the pipeline's loop: PNDM runs 51 iterations for 50 steps.
         "denoising_steps": len(planned),
         "num_train_timesteps": train_timesteps(pipe.scheduler),
@@ -128,7 +148,13 @@ def generate_shard(
         partial_images.mkdir()
         for batch in batches(samples, batch_size):
             images = generate_images(pipe, batch, settings)
-            store.write(cap.pop())
+            captured = cap.pop()
+            if not same_timesteps(captured.timesteps, planned):  # the plan steering relies on
+                raise RuntimeError(
+                    f"the pipeline ran timesteps {captured.timesteps.round(1).tolist()}, but "
+                    f"{type(pipe.scheduler).__name__} planned {planned.round(1).tolist()}: "
+                    "icm.schedule.pipeline_timesteps does not know how this pipeline sets them")
+            store.write(captured)
             for sample, image in zip(batch, images, strict=True):
                 image.save(partial_images / image_name(sample))
                 rows.append({**sample.as_row(), "image": str(rel_images / image_name(sample))})

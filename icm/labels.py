@@ -3,6 +3,8 @@
 Three labelers behind one interface (``scores`` -> per-class scores, argmax is the label):
 
 * ``OracleLabeler``: the toy world's pixel oracle (ground truth there).
+* ``PixelLabeler``: which half of an image is brighter, or which colour channel is strongest,
+  read off the pixels of any model's images with no weights (offline runs, replicas).
 * ``ClipLabeler``: CLIP zero-shot through open_clip. Each class is a group of text prompts and
   the best-matching prompt of a group is the class's score, as in the paper's code.
 * ``FairFaceLabeler``: the FairFace ResNet-34 (18-way head) for gender, age and race, with
@@ -72,6 +74,55 @@ class OracleLabeler(Labeler):
             if table:
                 out[i] = [table.get(c, 0.0) for c in self.classes]
         return out
+
+
+#: The pixel labeler's attributes and the classes each can score.
+PIXEL_CLASSES: dict[str, tuple[str, ...]] = {
+    "lit_side": ("left", "right", "top", "bottom"),
+    "color": ("red", "green", "blue"),
+}
+
+
+class PixelLabeler(Labeler):
+    """A statistic of the pixels, for any model and no weights: ``lit_side``, which half of
+    the image is brightest (classes among left, right, top, bottom), or ``color``, which
+    colour channel is strongest (among red, green, blue).
+
+    A class's score is the mean of its half (of its channel) minus the image's mean, in
+    pixel units of [0, 1]. It exists so that the whole workflow runs offline on random-weight
+    replicas: their images are almost constant, so a fixed brightness threshold or the
+    dominant channel labels every image alike, but which half is brighter varies with the
+    seed (measured on the tiny replicas: left in 34-50% of the images)."""
+
+    def __init__(self, attribute: str, classes: Sequence[str]) -> None:
+        if attribute not in PIXEL_CLASSES:
+            raise ValueError(f"the pixel labeler reads {sorted(PIXEL_CLASSES)}, not "
+                             f"{attribute!r}")
+        unknown = [c for c in classes if c not in PIXEL_CLASSES[attribute]]
+        if unknown:
+            raise ValueError(f"pixel {attribute} classes are {list(PIXEL_CLASSES[attribute])};"
+                             f" got {unknown}")
+        self.attribute, self.classes = attribute, list(classes)
+        self.name = f"pixel statistic ({attribute})"
+
+    def scores(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = np.empty((len(images), len(self.classes)))
+        for i, image in enumerate(images):
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+            out[i] = [self._part(pixels, c).mean() - pixels.mean() for c in self.classes]
+        return out
+
+    @staticmethod
+    def _part(pixels: np.ndarray, name: str) -> np.ndarray:
+        """The pixels a class averages: a half (the middle row or column of an odd size is
+        in neither) or a channel."""
+        height, width = pixels.shape[:2]
+        half_h, half_w = height // 2, width // 2
+        parts = {"left": (slice(None), slice(None, half_w)),
+                 "right": (slice(None), slice(width - half_w, None)),
+                 "top": (slice(None, half_h),), "bottom": (slice(height - half_h, None),),
+                 "red": (Ellipsis, 0), "green": (Ellipsis, 1), "blue": (Ellipsis, 2)}
+        return pixels[parts[name]]
 
 
 class ClipLabeler(Labeler):
@@ -230,6 +281,8 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
     kind = spec.get("type", "clip")
     if kind == "oracle":
         return OracleLabeler(spec.get("attribute") or "color", classes)
+    if kind == "pixel":
+        return PixelLabeler(spec.get("attribute") or "lit_side", classes)
     if kind == "clip":
         return ClipLabeler(classes, spec.get("prompts"), spec.get("model", "ViT-L-14"),
                            spec.get("pretrained", "openai"), device=device,

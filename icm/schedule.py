@@ -48,13 +48,40 @@ def train_timesteps(scheduler: Any) -> int:
     return int(scheduler.config.get("num_train_timesteps", 1000))
 
 
-def denoising_timesteps(scheduler: Any, steps: int) -> np.ndarray:
+def denoising_timesteps(scheduler: Any, steps: int, **options: Any) -> np.ndarray:
     """The timesteps a pipeline loop runs for ``steps`` inference steps, one per iteration,
-    computed on a copy of the scheduler (the pipeline's own is left as it is)."""
+    computed on a copy of the scheduler (the pipeline's own is left as it is). ``options``
+    go to ``set_timesteps`` as the pipeline passes them (FLUX: ``sigmas`` and ``mu``)."""
     check_scheduler(scheduler)
     twin = copy.deepcopy(scheduler)
-    twin.set_timesteps(steps)
+    if "sigmas" in options:
+        twin.set_timesteps(**options)
+    else:
+        twin.set_timesteps(steps, **options)
     return np.asarray(twin.timesteps, dtype=np.float64)
+
+
+def pipeline_timesteps(pipe: Any, steps: int, resolution: int) -> np.ndarray:
+    """The timesteps ``pipe`` runs for ``steps`` steps at ``resolution``, set the way its
+    family's pipeline sets them (``Family.schedule``): by the scheduler alone, or as FLUX
+    does, sigmas ``linspace(1, 1/N, N)`` (unless the scheduler makes flow sigmas itself)
+    shifted by ``mu``, which grows with the packed image's token count."""
+    from icm.families import family_of
+    from icm.sites import denoiser_of
+
+    if family_of(denoiser_of(pipe)).schedule != "flux":
+        return denoising_timesteps(pipe.scheduler, steps)
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    tokens = (resolution // (pipe.vae_scale_factor * 2)) ** 2  # 2 x 2 latent patches
+    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                         config.get("max_shift", 1.15))
+    if config.get("use_flow_sigmas"):
+        return denoising_timesteps(pipe.scheduler, steps, mu=mu)
+    return denoising_timesteps(pipe.scheduler, steps,
+                               sigmas=list(np.linspace(1.0, 1 / steps, steps)), mu=mu)
 
 
 def start_step(timesteps: Sequence[float], num_train_timesteps: int, start_of_50: int) -> int:

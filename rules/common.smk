@@ -7,6 +7,7 @@
 import re
 from pathlib import Path
 
+from icm.families import family_named
 from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
 
 MODELS = config["models"]
@@ -163,14 +164,21 @@ def pair_files(pattern):
 
 
 def labeler_gpu(wildcards):
-    """Neural labelers use the model's GPU allotment; the toy oracle needs none."""
-    if CONCEPTS[wildcards.concept]["labeler"]["type"] == "oracle":
+    """Neural labelers use the model's GPU allotment; pixel statistics (the toy oracle, the
+    pixel labeler) need none."""
+    if CONCEPTS[wildcards.concept]["labeler"]["type"] in ("oracle", "pixel"):
         return 0
     return gpu_resources(wildcards)
 
 
 def labeler_partition(wildcards):
     return partition(labeler_gpu(wildcards))
+
+
+def metrics_gpu(wildcards):
+    """Metrics run the labeler and, outside the toy world, CLIP: a GPU job unless both are
+    pixel statistics and toy features."""
+    return labeler_gpu(wildcards) if is_toy(wildcards) else gpu_resources(wildcards)
 
 
 # -- steering and evaluation (stages 4-5) ----------------------------------------------
@@ -215,9 +223,29 @@ def target_classes(wildcards):
     return list(chosen)
 
 
+def run_variants(wildcards):
+    """The steering variants of a (model, concept): the concept's `steering.variants` (null:
+    all; the original always), less those whose layer selection the model's family lacks (FLUX has no
+    cross-attention, so no `cross` variant)."""
+    chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"concepts.{wildcards.concept}.steering.variants: {unknown} are not "
+                         f"steering.variants {list(VARIANTS)}")
+    if ORIGINAL and ORIGINAL not in chosen:
+        chosen = [ORIGINAL, *chosen]  # CLIP-I and the target tables compare with it
+    family = family_named(MODELS[wildcards.model]["family"])
+    return [v for v in chosen if family.selects(VARIANTS[v]["sites"])]
+
+
+def variant_files(pattern):
+    """Input function: `pattern` once per variant the (model, concept) runs."""
+    return expand_over(pattern, "variant", run_variants)
+
+
 def calibrated_variants(wildcards):
-    """The variants whose alpha is `auto` for the wildcards' concept."""
-    return [v for v in VARIANTS if alpha_is_auto(wildcards.concept, v)]
+    """The run's variants whose alpha is `auto` for the wildcards' concept."""
+    return [v for v in run_variants(wildcards) if alpha_is_auto(wildcards.concept, v)]
 
 
 def steer_inputs(wildcards):
@@ -250,7 +278,7 @@ def steer_concept(wildcards):
         "classes": spec["classes"],
         "pairs": [list(p) for p in concept_pairs(wildcards.concept)],
         "steering": {k: v for k, v in spec["steering"].items()
-                     if k not in ("alpha", "targets")},  # neither changes an image
+                     if k not in ("alpha", "targets", "variants")},  # none changes an image
         "evaluation_prompts": spec["evaluation"]["prompts"],
     }
 
@@ -303,11 +331,17 @@ def metric_inputs(wildcards):
         inputs["toy_features"] = weights
         inputs["toy_features_sidecar"] = str(Path(weights).with_suffix(".json"))
     else:
-        inputs["checkpoints"] += local_files(config["evaluation"]["clip_pretrained"])
+        inputs["checkpoints"] += local_files(metric_settings(wildcards)["clip_pretrained"])
     return inputs
 
 
 def metric_settings(wildcards):
-    """The evaluation settings a metrics job uses (not the grid's layout)."""
+    """The evaluation settings a metrics job uses (not the grid's layout): the CLIP of
+    CLIP-I and CLIP-T is the concept's `evaluation.clip` where it names one."""
     keys = ("clip_model", "clip_pretrained", "clip_checkpoint_tag", "device")
-    return {key: config["evaluation"][key] for key in keys}
+    settings = {key: config["evaluation"][key] for key in keys}
+    clip = CONCEPTS[wildcards.concept]["evaluation"].get("clip")
+    if clip:
+        settings.update(clip_model=clip["model"], clip_pretrained=clip["pretrained"],
+                        clip_checkpoint_tag=clip.get("checkpoint_tag"))
+    return settings

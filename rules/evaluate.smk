@@ -37,8 +37,8 @@ rule compute_metrics:
         variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
     threads: model_threads
     resources:
-        gpu=labeler_gpu,
-        slurm_partition=labeler_partition,
+        gpu=metrics_gpu,
+        slurm_partition=lambda wildcards: partition(metrics_gpu(wildcards)),
     conda:
         "../envs/generation.yaml"
     script:
@@ -47,11 +47,9 @@ rule compute_metrics:
 
 rule collect_table:
     input:
-        metrics=expand("results/{{model}}/{{concept}}/metrics/{variant}.json", variant=VARIANTS),
-        records=expand(
-            "results/{{model}}/{{concept}}/steer/{variant}/shard-000/steering.json",
-            variant=VARIANTS,
-        ),
+        metrics=variant_files("results/{model}/{concept}/metrics/{variant}.json"),
+        records=variant_files(
+            "results/{model}/{concept}/steer/{variant}/shard-000/steering.json"),
         grid="results/{model}/{concept}/grid.png",  # asking for the table builds the grid
         tradeoff=lambda wildcards: [f"results/{wildcards.model}/{wildcards.concept}/"
                                     "calibration/tradeoff.png"] if calibrated_variants(
@@ -79,20 +77,17 @@ rule collect_table:
 
 rule tabulate_target:
     input:
-        labels=expand("results/{{model}}/{{concept}}/metrics/{variant}.labels.csv",
-                      variant=VARIANTS),
-        metrics=expand("results/{{model}}/{{concept}}/metrics/{variant}.json", variant=VARIANTS),
-        records=expand(
-            "results/{{model}}/{{concept}}/steer/{variant}/shard-000/steering.json",
-            variant=VARIANTS,
-        ),
+        labels=variant_files("results/{model}/{concept}/metrics/{variant}.labels.csv"),
+        metrics=variant_files("results/{model}/{concept}/metrics/{variant}.json"),
+        records=variant_files(
+            "results/{model}/{concept}/steer/{variant}/shard-000/steering.json"),
     output:
         "results/{model}/{concept}/target-{target}/table.csv",
     log:
         "logs/{model}/{concept}/target-{target}.log",
     params:
         original=ORIGINAL,
-        variants=list(VARIANTS),
+        variants=run_variants,
         code=job_code("target_table_job"),
     localrule: True
     conda:
@@ -105,7 +100,8 @@ rule plot_grid:
     input:
         unpack(
             lambda wildcards: {
-                variant: steer_files("samples.csv", variant)(wildcards) for variant in VARIANTS
+                variant: steer_files("samples.csv", variant)(wildcards)
+                for variant in run_variants(wildcards)
             }
         ),
     output:

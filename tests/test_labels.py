@@ -14,7 +14,9 @@ from icm.labels import (
     FairFaceLabeler,
     LabelerNotAvailableError,
     OracleLabeler,
+    PixelLabeler,
     label_images,
+    label_table,
     make_labeler,
 )
 from icm.toy.world import make_dataset
@@ -114,3 +116,26 @@ def test_fairface_race_compares_groups_and_keeps_every_image_for_fd(tmp_path, mo
     monkeypatch.setattr(ages, "raw_probabilities", lambda images: {
         name: age_table[:, k] for k, name in enumerate(FAIRFACE_AGE)})
     assert np.isnan(ages.scores([None])).all()
+
+
+def test_pixel_labeler_reads_the_brighter_half_and_the_strongest_channel():
+    image = np.full((9, 8, 3), 100, dtype=np.uint8)
+    image[:, :4] = 140              # left half brighter
+    image[:4, :, 2] = 250           # top rows: blue strongest, and top brighter than bottom
+    pixels = Image.fromarray(image)
+    sides = PixelLabeler("lit_side", ["left", "right", "top", "bottom"]).scores([pixels])[0]
+    gray = image.astype(float).mean(axis=2) / 255
+    np.testing.assert_allclose(sides, [gray[:, :4].mean() - gray.mean(),
+                                       gray[:, 4:].mean() - gray.mean(),
+                                       gray[:4].mean() - gray.mean(),   # row 4 is the middle
+                                       gray[5:].mean() - gray.mean()])
+    assert sides.argmax() == 2
+    samples = pd.DataFrame({"sample": [0, 1], "prompt_index": [0, 0]})
+    flipped = Image.fromarray(image[:, ::-1].copy())
+    table = label_table(samples, PixelLabeler("lit_side", ["left", "right"]).scores(
+        [pixels, flipped]), PixelLabeler("lit_side", ["left", "right"]))
+    assert list(table["label"]) == ["left", "right"]
+    colors = make_labeler({"type": "pixel", "attribute": "color"}, ["red", "blue"])
+    assert colors.scores([pixels]).argmax() == 1
+    with pytest.raises(ValueError, match="lit_side classes"):
+        PixelLabeler("lit_side", ["left", "up"])

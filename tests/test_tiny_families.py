@@ -79,6 +79,24 @@ def test_capture_records_the_conditional_means_and_changes_no_pixel(family_pipe)
                                rtol=1e-5)
 
 
+def test_the_timestep_plan_is_the_pipelines_own_at_every_size(family_pipe):
+    """What steering checks its probes against: FLUX's timesteps shift with the image's
+    token count, so 16 and 64 px run different timesteps, and the plan follows."""
+    from icm.schedule import pipeline_timesteps
+
+    seen = {}
+    for size in (16, 64) if family_pipe.icm_test_family == "flux" else (32,):
+        call = {**CALLS[family_pipe.icm_test_family], "height": size, "width": size}
+        with capture_activations(family_pipe, list_sites(denoiser_of(family_pipe))[:1]) as cap:
+            family_pipe(PROMPTS[:1], num_inference_steps=STEPS, output_type="np",
+                        generator=torch.Generator("cpu").manual_seed(0), **call)
+            seen[size] = cap.pop().timesteps
+        np.testing.assert_allclose(pipeline_timesteps(family_pipe, STEPS, size), seen[size],
+                                   rtol=1e-6)
+    if len(seen) == 2:
+        assert not np.allclose(seen[16], seen[64])
+
+
 def test_steering_is_the_identity_at_zero_and_alpha_v_on_conditional_rows(family_pipe):
     denoiser = denoiser_of(family_pipe)
     sites = list_sites(denoiser)
@@ -185,3 +203,36 @@ def test_sdxl_with_guidance_off_captures_every_row():
     assert len(plain_calls) == STEPS and plain_calls[0].shape[0] == len(PROMPTS)  # no doubling
     np.testing.assert_allclose(batch.activations[site], torch.stack(plain_calls, 1).numpy(),
                                atol=1e-6)
+
+
+def test_pipeline_arguments_reach_every_call_and_bad_ones_stop_before_any_image(tmp_path):
+    """models.<m>.pipeline_arguments: SANA's complex human instruction changes the images
+    (it is prepended to each prompt); a misspelt or workflow-owned key is refused."""
+    from icm.generate import SamplerSettings, generate_images
+    from icm.models import ModelSpec, load_pipeline
+    from icm.models.tiny import save_replica
+    from icm.models.tiny_sana import build_tiny_sana
+    from icm.samples import Sample
+
+    folder = save_replica(build_tiny_sana, tmp_path / "sana")
+
+    def spec(arguments):
+        return ModelSpec.from_config("tiny-sana", {
+            "family": "sana", "source": str(folder), "dtype": "float32", "steps": 2,
+            "resolution": 32, "pipeline_arguments": arguments})
+
+    samples = [Sample(0, 0, 0, "a photo of a person", 7)]
+    images = {}
+    for name, arguments in {"instruction": {"use_resolution_binning": False},
+                            "plain": {"use_resolution_binning": False,
+                                      "complex_human_instruction": None}}.items():
+        settings = SamplerSettings.of(spec(arguments))
+        assert settings.record()["arguments"] == arguments
+        images[name] = np.asarray(generate_images(load_pipeline(spec(arguments), "cpu"),
+                                                  samples, settings)[0])
+    assert images["instruction"].shape == images["plain"].shape == (32, 32, 3)  # not binned
+    assert not np.array_equal(images["instruction"], images["plain"])
+    with pytest.raises(ValueError, match=r"SanaPipeline takes no argument \['use_binning'\]"):
+        load_pipeline(spec({"use_binning": False}), "cpu")
+    with pytest.raises(ValueError, match=r"may not set \['height'\]"):
+        load_pipeline(spec({"height": 64}), "cpu")

@@ -254,6 +254,58 @@ def check_what_reruns(workdir, tmp_path):
     assert replaced["generate_images"] == 1 and replaced["steer_images"] == 6
 
 
+@pytest.mark.parametrize(("model", "cross"), [("tiny-sdxl", True), ("tiny-flux", False)])
+def test_a_family_without_cross_attention_plans_no_cross_variant(workdir, model, cross):
+    result = snakemake(workdir, "-n", f"results/{model}/gender/table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert (f"results/{model}/gender/metrics/cross.json" in out) == cross
+    assert f"results/{model}/gender/metrics/worst.json" in out
+    jobs = job_counts(out)
+    assert jobs["steer_images"] == 6 - (not cross)  # the model has one shard per variant
+
+
+@pytest.mark.slow
+def test_each_tiny_family_runs_the_whole_workflow_offline(workdir):
+    """The lit-side concept (pixel labeler, random-weight CLIP) from building each family's
+    tiny replica to its table, in one run: SD1.5 (here with its shipped PNDM, two shards),
+    SDXL, SANA and FLUX stores are captured, probed, ranked, calibrated and steered through
+    the family table."""
+    import pandas as pd
+
+    from icm.families import FAMILIES, kind_of
+
+    models = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sana": "sana",
+              "tiny-flux": "flux"}
+    result = snakemake(workdir, "--cores", "2",
+                       *[f"results/{m}/lit-side/table.csv" for m in models])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model, name in models.items():
+        family, base = FAMILIES[name], workdir / f"results/{model}/lit-side"
+        store = xr.open_zarr(base / "generation/shard-000/activations.zarr")
+        sites = store.attrs["sites"]
+        assert {kind_of(s, family).name for s in sites} == set(family.kinds)
+        assert store.attrs["sampler"]["arguments"] == (
+            {"use_resolution_binning": False} if name == "sana" else {})
+        labels = pd.read_csv(base / "labels.csv", keep_default_na=False)
+        assert len(labels) == 64 and set(labels["label"]) == {"left", "right"}
+        ranking = pd.read_csv(base / "ranking.csv")
+        assert sorted(ranking["site"]) == sorted(sites)  # every site probed and ranked
+        table = pd.read_csv(base / "table.csv").set_index("variant")
+        assert list(table.index) == ["original", "icm"], model
+        assert (table["n_images"] == 16).all() and table["FD"].notna().all()
+        assert table["CLIP-T_backend"].str.contains("random weights").all()
+        assert 0 < table.loc["icm", "CLIP-I"] <= 1 + 1e-6
+        record = json.loads((base / "steer/icm/shard-000/steering.json").read_text())
+        steered = {s for chosen in record["sites"].values() for s in chosen}
+        assert len(steered) == 3
+        assert {kind_of(s, family).name for s in steered} <= set(family.steer_kinds)
+        assert record["alpha"] == json.loads(
+            (base / "calibration/icm.alpha.json").read_text())["alpha"]
+        for target in ("left", "right"):
+            assert (base / f"target-{target}/table.csv").exists()
+
+
 @pytest.mark.slow
 def test_train_toy_model_rule_retrains_into_a_loadable_model(workdir, tmp_path):
     """`make toy-model`'s rule, with a tiny budget, trains a loadable model into results/."""

@@ -80,8 +80,8 @@ def calibrate_variant_job(
     labeler = make_labeler(labeler_spec, plan.classes, device=device)
     embedder = image_embedder(toy, toy_features, evaluation, device, labeler_spec)
     pipe = load_pipeline(spec, device=generation["device"])
-    plan.check_pipeline(pipe, spec.steps)
-    settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
+    plan.check_pipeline(pipe, spec.steps, spec.resolution)
+    settings = SamplerSettings.of(spec)
     table = pd.DataFrame([s.as_row() for s in samples])
     base = None
 

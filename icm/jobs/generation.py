@@ -71,7 +71,7 @@ def generate_shard_job(
     generate_shard(
         pipe,
         mine,
-        SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution),
+        SamplerSettings.of(spec),
         images_dir,
         table,
         store,

@@ -30,7 +30,7 @@ from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
 from icm.samples import shard_samples
-from icm.schedule import denoising_timesteps, same_timesteps
+from icm.schedule import pipeline_timesteps, same_timesteps
 from icm.steering import steer_activations
 from icm.tables import write_table
 
@@ -78,9 +78,9 @@ class SteeringPlan:
     start_rule: str | None
     alpha_unit: str = "absolute"
 
-    def check_pipeline(self, pipe: Any, steps: int) -> np.ndarray:
+    def check_pipeline(self, pipe: Any, steps: int, resolution: int) -> np.ndarray:
         """The pipeline's planned timesteps, which must be the probes' when it steers."""
-        planned = denoising_timesteps(pipe.scheduler, steps)
+        planned = pipeline_timesteps(pipe, steps, resolution)
         if self.timesteps is not None and not same_timesteps(planned, self.timesteps):
             raise ValueError(
                 f"{type(pipe.scheduler).__name__} with {steps} steps runs {len(planned)} "
@@ -223,8 +223,8 @@ def steer_shard_job(
              model_name, concept_name, variant_name, shard, len(mine), alpha,
              plan.start_step, plan.sites)
     pipe = load_pipeline(spec, device=generation["device"])
-    planned = plan.check_pipeline(pipe, spec.steps)
-    settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
+    planned = plan.check_pipeline(pipe, spec.steps, spec.resolution)
+    settings = SamplerSettings.of(spec)
     rows: list[dict[str, object]] = []
     rel = Path(os.path.relpath(Path(images_dir).resolve(), Path(table).parent.resolve()))
     with (atomic_directory(images_dir) as partial,

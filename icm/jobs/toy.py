@@ -56,7 +56,7 @@ def toy_quality_job(
     torch.set_num_threads(threads)
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     pipe = load_pipeline(spec, device="auto")
-    settings = SamplerSettings(spec.steps, spec.guidance_scale, spec.resolution)
+    settings = SamplerSettings.of(spec)
     result = measure_quality(pipe, settings, n_per_prompt=n_per_prompt,
                              batch_size=model["batch_size"])
     result["model"] = {"name": model_name, "source": source}

@@ -7,6 +7,7 @@ looked and how to put the weights there, instead of a bare hub traceback.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import warnings
@@ -38,6 +39,29 @@ _REPO_ID = re.compile(r"^[\w.\-]+(/[\w.\-]+)?$")
 _NOT_AVAILABLE = (OSError, EntryNotFoundError)
 
 
+#: Pipeline arguments the workflow sets itself, which ``pipeline_arguments`` may not name.
+OWN_ARGUMENTS = frozenset({"prompt", "generator", "output_type", "num_inference_steps",
+                           "guidance_scale", "height", "width", "num_images_per_prompt",
+                           "latents", "return_dict"})
+
+
+def check_own_arguments(arguments: Mapping[str, Any]) -> None:
+    taken = sorted(OWN_ARGUMENTS & set(arguments))
+    if taken:
+        raise ValueError(f"pipeline_arguments may not set {taken}: the workflow sets them "
+                         "(steps, guidance_scale and resolution are model keys)")
+
+
+def check_pipeline_arguments(pipeline: type, arguments: Mapping[str, Any]) -> None:
+    """Refuse arguments the pipeline's ``__call__`` does not take, before any image."""
+    check_own_arguments(arguments)
+    accepted = inspect.signature(pipeline.__call__).parameters
+    unknown = sorted(set(arguments) - set(accepted))
+    if unknown:
+        raise ValueError(f"{pipeline.__name__} takes no argument {unknown} "
+                         "(models.<name>.pipeline_arguments in config.yaml)")
+
+
 class ModelNotAvailableError(RuntimeError):
     """The weights are neither at the given path nor in the local HF cache."""
 
@@ -55,6 +79,7 @@ class ModelSpec:
     resolution: int = 512
     scheduler: str = "default"  # or a diffusers scheduler class name
     variant: str | None = None
+    pipeline_arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if self.family not in get_args(Family):
@@ -78,6 +103,7 @@ class ModelSpec:
         if "source" not in values:
             raise ValueError(f"model {name!r}: no 'source' (hub id or local diffusers directory)")
         values["source"] = str(values["source"])
+        values["pipeline_arguments"] = dict(values.get("pipeline_arguments") or {})
         return cls(name=name, **values)
 
 
@@ -162,6 +188,7 @@ def _from_hub(spec: ModelSpec, **kwargs: Any) -> DiffusionPipeline:
 def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> DiffusionPipeline:
     """Load ``spec.source`` (local directory or hub id) ready for inference on ``device``."""
     target = resolve_device(device)
+    check_own_arguments(spec.pipeline_arguments)
     scheduler_cls = None if spec.scheduler == "default" else _scheduler_class(spec.scheduler)
     dtype = _DTYPES[spec.dtype]
     if dtype == torch.float16 and target.type == "cpu":
@@ -185,5 +212,6 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> Diffu
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     check_scheduler(pipe.scheduler)  # before any work: order-2 schedulers are refused
+    check_pipeline_arguments(type(pipe), spec.pipeline_arguments)
     pipe.set_progress_bar_config(disable=True)  # callers draw their own progress
     return pipe.to(target)

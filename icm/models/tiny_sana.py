@@ -1,10 +1,12 @@
 """A random-weight SANA-architecture pipeline, built offline (tokenizer in code).
 
-Two transformer blocks, each with linear self-attention (``attn1``) and softmax
-cross-attention (``attn2``), a two-level deep-compression autoencoder (``AutoencoderDC``),
-a one-layer Gemma-2 text encoder (a character-level tokenizer built in code), and SANA's scheduler (DPM-Solver++ on flow sigmas,
-flow shift 3). Call it as SANA: ``height``/``width`` multiples of 32,
-``use_resolution_binning=False`` at this size, ``complex_human_instruction=None``.
+Four transformer blocks (so that a selection of k = 3 sites has a choice), each with linear
+self-attention (``attn1``) and softmax cross-attention (``attn2``), a two-level
+deep-compression autoencoder (``AutoencoderDC``), a one-layer Gemma-2 text encoder (a
+character-level tokenizer built in code), and SANA's scheduler (DPM-Solver++ on flow
+sigmas, flow shift 3). Call it as SANA with ``height``/``width`` multiples of 32 and
+``use_resolution_binning=False`` (there are no bins at this size; the ``tiny-sana`` config
+sets it in ``pipeline_arguments``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPi
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SanaTransformer2DModel(
-            patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
+            patch_size=1, in_channels=4, out_channels=4, num_layers=4, num_attention_heads=2,
             attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
             cross_attention_dim=8, caption_channels=8, sample_size=16)
         torch.manual_seed(seed)

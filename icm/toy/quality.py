@@ -52,7 +52,7 @@ def measure_quality(
         rows[prompt] = row
     full = [rows[p] for p in FULL_PROMPTS]
     return {
-        "settings": settings.__dict__,
+        "settings": settings.record(),
         "n_per_prompt": n_per_prompt,
         "seed": seed,
         "full_both_ok": float(np.mean([r["both_ok"] for r in full])),
