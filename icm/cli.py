@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from icm.store import open_store
+from icm.store import open_store, site_kind_name, verify_store
 
 COORDINATE_ARRAYS = {"sample", "step", "timestep", "seed", "prompt_index", "repeat"}
 
@@ -57,10 +57,10 @@ def describe_store(path: str | Path) -> str:
     lines.append(f"steps      {len(timesteps)}{loop} (timesteps {shown})")
     lines.append(f"sites      {len(sites)}  on disk {_size(_disk_size(path))}")
     width = max((len(s) for s in sites), default=4)
-    lines.append(f"  {'site':<{width}}  {'kind':<5} {'shape':>16} {'dtype':>8} {'chunks':>16}")
+    lines.append(f"  {'site':<{width}}  {'kind':<6} {'shape':>16} {'dtype':>8} {'chunks':>16}")
     for name in sites:
         array: zarr.Array = arrays[name]
-        lines.append(f"  {name:<{width}}  {name.rsplit('.', 1)[-1]:<5} {str(array.shape):>16} "
+        lines.append(f"  {name:<{width}}  {site_kind_name(name):<6} {str(array.shape):>16} "
                      f"{str(array.dtype):>8} {str(array.chunks):>16}")
     versions = attrs.get("versions")
     if versions:
@@ -112,9 +112,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "inspect":
-        if not (args.path / "zarr.json").exists():
-            print(f"error: {args.path} is not a Zarr v3 store (no zarr.json)", file=sys.stderr)
+        problem = store_problem(args.path)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             return 2
         np.set_printoptions(precision=3)
         print(describe_store(args.path))
+        problems = verify_store(args.path)
+        if problems:
+            print(f"check      {len(problems)} problem(s):")
+            print("\n".join(f"  {line}" for line in problems))
+            return 1
+        print("check      OK: every shard present and decodable, every value finite, "
+              "shapes as recorded")
     return 0
+
+
+def store_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be opened as an activation store (None: it can), found without
+    reading anything that could block (a FIFO named zarr.json) or raise a traceback."""
+    meta = path / "zarr.json"
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not meta.is_file():  # is_file is False for a FIFO: never opened
+        return f"{path} is not a Zarr v3 store (no regular file zarr.json)"
+    try:
+        node = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{meta} is broken: {error}"
+    if not isinstance(node, dict) or node.get("zarr_format") != 3 \
+            or node.get("node_type") != "group":
+        return f"{meta} does not describe a Zarr v3 group"
+    attributes = node.get("attributes") or {}
+    if "sites" not in attributes:
+        return (f"{path} is a Zarr group but not an ICM activation store (its attributes "
+                "have no 'sites')")
+    return None

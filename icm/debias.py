@@ -110,8 +110,8 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
     if k is None:
         raise ValueError(f"selection {selection!r} needs k, the number of sites")
     if k > len(self_attention):
-        raise ValueError(f"k={k} but the ranking has {len(self_attention)} sites of the steered "
-                         f"kinds {sorted(STEERED_KINDS)}")
+        raise ValueError(f"steering.k is {k} but the ranking has {len(self_attention)} sites of "
+                         f"the steered kinds {sorted(STEERED_KINDS)}: lower steering.k")
     if selection == "top":
         return list(self_attention["site"][:k])
     if selection == "worst":

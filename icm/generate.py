@@ -24,11 +24,18 @@ from icm.models.loading import check_own_arguments
 from icm.provenance import package_versions
 from icm.samples import Sample
 from icm.schedule import pipeline_timesteps, same_timesteps, train_timesteps
+from icm.families import family_of
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
 from icm.tables import write_table
 
 SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
+#: What the stored rows are, per guidance layout of the family table.
+GUIDANCE_ROWS = {
+    "batched": "conditional (second half of the [uncond, cond] batch; every row when "
+               "guidance is off)",
+    "embedded": "every row (the guidance is an embedding: no unconditional rows)",
+}
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,8 @@ def generate_shard(
         "scheduler": {"class": type(pipe.scheduler).__name__,
                       "config": {k: v for k, v in pipe.scheduler.config.items()
                                  if not k.startswith("_")}},
-        "pooling": "mean over tokens of the attention module output",
-        "cfg_half": "conditional (second half of the [uncond, cond] batch)",
+        "pooling": "mean over image tokens of each site's output (its image stream)",
+        "cfg_half": GUIDANCE_ROWS[family_of(denoiser_of(pipe)).guidance],
         "store_dtype": store_dtype,
         "versions": package_versions(),
     }

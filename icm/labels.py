@@ -327,3 +327,4 @@ def label_table(samples: pd.DataFrame, matrix: np.ndarray, labeler: Labeler,
     table["kept"] = kept
     table.attrs["labeler"] = labeler.name
     return table
+

@@ -38,6 +38,66 @@ def channel_dim(width: int) -> str:
 COORDS = "timestep seed prompt_index repeat"
 
 
+def site_kind_name(site: str) -> str:
+    """A site's kind in the family table (attn1, attn2, double, single); the last path
+    component for a module no kind matches (test doubles)."""
+    from icm.families import kind_of
+
+    try:
+        return kind_of(site).name
+    except ValueError:
+        return site.rsplit(".", 1)[-1]
+
+
+class StoreDataError(ValueError):
+    """A store holds values a later stage must not use: NaN or inf (a missing chunk reads as
+    NaN, the arrays' fill value), or a chunk file that cannot be decoded."""
+
+
+def shard_file(store: str | Path, site: str, block: int) -> Path:
+    """The file holding a site's sample block (zarr v3 default chunk keys, one shard per
+    (site, sample block))."""
+    return Path(store) / site / "c" / str(block) / "0" / "0"
+
+
+def missing_shards(store: str | Path, site: str) -> list[Path]:
+    """The shard files of ``site`` that should be on disk and are not."""
+    array = open_store(store)[site]
+    blocks = -(-array.shape[0] // array.shards[0])
+    return [shard_file(store, site, b) for b in range(blocks)
+            if not shard_file(store, site, b).is_file()]
+
+
+def undecodable_shards(group: zarr.Group, store: str | Path, site: str) -> list[str]:
+    """The shard files of ``site`` that exist but cannot be decoded (read block by block:
+    only called once a read has failed)."""
+    array, bad = group[site], []
+    block = array.shards[0]
+    for index, start in enumerate(range(0, array.shape[0], block)):
+        path = shard_file(store, site, index)
+        if path.is_file():
+            try:
+                array[start:start + block, 0]
+            except Exception:
+                bad.append(str(path))
+    return bad
+
+
+def check_finite(values: np.ndarray, store: str | Path, site: str, step: int | None) -> None:
+    """Refuse NaN or inf in ``values`` read from ``site`` of ``store`` (at ``step``), naming
+    both, and the missing shard files when there are any."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    where = f" step {step}" if step is not None else ""
+    missing = [str(p) for p in missing_shards(store, site)]
+    cause = (f"missing chunk file(s) {missing} read as NaN" if missing else
+             "the store holds them (regenerate it)")
+    raise StoreDataError(f"{store}: site {site}{where}: {int(bad.sum())} of {bad.size} values "
+                         f"are NaN or inf ({cause}); `python -m icm inspect {store}` checks "
+                         "the whole store")
+
+
 class ActivationStoreWriter:
     """Streams captured batches into a new store, buffering one sample block at a time.
 
@@ -93,7 +153,7 @@ class ActivationStoreWriter:
                 compressors=compressor,
                 fill_value=np.nan,
                 dimension_names=("sample", "step", channel_dim(width)),
-                attributes={"coordinates": COORDS, "site": site, "kind": site.rsplit(".", 1)[-1]},
+                attributes={"coordinates": COORDS, "site": site, "kind": site_kind_name(site)},
             )
             self._buffer[site] = np.full((self.block, steps, width), np.nan, self.dtype)
         columns = {
@@ -121,6 +181,8 @@ class ActivationStoreWriter:
         expected = len(self._group["timestep"][:])
         if len(batch.timesteps) != expected:
             raise ValueError(f"batch has {len(batch.timesteps)} steps, store has {expected}")
+        for site, array in batch.activations.items():
+            self._check(site, array)
         offset = 0
         while offset < n:
             at = self.written - self.flushed  # position inside the current block
@@ -131,6 +193,26 @@ class ActivationStoreWriter:
             self.written += take
             if self.written - self.flushed == self.block:
                 self._flush()
+
+    def _check(self, site: str, array: np.ndarray) -> None:
+        """Refuse what a probe could not use: NaN or inf, or values beyond the store dtype's
+        range (float16 tops out at 65504: casting a larger activation makes it inf)."""
+        ids = [s.sample for s in self.samples[self.written:self.written + len(array)]]
+        bad = ~np.isfinite(array)
+        if bad.any():
+            rows, steps = np.nonzero(bad.any(axis=2))
+            raise StoreDataError(
+                f"site {site}: the model produced NaN or inf at steps "
+                f"{sorted(set(steps.tolist()))} of samples {sorted({ids[r] for r in rows})}; "
+                "nothing is stored")
+        limit = float(np.finfo(self.dtype).max)
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if peak > limit:
+            step = int(np.abs(array).max(axis=(0, 2)).argmax())
+            raise StoreDataError(
+                f"site {site}: an activation of magnitude {peak:.4g} at step {step} exceeds "
+                f"{self.dtype.name}'s range ({limit:.6g}) and would be stored as inf; set "
+                "generation.store_dtype: float32")
 
     def _flush(self) -> None:
         assert self._group is not None
@@ -173,8 +255,23 @@ def read_sites(
         raise ValueError("no activation stores given")
     names = sites or list(groups[0].attrs["sites"])
     samples = np.concatenate([g["sample"][:] for g in groups])
-    arrays = {s: np.concatenate([g[s][:] for g in groups]) for s in names}
+    arrays = {s: np.concatenate([read_checked(g, p, s) for g, p in zip(groups, stores)])
+              for s in names}
     return samples, arrays, groups[0]["timestep"][:]
+
+
+def read_checked(group: zarr.Group, store: str | Path, site: str,
+                 step: int | None = None) -> np.ndarray:
+    """A site of an open store (one step of it, or all), refused with the site, step and
+    file named when a chunk cannot be decoded or a value is NaN or inf."""
+    try:
+        values = group[site][:] if step is None else group[site][:, step, :]
+    except Exception as error:  # a truncated or foreign chunk: zarr's codecs raise anything
+        raise StoreDataError(f"{store}: site {site} cannot be read ({type(error).__name__}: "
+                             f"{error}); damaged: {undecodable_shards(group, store, site)}; "
+                             "regenerate the store") from error
+    check_finite(values, store, site, step)
+    return values
 
 
 class StepStack:
@@ -186,6 +283,7 @@ class StepStack:
 
     def __init__(self, stores: list[str | Path], sites: list[str],
                  rows: np.ndarray | None = None) -> None:
+        self.stores = list(stores)
         self.groups = [open_store(p) for p in stores]
         if not self.groups:
             raise ValueError("no activation stores given")
@@ -203,7 +301,8 @@ class StepStack:
         """(rows, sites, channels) at ``step``."""
         if self._step is None or self._step[0] != step:
             self._step = None  # release the previous step before reading the next
-            per_site = [np.concatenate([g[s][:, step, :] for g in self.groups])[self.rows]
+            per_site = [np.concatenate([read_checked(g, p, s, step) for g, p in
+                                        zip(self.groups, self.stores)])[self.rows]
                         for s in self.sites]
             self._step = (step, np.stack(per_site, axis=1))
         return self._step[1]
@@ -219,3 +318,45 @@ def site_widths(store: str | Path) -> dict[str, int]:
     """Channel width of every site in a store, in forward order."""
     group = open_store(store)
     return {s: group[s].shape[-1] for s in group.attrs["sites"]}
+
+
+def verify_store(store: str | Path) -> list[str]:
+    """Everything wrong with a finished store, one line each (empty: nothing): sites the
+    attributes list but the group lacks, shapes other than the recorded samples and steps,
+    missing shard files (zarr reads them as the fill value, NaN), chunks that cannot be
+    decoded, and NaN or inf values. Reads one sample block of one site at a time."""
+    group = open_store(store)
+    sites = group.attrs.get("sites")
+    if not isinstance(sites, list) or "timestep" not in group:
+        return [f"{store} is a Zarr group but not an activation store (no 'sites' attribute "
+                "or 'timestep' array)"]
+    steps = group["timestep"].shape[0]
+    samples = int(group.attrs.get("n_samples", group["sample"].shape[0]))
+    problems = []
+    for site in sites:
+        if site not in group:
+            problems.append(f"site {site}: listed in the attributes but not in the store")
+            continue
+        array = group[site]
+        if array.shape[:2] != (samples, steps):
+            problems.append(f"site {site}: shape {array.shape}, but the store records "
+                            f"{samples} samples and {steps} steps")
+        missing = set(missing_shards(store, site))
+        problems += [f"site {site}: shard file {p} is missing (it reads as NaN)"
+                     for p in sorted(missing)]
+        block = array.shards[0]
+        for index, start in enumerate(range(0, array.shape[0], block)):
+            if shard_file(store, site, index) in missing:
+                continue
+            try:
+                values = array[start:start + block]
+            except Exception as error:  # truncated or foreign bytes
+                problems.append(f"site {site}: {shard_file(store, site, index)} cannot be "
+                                f"decoded ({type(error).__name__}: {error})")
+                continue
+            bad = ~np.isfinite(values)
+            if bad.any():
+                at = sorted(set(np.nonzero(bad.any(axis=2))[1].tolist()))
+                problems.append(f"site {site}: {int(bad.sum())} NaN or inf values in samples "
+                                f"{start}..{start + len(values) - 1}, steps {at}")
+    return problems

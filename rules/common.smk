@@ -7,6 +7,7 @@
 import re
 from pathlib import Path
 
+from icm.checks import config_problems
 from icm.families import family_named
 from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
 
@@ -129,20 +130,15 @@ def concept_pairs(concept):
     return [(spec["classes"][0], other) for other in spec["classes"][1:]]
 
 
-def check_pair_names():
-    """Pair names join classes with '-' (paths, wildcards): refuse two pairs of one name."""
-    for concept in CONCEPTS:
-        seen = {}
-        for negative, positive in concept_pairs(concept):
-            name = f"{negative}-{positive}"
-            if name in seen and seen[name] != (negative, positive):
-                raise ValueError(
-                    f"concept {concept}: pairs {list(seen[name])} and {[negative, positive]} "
-                    f"are both named {name!r}; rename the classes so that '-' is not ambiguous")
-            seen[name] = (negative, positive)
+def check_config():
+    """Refuse, before any job, what the schema cannot see (icm.checks): concept keys naming
+    classes or variants that do not exist, and configured local paths that are missing."""
+    problems = config_problems(config, ".")  # relative paths: from where Snakemake runs
+    if problems:
+        raise ValueError("config.yaml:\n  " + "\n  ".join(problems))
 
 
-check_pair_names()
+check_config()
 
 
 def pair_names(concept):

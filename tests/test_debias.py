@@ -75,7 +75,7 @@ def test_site_selection_per_variant():
     random = select_sites(table, "random", 2, seed=3)
     assert random == select_sites(table, "random", 2, seed=3)
     assert len(set(random)) == 2 and all(s.endswith("attn1") for s in random)
-    with pytest.raises(ValueError, match="k=5"):
+    with pytest.raises(ValueError, match="steering.k is 5"):
         select_sites(table, "top", 5)
 
 

@@ -139,3 +139,28 @@ def test_pixel_labeler_reads_the_brighter_half_and_the_strongest_channel():
     assert colors.scores([pixels]).argmax() == 1
     with pytest.raises(ValueError, match="lit_side classes"):
         PixelLabeler("lit_side", ["left", "up"])
+
+
+def test_labels_are_checked_against_the_samples_and_classes(tmp_path):
+    from icm.label_table import read_labels
+
+    path = tmp_path / "labels.csv"
+
+    def write(rows):
+        pd.DataFrame(rows, columns=["sample", "prompt_index", "label", "kept"]).to_csv(
+            path, index=False)
+
+    good = [(0, 0, "red", True), (1, 0, "", False), (2, 1, "blue", True)]
+    write(good)
+    table, counts = read_labels(path, [0, 1, 2], ["red", "green", "blue"])
+    assert counts == {"samples": 3, "labelled": 2, "unlabelled": 1}
+    assert list(table["label"]) == ["red", "", "blue"]
+    for rows, message in (
+            ([*good, (2, 1, "blue", True)], r"samples \[2\] have more than one row"),
+            (good[:2], r"1 of the stores' 3 samples have no row \(e.g. \[2\]\)"),
+            ([*good, (7, 0, "red", True)], r"1 rows name samples the stores do not hold"),
+            ([(0, 0, "purple", True), *good[1:]], r"labels \['purple'\] are not classes"),
+            ([(0, 0, "red", False), *good[1:]], "disagrees with their label")):
+        write(rows)
+        with pytest.raises(ValueError, match=message):
+            read_labels(path, [0, 1, 2], ["red", "green", "blue"])

@@ -267,3 +267,65 @@ def test_sites_per_fit_follows_the_memory_budget():
     assert sites_per_fit(2000, 1280, 4096) == 4096 * 2**20 // per_site
     assert sites_per_fit(2000, 1280, 4096) * per_site <= 4096 * 2**20
     assert sites_per_fit(10**7, 1280, 1) == 1  # never zero
+
+
+def _probe_inputs(tmp_path, poison=None):
+    """A two-site store of 40 planted samples and its labels.csv; ``poison(array)`` edits
+    the first site's activations before they are written behind the writer's back."""
+    import zarr
+
+    from icm.capture import CapturedBatch
+    from icm.samples import plan_samples
+    from icm.store import ActivationStoreWriter
+
+    rng = np.random.default_rng(0)
+    samples = plan_samples(["p0", "p1"], 20, base_seed=0)
+    labels = np.array(["red", "blue"] * 20)
+    sites = {"down.attn1": 6, "down.attn2": 6}
+    acts = {s: rng.standard_normal((40, 3, w)).astype(np.float32) for s, w in sites.items()}
+    acts["down.attn1"][:, :, 0] += np.where(labels == "red", 3.0, -3.0)[:, None]
+    store = tmp_path / "s.zarr"
+    with ActivationStoreWriter(store, samples, {"sites": list(sites), "n_samples": 40},
+                               chunk_samples=8) as writer:
+        writer.write(CapturedBatch(acts, np.array([900.0, 500.0, 100.0])))
+    if poison:
+        array = zarr.open_group(store, mode="r+")["down.attn1"]
+        values = array[:]
+        poison(values)
+        array[:] = values
+    pd.DataFrame({"sample": [s.sample for s in samples],
+                  "prompt_index": [s.prompt_index for s in samples], "label": labels,
+                  "kept": True}).to_csv(tmp_path / "labels.csv", index=False)
+    return store, tmp_path / "labels.csv"
+
+
+def _fit(tmp_path, store, labels):
+    from icm.jobs import fit_probes_job
+
+    out = tmp_path / "probes"
+    fit_probes_job(concept={"prompts": ["p0", "p1"], "classes": ["red", "blue"]},
+                   probes={"control": "none", "device": "cpu", "backend": "torch",
+                           "test_size": 0.25, "seed": 0, "min_per_class": 5},
+                   pair=("red", "blue"), labels_csv=labels, stores=[store],
+                   output_scores=out / "scores.csv", output_directions=out / "d.safetensors",
+                   output_meta=out / "d.json", output_heatmap=out / "heatmap.png")
+    return out
+
+
+def test_the_probe_job_reports_label_counts_and_refuses_nonfinite_stores(tmp_path):
+    import json
+
+    from icm.store import StoreDataError
+
+    store, labels = _probe_inputs(tmp_path / "good")
+    out = _fit(tmp_path / "good", store, labels)
+    meta = json.loads((out / "d.json").read_text())
+    assert meta["labels"]["used"] == 40 and meta["labels"]["unlabelled"] == 0
+
+    def nan_at_step_1(values):
+        values[3, 1, 2] = np.nan
+
+    store, labels = _probe_inputs(tmp_path / "bad", poison=nan_at_step_1)
+    with pytest.raises(StoreDataError, match=r"site down.attn1 step 1: 1 of .* NaN or inf"):
+        _fit(tmp_path / "bad", store, labels)
+    assert not (tmp_path / "bad" / "probes").exists()  # nothing half-written

@@ -138,3 +138,16 @@ def test_spread_units_scale_each_row_by_its_site_and_step(tmp_path):
     meta.write_text(json.dumps({"entries": [{"site": "a", "step": 0}]}))
     with pytest.raises(ValueError, match="refit the probes"):
         scale_by_spread({"red-green": {"a": unit}}, [("red", "green")], [meta])
+
+
+def test_nonfinite_or_misshapen_directions_are_refused_naming_pair_site_and_step():
+    from icm.jobs.steering import check_vectors
+
+    good = np.ones((3, 4), dtype=np.float32)
+    check_vectors({"red-green": {"a": good}}, np.arange(3.0), "spread")
+    bad = good.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"red-green direction of a is NaN or inf at steps \[2\]"):
+        check_vectors({"red-green": {"a": bad}}, np.arange(3.0), "spread")
+    with pytest.raises(ValueError, match="has 3 steps but its probes list 4"):
+        check_vectors({"red-green": {"a": good}}, np.arange(4.0), "absolute")

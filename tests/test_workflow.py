@@ -415,3 +415,21 @@ def test_pair_names_that_collide_are_refused_at_start(workdir, tmp_path):
                        "results/toy/color/labels.csv")
     assert result.returncode != 0
     assert "['a', 'b-c'] and ['a-b', 'c'] are both named 'a-b-c'" in result.stdout + result.stderr
+
+
+def test_a_stale_path_or_a_key_naming_nothing_stops_the_run_at_start(workdir, tmp_path):
+    """Checked when the workflow starts, whatever exists already: a table built before the
+    path was changed does not make the run "nothing to be done"."""
+    built = workdir / "results/toy/color/table.csv"
+    built.parent.mkdir(parents=True)
+    built.write_text("variant\n")
+    overlay = tmp_path / "stale.yaml"
+    overlay.write_text("concepts:\n  color:\n    evaluation: {fid_reference: data/real}\n"
+                       "    pairs: [[red, pink]]\n")
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
+                       "results/toy/color/table.csv")
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "concepts.color.evaluation.fid_reference: no folder 'data/real'" in out
+    assert "concepts.color.pairs: ['red', 'pink'] names ['pink']" in out
+    assert "Nothing to be done" not in out

@@ -62,16 +62,20 @@ def fit_probes_job(
     from icm.sites import site_kind
     from icm.store import StepStack, open_store, read_sites, site_widths
 
+    from icm.label_table import read_labels
+
     target = Pair(negative=pair[0], positive=pair[1])
-    labels = pd.read_csv(labels_csv, keep_default_na=False)
-    labels = labels[labels["kept"].astype(str) == "True"].set_index("sample")
+    samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
+    labels, label_counts = read_labels(labels_csv, samples, concept["classes"])
+    labels = labels[labels["label"] != ""].set_index("sample")
+    label_counts["other_classes"] = int((~labels["label"].isin(pair)).sum())
+    label_counts["used"] = int(labels["label"].isin(pair).sum())
     control = probes["control"] == "prompt"
     device = str(resolve_device(probes["device"]))
     widths = site_widths(stores[0])
     # Stores before the step rule was recorded ran 1000-timestep models only.
     train_timesteps = int(open_store(stores[0]).attrs.get("num_train_timesteps", 1000))
     rows, directions = [], {}
-    samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
     timesteps = open_store(stores[0])["timestep"][:]
     keep = np.flatnonzero(np.isin(samples, labels.index))
     y = labels.loc[samples[keep], "label"].to_numpy()
@@ -105,6 +109,11 @@ def fit_probes_job(
                              "control": probes["control"], "n_train": r.n_train,
                              "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
                              f"n_{target.positive}": r.counts[target.positive]})
+    for site, v in directions.items():
+        bad = sorted(set(np.nonzero(~np.isfinite(v))[0].tolist()))
+        if bad:
+            raise ValueError(f"the {target.name} probes of {site} gave NaN or inf directions at "
+                             f"steps {bad}; nothing is written")
     order = list(widths)
     scores = pd.DataFrame(rows).sort_values(["site", "step"], key=lambda c: c.map(
         order.index) if c.name == "site" else c, kind="stable")
@@ -121,6 +130,9 @@ def fit_probes_job(
         "backend": probes["backend"], "test_size": probes["test_size"], "seed": probes["seed"],
         "control": probes["control"],
         "concept": {k: concept[k] for k in ("prompts", "classes")},
+        "labels": {**label_counts, "meaning": "samples of labels.csv: labelled, unlabelled "
+                   "(no class or below the margin), labelled with a class outside this pair, "
+                   "and used by these probes (before min_per_class)"},
         "timesteps": [float(t) for t in step_axis],
         "num_train_timesteps": train_timesteps,
         "spread": "pooled within-class std of the training samples along each unit vector, "

@@ -122,13 +122,24 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
         raise ValueError(f"{start}: start step {start_step} is timestep "
                          f"{chosen['start_timestep']} there but {timesteps[start_step]} "
                          "in the probes; rerun the ranking")
+    check_vectors(vectors, timesteps, unit)
+    return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
+                        chosen["start_rule"], unit)
+
+
+def check_vectors(vectors: Mapping[str, Mapping[str, np.ndarray]], timesteps: np.ndarray,
+                  unit: str) -> None:
+    """Refuse directions steering cannot use: a step count other than the probes', or NaN
+    or inf rows (a NaN vector turns every steered image black)."""
     for pair, per_site in vectors.items():
         for site, v in per_site.items():
             if v.shape[0] != len(timesteps):
                 raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
                                  f"probes list {len(timesteps)} timesteps: refit the probes")
-    return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
-                        chosen["start_rule"], unit)
+            bad = sorted(set(np.nonzero(~np.isfinite(v))[0].tolist()))
+            if bad:
+                raise ValueError(f"{pair} direction of {site} is NaN or inf at steps {bad} "
+                                 f"(alpha unit {unit}): refit the probes")
 
 
 def scale_by_spread(vectors: Mapping[str, Mapping[str, np.ndarray]],

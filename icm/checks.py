@@ -1,0 +1,121 @@
+"""Checks of a validated config that JSON schema cannot express, run when the workflow
+starts (``rules/common.smk``), before any job: cross-key references and local paths.
+
+Each problem is one line naming the config key; the Snakefile raises them all at once. This
+module imports neither torch nor the icm library's heavy parts: Snakemake reads it on every
+start.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+#: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+#: Suffixes of checkpoint files: a `pretrained` value ending so is a path, not a tag.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
+    """Concept settings that name things that do not exist: classes of pairs, targets,
+    reference and target distributions, steering variants and per-variant alphas."""
+    problems = []
+    for name, spec in concepts.items():
+        key = f"concepts.{name}"
+        classes = list(spec.get("classes") or [])
+        doubled = sorted({c for c in classes if classes.count(c) > 1})
+        if doubled:
+            problems.append(f"{key}.classes: {doubled} appear more than once")
+        if len(set(classes)) == 1:
+            problems.append(f"{key}.classes: {classes} is one class; a choice needs two or more")
+        named: dict[str, list[str]] = {}
+        for pair in spec.get("pairs") or []:
+            other = named.setdefault("-".join(pair), list(pair))
+            if other != list(pair):
+                problems.append(f"{key}.pairs: {other} and {list(pair)} are both named "
+                                f"{'-'.join(pair)!r}; rename the classes so that '-' is not "
+                                "ambiguous (pair names are paths and wildcards)")
+            unknown = [c for c in pair if c not in classes]
+            if unknown:
+                problems.append(f"{key}.pairs: {list(pair)} names {unknown}, which are not "
+                                f"classes {classes}")
+            elif pair[0] == pair[1]:
+                problems.append(f"{key}.pairs: {list(pair)} pairs a class with itself")
+        steering = spec.get("steering") or {}
+        for sub, values in (("reference", spec.get("reference")),
+                            ("steering.target_probs", steering.get("target_probs")),
+                            ("steering.targets", steering.get("targets"))):
+            unknown = sorted(set(values or []) - set(classes))
+            if unknown:
+                problems.append(f"{key}.{sub}: {unknown} are not classes {classes}")
+        for sub, values in (("steering.variants", steering.get("variants")),
+                            ("steering.alpha", steering.get("alpha"))):
+            unknown = sorted(set(values or []) - set(variants))
+            if unknown:
+                problems.append(f"{key}.{sub}: {unknown} are not steering.variants "
+                                f"{list(variants)}")
+    return problems
+
+
+def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
+    """(key, value, what it must be) for every configured value that names a local path."""
+    for name, model in config.get("models", {}).items():
+        if not model.get("builder") and model.get("source"):
+            yield f"models.{name}.source", str(model["source"]), "model"
+    for name, concept in config.get("concepts", {}).items():
+        labelers = [("labeler", concept.get("labeler") or {})]
+        evaluation = concept.get("evaluation") or {}
+        if evaluation.get("labeler"):
+            labelers.append(("evaluation.labeler", evaluation["labeler"]))
+        for key, labeler in labelers:
+            if labeler.get("weights"):
+                yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
+            if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":
+                yield f"concepts.{name}.{key}.pretrained", str(labeler["pretrained"]), "weights"
+        if (evaluation.get("clip") or {}).get("pretrained"):
+            yield (f"concepts.{name}.evaluation.clip.pretrained",
+                   str(evaluation["clip"]["pretrained"]), "weights")
+        reference = evaluation.get("fid_reference")
+        if reference and reference != "toy-world" and not reference.startswith("stats:"):
+            yield f"concepts.{name}.evaluation.fid_reference", str(reference), "folder"
+    pretrained = (config.get("evaluation") or {}).get("clip_pretrained")
+    if pretrained:
+        yield "evaluation.clip_pretrained", str(pretrained), "weights"
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a `pretrained` value names a file rather than an open_clip tag."""
+    return "/" in value or "\\" in value or value.startswith(("~", ".")) or \
+        value.endswith(CHECKPOINT_SUFFIXES)
+
+
+def path_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str]:
+    """Configured local paths that do not exist (relative ones from ``root``, the workflow's
+    directory): a model `source` must be a folder or have a hub id's owner/name shape, a
+    FID reference a folder, a FairFace checkpoint a file, and a CLIP `pretrained` that is
+    not a tag a file."""
+    problems = []
+    for key, value, kind in _paths(config):
+        path = Path(root, value).expanduser() if not Path(value).is_absolute() else Path(value)
+        if kind == "model":
+            if path.is_dir() or (HUB_ID.match(value) and not value.startswith(".")):
+                continue
+            problems.append(f"{key}: {value!r} is neither a folder nor a hub id (owner/name)")
+        elif kind == "folder" and not path.is_dir():
+            problems.append(f"{key}: no folder {value!r}")
+        elif kind == "file" and not path.is_file():
+            problems.append(f"{key}: no file {value!r}")
+        elif kind == "weights" and looks_like_path(value) and not path.is_file():
+            problems.append(f"{key}: no checkpoint file {value!r} (a tag such as openai, or a "
+                            "local file)")
+    return problems
+
+
+def config_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str]:
+    """Every problem of a schema-valid config that would otherwise surface late or never."""
+    variants = (config.get("steering") or {}).get("variants") or {}
+    return concept_problems(config.get("concepts") or {}, variants) + \
+        path_problems(config, root)

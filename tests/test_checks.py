@@ -1,0 +1,71 @@
+"""What the workflow refuses at start (icm.checks): keys naming nothing, missing paths."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from icm.checks import config_problems, path_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def config():
+    from snakemake.utils import validate
+
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    validate(cfg, str(ROOT / "schemas" / "config.schema.yaml"))
+    return cfg
+
+
+def test_the_shipped_config_has_no_problems(config):
+    assert config_problems(config, ROOT) == []
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda c: c["concepts"]["gender"].update(pairs=[["woman", "person"]]),
+     "concepts.gender.pairs: ['woman', 'person'] names ['person'], which are not classes"),
+    (lambda c: c["concepts"]["gender"].update(classes=["woman"], pairs=None),
+     "concepts.gender.classes: ['woman'] is one class"),
+    (lambda c: c["concepts"]["gender"].update(classes=["woman", "man", "man"]),
+     "concepts.gender.classes: ['man'] appear more than once"),
+    (lambda c: c["concepts"]["color"]["steering"].update(targets=["purple"]),
+     "concepts.color.steering.targets: ['purple'] are not classes"),
+    (lambda c: c["concepts"]["color"].update(reference={"red": 0.5, "pink": 0.5}),
+     "concepts.color.reference: ['pink'] are not classes"),
+    (lambda c: c["concepts"]["color"]["steering"].update(variants=["icm", "best"]),
+     "concepts.color.steering.variants: ['best'] are not steering.variants"),
+    (lambda c: c["concepts"]["color"]["steering"].update(alpha={"icn": 3}),
+     "concepts.color.steering.alpha: ['icn'] are not steering.variants"),
+])
+def test_keys_that_name_nothing_are_refused_with_the_key(config, mutate, message):
+    mutate(config)
+    assert any(message in p for p in config_problems(config, ROOT)), config_problems(config, ROOT)
+
+
+def test_missing_local_paths_are_refused_with_the_key(config, tmp_path):
+    cfg = copy.deepcopy(config)
+    cfg["models"]["toy"]["source"] = "resources/models/gone"
+    cfg["models"]["sd15"]["source"] = "models/my sd15"          # not a hub id's shape
+    cfg["models"]["sdxl"]["source"] = "someone/some-model"      # a hub id: loaded from cache
+    cfg["concepts"]["color"]["evaluation"]["fid_reference"] = "data/real-images"
+    cfg["concepts"]["gender"]["evaluation"]["labeler"] = {
+        "type": "fairface", "attribute": "gender", "weights": "ckpt/fairface.pt"}
+    cfg["evaluation"]["clip_pretrained"] = "ckpt/ViT-L-14.pt"
+    problems = path_problems(cfg, ROOT)
+    assert problems == [
+        "models.sd15.source: 'models/my sd15' is neither a folder nor a hub id (owner/name)",
+        "models.toy.source: 'resources/models/gone' is neither a folder nor a hub id "
+        "(owner/name)",
+        "concepts.gender.evaluation.labeler.weights: no file 'ckpt/fairface.pt'",
+        "concepts.color.evaluation.fid_reference: no folder 'data/real-images'",
+        "evaluation.clip_pretrained: no checkpoint file 'ckpt/ViT-L-14.pt' (a tag such as "
+        "openai, or a local file)",
+    ]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ViT-L-14.pt").write_bytes(b"")
+    assert not any("clip_pretrained" in p for p in path_problems(cfg, tmp_path))
