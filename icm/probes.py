@@ -413,6 +413,12 @@ def fit_pair(
         if control:
             covariates = prompt_covariates(groups)
 
+    if not hasattr(activations, "sites"):  # a StepStack checks each step as it reads it
+        for site, x in activations.items():
+            finite = np.isfinite(np.asarray(x)).all(axis=(0, 2))
+            if not finite.all():  # a NaN would reach the solver (LinAlgError, or worse, NaN)
+                raise ValueError(f"site {site}: NaN or inf activations at steps "
+                                 f"{np.flatnonzero(~finite).tolist()}")
     results: list[ProbeResult] = []
     if backend == "sklearn":
         if hasattr(activations, "sites"):

@@ -54,6 +54,7 @@ def test_config_validates_and_defaults_are_filled():
     lambda c: c["models"]["sd15"].update(stepz=3),
     lambda c: c["concepts"]["gender"].update(prompts=[]),
     lambda c: c["generation"].update(base_seed=-1),
+    lambda c: c["probes"].update(steer_start=80),   # of 50: was clamped to the last step
     lambda c: c["models"].update({"bad name": {"family": "sd15"}}),
 ])
 def test_bad_config_is_refused(mutate):

@@ -329,3 +329,13 @@ def test_the_probe_job_reports_label_counts_and_refuses_nonfinite_stores(tmp_pat
     with pytest.raises(StoreDataError, match=r"site down.attn1 step 1: 1 of .* NaN or inf"):
         _fit(tmp_path / "bad", store, labels)
     assert not (tmp_path / "bad" / "probes").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("backend", ["torch", "sklearn"])
+def test_nonfinite_activations_are_refused_before_any_solver(backend):
+    x, labels = planted(n=80, steps=3)
+    poisoned = {site: a.copy() for site, a in x.items()}
+    site = next(iter(poisoned))
+    poisoned[site][5, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=rf"site {site}: NaN or inf activations at steps \[2\]"):
+        fit_pair(poisoned, labels, Pair("red", "green"), backend=backend, min_per_class=5)
