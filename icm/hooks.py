@@ -137,6 +137,9 @@ class SiteHooks:
     """
 
     purpose: str = "hook"
+    #: Subclasses that read a module's inputs (head maps: the queries and the text keys)
+    #: set this; they then implement :meth:`on_call` instead of :meth:`on_output`.
+    reads_inputs: bool = False
 
     def __init__(self, pipe: Any, sites: Sequence[str], cfg: CFGMode = "auto") -> None:
         if cfg not in ("auto", "cond_half", "all"):
@@ -185,9 +188,12 @@ class SiteHooks:
             self.clock = clock.acquire()
             stack.callback(clock.release)
             for site, module in self.modules.items():
-                handle = module.register_forward_hook(
-                    functools.partial(self._hook, site), prepend=self.purpose == "steer"
-                )
+                if self.reads_inputs:
+                    handle = module.register_forward_hook(
+                        functools.partial(self._hook_with_inputs, site), with_kwargs=True)
+                else:
+                    handle = module.register_forward_hook(
+                        functools.partial(self._hook, site), prepend=self.purpose == "steer")
                 stack.callback(handle.remove)
         except BaseException:
             stack.close()
@@ -210,5 +216,20 @@ class SiteHooks:
             return None
         return self.on_output(site, self.clock.step, output)
 
+    def _hook_with_inputs(self, site: str, module: nn.Module, args: tuple, kwargs: dict,
+                          output: Any) -> Any:
+        assert self.clock is not None
+        if self.clock.step < 0:
+            raise RuntimeError(
+                f"{site} ran before the denoiser: hooks expect calls through the pipeline"
+            )
+        if self.clock.unconditional:
+            return None
+        return self.on_call(site, self.clock.step, module, args, kwargs, output)
+
     def on_output(self, site: str, step: int, output: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_call(self, site: str, step: int, module: nn.Module, args: tuple, kwargs: dict,
+                output: Any) -> Any:  # pragma: no cover
         raise NotImplementedError

@@ -1,0 +1,103 @@
+"""Per-head cross-attention word maps (icm.head_maps): exact, beside the model, no pixel changed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icm.head_maps import StepWindow, capture_head_maps, word_positions
+from icm.sites import denoiser_of, list_sites
+
+PROMPTS = ["a red circle", "a blue square and a blue sky"]
+STEPS = 3
+
+
+def run(pipe, n=2):
+    generator = [torch.Generator("cpu").manual_seed(i) for i in range(len(PROMPTS) * n)]
+    return pipe(PROMPTS, num_images_per_prompt=n, num_inference_steps=STEPS, height=32,
+                width=32, guidance_scale=7.5, generator=generator, output_type="np").images
+
+
+def test_word_positions_cover_every_subword_token_of_every_occurrence(tiny_pipe):
+    tokenizer = tiny_pipe.tokenizer
+    ids = tokenizer(PROMPTS[1], padding="max_length", max_length=77).input_ids
+    blue = tokenizer("blue", add_special_tokens=False).input_ids
+    positions = word_positions(tokenizer, PROMPTS[1], "blue")
+    assert len(positions) == 2 * len(blue)  # both occurrences, each of its sub-word tokens
+    assert [ids[p] for p in positions] == blue * 2
+    with pytest.raises(ValueError, match=r"word 'green' .* is not in prompt 'a red circle'"):
+        word_positions(tokenizer, PROMPTS[0], "green")
+
+
+def test_maps_change_no_pixel_and_equal_diffusers_own_attention_scores(tiny_pipe):
+    plain = run(tiny_pipe)
+    attn2 = [s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn2")]
+    site = attn2[0]
+    module = denoiser_of(tiny_pipe).get_submodule(site)
+    reference = []  # diffusers' get_attention_scores on the conditional rows, every step
+
+    def record(mod, args, kwargs, out):
+        hidden, context = args[0], kwargs["encoder_hidden_states"]
+        rows = slice(hidden.shape[0] // 2, None)
+        q = mod.head_to_batch_dim(mod.to_q(hidden[rows]))
+        k = mod.head_to_batch_dim(mod.to_k(context[rows]))
+        probs = mod.get_attention_scores(q, k)  # (batch * heads, queries, keys)
+        reference.append(probs.view(-1, mod.heads, *probs.shape[1:]).detach().clone())
+
+    handle = module.register_forward_hook(record, with_kwargs=True)
+    try:
+        with pytest.raises(ValueError, match=r"word 'circle' .* is not in prompt 'a blue"):
+            capture_head_maps(tiny_pipe, PROMPTS, ["circle"])  # one list: in every prompt
+        words = [["circle", "red"], ["square", "blue"]]  # word slots: shape, colour
+        with capture_head_maps(tiny_pipe, PROMPTS, words, images_per_prompt=2) as capture:
+            images = run(tiny_pipe)
+            maps = capture.pop()
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(images, plain)  # bit-identical with maps on
+    assert set(maps.maps) == set(attn2) and maps.steps == list(range(STEPS))
+    got = maps.maps[site]  # (images, heads, words, y, x)
+    heads = module.heads
+    assert got.shape[:3] == (4, heads, 2) and got.shape[3] * got.shape[4] == \
+        reference[0].shape[2]
+    probs = torch.stack(reference).sum(dim=0)  # summed over steps: (images, heads, N, T)
+    tokenizer = tiny_pipe.tokenizer
+    assert maps.words == [words[0], words[0], words[1], words[1]]
+    for image in range(4):
+        prompt = PROMPTS[image // 2]
+        for w, word in enumerate(words[image // 2]):
+            expected = probs[image][..., word_positions(tokenizer, prompt, word)].mean(-1)
+            np.testing.assert_allclose(got[image, :, w].reshape(heads, -1), expected.numpy(),
+                                       rtol=1e-4, atol=1e-6)
+
+
+def test_the_step_window_sums_only_its_steps_and_per_step_maps_add_up(tiny_pipe):
+    words = [["circle"], ["square"]]
+    with capture_head_maps(tiny_pipe, PROMPTS, words, images_per_prompt=2,
+                           keep_steps=True) as everything:
+        run(tiny_pipe)
+        full = everything.pop()
+    with capture_head_maps(tiny_pipe, PROMPTS, words, images_per_prompt=2,
+                           window=StepWindow(1, 3)) as late:
+        run(tiny_pipe)
+        window = late.pop()
+    assert window.steps == [1, 2]
+    for site, per_step in full.per_step.items():  # (images, steps, heads, words, y, x)
+        assert per_step.shape[1] == STEPS
+        np.testing.assert_allclose(per_step.sum(axis=1), full.maps[site], rtol=1e-5)
+        np.testing.assert_allclose(per_step[:, 1:].sum(axis=1), window.maps[site], rtol=1e-5)
+        # probabilities of one word at one query are at most 1 per step
+        assert (window.maps[site] >= 0).all() and (window.maps[site] <= 2 + 1e-5).all()
+
+
+def test_head_maps_share_the_hook_registry(tiny_pipe):
+    from icm.hooks import DoubleHookError
+
+    with capture_head_maps(tiny_pipe, PROMPTS, [["circle"], ["square"]]):
+        with pytest.raises(DoubleHookError):
+            with capture_head_maps(tiny_pipe, PROMPTS, [["circle"], ["square"]]):
+                pass
+    attn1 = next(s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn1"))
+    with pytest.raises(ValueError, match="cross-attention"):
+        capture_head_maps(tiny_pipe, PROMPTS, ["a"], sites=[attn1])
