@@ -117,6 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         np.set_printoptions(precision=3)
+        if json.loads((args.path / "zarr.json").read_text())["attributes"].get("kind") == \
+                "head-maps":
+            from icm.head_store import describe_head_store
+
+            print(describe_head_store(args.path))
+            return 0
         print(describe_store(args.path))
         problems = verify_store(args.path)
         if problems:

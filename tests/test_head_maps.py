@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icm.head_maps import StepWindow, capture_head_maps, word_positions
+from icm.head_maps import HeadMaps, StepWindow, capture_head_maps, word_positions
 from icm.sites import denoiser_of, list_sites
 
 PROMPTS = ["a red circle", "a blue square and a blue sky"]
@@ -101,3 +101,88 @@ def test_head_maps_share_the_hook_registry(tiny_pipe):
     attn1 = next(s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn1"))
     with pytest.raises(ValueError, match="cross-attention"):
         capture_head_maps(tiny_pipe, PROMPTS, ["a"], sites=[attn1])
+
+
+@pytest.fixture(scope="module")
+def captured(tiny_pipe):
+    words = [["circle", "red"], ["square", "blue"]]
+    with capture_head_maps(tiny_pipe, PROMPTS, words, images_per_prompt=2) as capture:
+        run(tiny_pipe)
+        return capture.pop()
+
+
+def test_all_heads_is_daams_formula_computed_directly(captured):
+    """DAAM: each (site, head) map upsampled bicubically to 64 x 64, clamped at 0, averaged
+    over heads and sites, here written out as plain loops."""
+    import torch.nn.functional as F
+
+    from icm.aggregation import aggregate
+
+    got = aggregate(captured.maps, "all")
+    for image in range(4):
+        for word in range(2):
+            heads = []
+            for maps in captured.maps.values():
+                for head in range(maps.shape[1]):
+                    one = torch.tensor(maps[image, head, word], dtype=torch.float32)
+                    up = F.interpolate(one[None, None], size=(64, 64), mode="bicubic",
+                                       align_corners=False)[0, 0]
+                    heads.append(up.clamp(min=0))
+            np.testing.assert_allclose(got[image, word], torch.stack(heads).mean(0),
+                                       rtol=1e-5, atol=1e-7)
+
+
+def test_topk_and_weighted_select_heads_by_relevance(captured):
+    from icm.aggregation import aggregate, chosen_heads, upsampled
+
+    heads = [(s, h) for s, m in captured.maps.items() for h in range(m.shape[1])]
+    rng = np.random.default_rng(0)
+    relevance = {head: float(r) for head, r in zip(heads, rng.random(len(heads)))}
+    best = max(heads, key=relevance.get)
+    site, head = best
+    one = upsampled({site: captured.maps[site]})[site][:, head]
+    np.testing.assert_allclose(aggregate(captured.maps, "topk", relevance, k=1), one, rtol=1e-6)
+    onehot = {h: float(h == best) for h in heads}
+    np.testing.assert_allclose(aggregate(captured.maps, "weighted", onehot), one, rtol=1e-6)
+    np.testing.assert_allclose(aggregate(captured.maps, "topk", relevance, k=len(heads)),
+                               aggregate(captured.maps, "all"), rtol=1e-5, atol=1e-7)
+    assert len(chosen_heads(heads, relevance, 0.25)) == int(np.ceil(0.25 * len(heads)))
+    with pytest.raises(ValueError, match="heads, but there are"):
+        chosen_heads(heads, relevance, len(heads) + 1)
+
+
+def test_segment_normalises_and_thresholds():
+    from icm.aggregation import segment
+
+    word_map = torch.zeros(8, 8)
+    word_map[2:6, 2:6] = 1.0
+    mask = segment(word_map, 16, 0.5)
+    assert mask.shape == (16, 16) and mask[6:10, 6:10].all() and not mask[0].any()
+    assert not segment(torch.ones(8, 8), 16, 0.5).any()  # flat: nothing
+
+
+def test_head_map_store_opens_in_xarray_and_inspect_summarises_it(captured, tmp_path, capsys):
+    import xarray as xr
+
+    from icm.cli import main as cli_main
+    from icm.head_store import HeadMapStoreWriter
+    from icm.samples import plan_samples
+
+    samples = plan_samples(PROMPTS, 2, base_seed=0)
+    path = tmp_path / "head-maps.zarr"
+    with HeadMapStoreWriter(path, samples, {"model": {"name": "tiny-sd15"}},
+                            chunk_samples=2) as writer:
+        writer.write(captured)
+    ds = xr.open_zarr(path)
+    site = next(iter(captured.maps))
+    assert ds[site].dims[:3] == ("sample", "head", "word")
+    np.testing.assert_allclose(ds[site].values, captured.maps[site], rtol=1e-3, atol=1e-4)
+    assert ds.attrs["words"] == captured.words and ds.attrs["kind"] == "head-maps"
+    assert cli_main(["inspect", str(path)]) == 0
+    assert "(head maps)" in capsys.readouterr().out
+    bad = HeadMaps(**{**captured.__dict__, "maps": {s: m * np.nan
+                                                    for s, m in captured.maps.items()}})
+    with pytest.raises(Exception, match="NaN, inf"):
+        with HeadMapStoreWriter(tmp_path / "bad.zarr", samples, {}) as writer:
+            writer.write(bad)
+    assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()

@@ -1,0 +1,98 @@
+"""Word maps from per-head maps: DAAM's average over every head, or over a selection.
+
+One function, three modes (``aggregate``):
+
+* ``all``: DAAM's formula (arXiv 2210.04885): every (site, head) map is upsampled bicubically
+  to a common size (64 x 64), clamped at 0, and the maps are averaged over heads and sites;
+* ``topk``: the same average over the ``k`` most relevant heads only (``k`` a count, or a
+  fraction of all heads): selective aggregation;
+* ``weighted``: the relevance-weighted mean (negative relevance counts as 0).
+
+``segment`` turns a word map into a mask the way DAAM does: upsample to the image size,
+min-max normalise, threshold at ``tau``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Head = tuple[str, int]  # (site, head index)
+Mode = Literal["all", "topk", "weighted"]
+
+
+def upsampled(maps: Mapping[str, np.ndarray | torch.Tensor],
+              size: int = 64) -> dict[str, torch.Tensor]:
+    """Each site's (images, heads, words, y, x) maps at ``size`` x ``size``, bicubic, >= 0."""
+    out = {}
+    for site, value in maps.items():
+        tensor = torch.as_tensor(np.asarray(value), dtype=torch.float32)
+        images, heads, words = tensor.shape[:3]
+        flat = tensor.reshape(images * heads * words, 1, *tensor.shape[3:])
+        up = F.interpolate(flat, size=(size, size), mode="bicubic", align_corners=False)
+        out[site] = up.clamp_min(0).reshape(images, heads, words, size, size)
+    return out
+
+
+def chosen_heads(heads: Sequence[Head], relevance: Mapping[Head, float],
+                 k: int | float) -> list[Head]:
+    """The ``k`` most relevant heads (``k`` < 1: that fraction of all heads, at least one);
+    ties broken by (site, head) order, so the choice is deterministic."""
+    count = max(1, math.ceil(k * len(heads))) if isinstance(k, float) and k < 1 else int(k)
+    if not 1 <= count <= len(heads):
+        raise ValueError(f"k = {k} heads, but there are {len(heads)}")
+    missing = [h for h in heads if h not in relevance]
+    if missing:
+        raise ValueError(f"no relevance for heads {missing[:5]}")
+    ranked = sorted(heads, key=lambda h: (-relevance[h], heads.index(h)))
+    return ranked[:count]
+
+
+def aggregate(maps: Mapping[str, np.ndarray | torch.Tensor], mode: Mode = "all",
+              relevance: Mapping[Head, float] | None = None, k: int | float | None = None,
+              size: int = 64, exclude: Sequence[str] = ()) -> torch.Tensor:
+    """(images, words, size, size) word maps from per-site (images, heads, words, y, x) maps.
+    ``exclude``: sites left out (e.g. DAAM's lowest resolution or the mid block)."""
+    kept = {s: m for s, m in maps.items() if s not in set(exclude)}
+    if not kept:
+        raise ValueError("every site is excluded")
+    up = upsampled(kept, size)
+    heads = [(site, h) for site, tensor in up.items() for h in range(tensor.shape[1])]
+    if mode == "all":
+        weights = {head: 1.0 for head in heads}
+    elif mode == "topk":
+        if relevance is None or k is None:
+            raise ValueError("topk needs a relevance per head and k")
+        weights = {head: 1.0 for head in chosen_heads(heads, relevance, k)}
+    elif mode == "weighted":
+        if relevance is None:
+            raise ValueError("weighted needs a relevance per head")
+        weights = {head: max(0.0, float(relevance[head])) for head in heads}
+    else:
+        raise ValueError(f"unknown aggregation {mode!r}; use all, topk or weighted")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("the head weights sum to zero")
+    images, _, words = next(iter(up.values())).shape[:3]
+    out = torch.zeros(images, words, size, size)
+    for (site, h), weight in weights.items():
+        if weight:
+            out += weight * up[site][:, h]
+    return out / total
+
+
+def segment(word_map: torch.Tensor | np.ndarray, image_size: int, tau: float) -> np.ndarray:
+    """A boolean (image_size, image_size) mask: the map upsampled (bicubic) to the image,
+    min-max normalised, thresholded at ``tau`` (a flat map segments nothing)."""
+    tensor = torch.as_tensor(np.asarray(word_map), dtype=torch.float32)[None, None]
+    up = F.interpolate(tensor, size=(image_size, image_size), mode="bicubic",
+                       align_corners=False)[0, 0]
+    low, high = up.min(), up.max()
+    if high - low <= 0:
+        return np.zeros((image_size, image_size), dtype=bool)
+    return ((up - low) / (high - low) >= tau).numpy()
