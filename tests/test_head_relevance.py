@@ -60,3 +60,26 @@ def test_concept_voting_counts_one_vote_per_head_image_step_and_sequence(tiny_pi
         np.testing.assert_array_equal(votes.sum(dim=1).numpy(), images * steps * 2)
     assert relevance.shape == (2, len(heads))
     np.testing.assert_allclose(relevance.mean(axis=1), 1.0, rtol=1e-6)
+
+
+def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
+    from icm.head_eval import evaluate, iou
+
+    maps, masks = planted_maps(images=12)
+    decoy = np.zeros((8, 8))
+    decoy[0:3, 5:8] = 1.0  # other heads look elsewhere: the all-head map spreads
+    maps["b.attn2"][:, :, 0] += decoy
+    truth = {("a.attn2", 2): 1.0}
+    relevance = {(s, h): float((s, h) in truth) for s in maps for h in range(4)}
+    rows = evaluate(maps, masks, 0, "shape", "held-out", {"oracle": relevance}, ks=[1],
+                    taus=[0.4])
+    by = {(r["method"], r["relevance"]): r for r in rows}
+    assert set(by) == {("all", "none"), ("random-k", "random"), ("topk", "oracle"),
+                       ("bottom-k", "oracle")}
+    top, everything = by["topk", "oracle"], by["all", "none"]
+    assert top["miou"] > 0.9 and top["miou"] > everything["miou"]
+    assert top["diff_low"] > 0  # the paired interval excludes zero
+    assert by["bottom-k", "oracle"]["miou"] < everything["miou"]
+    for row in rows:
+        assert row["miou_low"] <= row["miou"] <= row["miou_high"] and row["n"] == 12
+    assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
