@@ -7,6 +7,10 @@ cost. Runs alternate plain / captured to cancel drift; the ratio is of the media
     python benchmarks/capture_overhead.py                      # CPU: 128 px, 4 steps
     python benchmarks/capture_overhead.py --device cuda --resolution 512 --steps 20 --batch 8
     python benchmarks/capture_overhead.py --model tiny-flux    # a family's tiny replica
+    python benchmarks/capture_overhead.py --capture head-maps  # per-head maps of 2 words
+
+``--capture head-maps`` times per-head word maps (``icm.head_maps``) of two words at every
+``attn2`` site instead, and reports the summed maps' bytes per image.
 
 ``--model`` picks the full-size SD1.5 architecture (default) or a tiny replica of another
 family (``tiny-sdxl``, ``tiny-sana``, ``tiny-flux``: every site of the family's kinds, at
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from icm.capture import capture_activations
+from icm.head_maps import capture_head_maps
 from icm.models import build_sd15_pipeline
 from icm.models.tiny_flux import build_tiny_flux
 from icm.models.tiny_sana import build_tiny_sana
@@ -60,6 +65,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--model", default="sd15-full", choices=sorted(MODELS))
+    parser.add_argument("--capture", default="activations", choices=["activations", "head-maps"],
+                        help="what is captured: token-mean activations of every site, or the "
+                             "per-head maps of two words at every attn2 site")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
@@ -75,7 +83,15 @@ def main() -> None:
         pipe(prompts, num_inference_steps=args.steps, height=size, width=size,
              generator=generator, output_type="np", **extra)
 
+    map_bytes: list[int] = []
+
     def generate_captured() -> None:
+        if args.capture == "head-maps":
+            with capture_head_maps(pipe, prompts, ["photo", "person"]) as maps:
+                generate()
+                batch = maps.pop()  # includes the one device-to-host copy per batch
+            map_bytes[:] = [sum(m.nbytes for m in batch.maps.values()) // args.batch]
+            return
         with capture_activations(pipe) as cap:
             generate()
             cap.pop()  # includes the one device-to-host copy per batch
@@ -90,6 +106,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads}",
         "dtype": str(dtype).removeprefix("torch."),
         "model": args.model,
+        "capture": args.capture,
         "resolution": size,
         "steps": args.steps,
         "batch": args.batch,
@@ -99,8 +116,11 @@ def main() -> None:
         "torch": torch.__version__,
     }
     result["ratio"] = result["capture_median_s"] / result["plain_median_s"]
+    if map_bytes:
+        result["map_bytes_per_image"] = map_bytes[0]
     print(json.dumps(result, indent=2))
-    print(f"| {args.model} | {result['device']} | {result['dtype']} | {size} px, {args.steps} steps, "
+    label = args.model + (" (head maps, 2 words)" if args.capture == "head-maps" else "")
+    print(f"| {label} | {result['device']} | {result['dtype']} | {size} px, {args.steps} steps, "
           f"batch {args.batch} | {result['plain_median_s']:.3f} s | "
           f"{result['capture_median_s']:.3f} s | {result['ratio']:.3f} |")
     if args.out:

@@ -32,7 +32,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
            "PYTHONPATH": str(workdir)}
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=900,
+        cwd=workdir, env=env, capture_output=True, text=True,
+        timeout=2400,  # a hang guard: two end-to-end runs share 2 cores under xdist
     )
 
 
