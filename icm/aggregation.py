@@ -39,6 +39,11 @@ def upsampled(maps: Mapping[str, np.ndarray | torch.Tensor],
     return out
 
 
+def heads_of(maps: Mapping[str, np.ndarray | torch.Tensor]) -> list[Head]:
+    """Every (site, head) of per-site (images, heads, ...) maps, in site order."""
+    return [(site, h) for site, m in maps.items() for h in range(m.shape[1])]
+
+
 def chosen_heads(heads: Sequence[Head], relevance: Mapping[Head, float],
                  k: int | float) -> list[Head]:
     """The ``k`` most relevant heads (``k`` < 1: that fraction of all heads, at least one);
@@ -62,7 +67,7 @@ def aggregate(maps: Mapping[str, np.ndarray | torch.Tensor], mode: Mode = "all",
     if not kept:
         raise ValueError("every site is excluded")
     up = upsampled(kept, size)
-    heads = [(site, h) for site, tensor in up.items() for h in range(tensor.shape[1])]
+    heads = heads_of(up)
     if mode == "all":
         weights = {head: 1.0 for head in heads}
     elif mode == "topk":
@@ -96,3 +101,9 @@ def segment(word_map: torch.Tensor | np.ndarray, image_size: int, tau: float) ->
     if high - low <= 0:
         return np.zeros((image_size, image_size), dtype=bool)
     return ((up - low) / (high - low) >= tau).numpy()
+
+
+def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (both empty: 1, nothing to find)."""
+    union = np.logical_or(mask, truth).sum()
+    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0

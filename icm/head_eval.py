@@ -15,15 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from icm.aggregation import Head, aggregate, chosen_heads, segment
+from icm.aggregation import Head, aggregate, chosen_heads, heads_of, iou, segment
 
 Z = 0.95  # interval level
-
-
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (both empty: 1, nothing to find)."""
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
 
 
 def image_ious(maps: Mapping[str, np.ndarray], word: int, masks: np.ndarray, tau: float,
@@ -55,7 +49,7 @@ def evaluate(maps: Mapping[str, np.ndarray], masks: np.ndarray, word: int, word_
              ks: Sequence[int | float], taus: Sequence[float], seed: int = 0,
              ) -> list[dict[str, Any]]:
     """The table rows of one word slot on one split's images (see the module docstring)."""
-    heads = [(s, h) for s, m in maps.items() for h in range(m.shape[1])]
+    heads = heads_of(maps)
     rows = []
     for tau in taus:
         base = image_ious(maps, word, masks, tau)

@@ -32,6 +32,11 @@ from icm.hooks import CFGMode, SiteHooks
 from icm.sites import denoiser_of, list_sites
 
 
+def cross_attention_sites(denoiser: nn.Module) -> list[str]:
+    """Every ``attn2`` site of a denoiser, in forward order: where word maps are read."""
+    return [s for s in list_sites(denoiser) if kind_of(s).name == "attn2"]
+
+
 def word_positions(tokenizer: Any, prompt: str, word: str) -> list[int]:
     """Token positions of ``word`` in ``prompt`` as the pipeline tokenizes it (padded to the
     tokenizer's length): every sub-word token of every occurrence."""
@@ -109,9 +114,7 @@ class HeadMapCapture(SiteHooks):
                  sites: Sequence[str] | None = None, images_per_prompt: int = 1,
                  window: StepWindow | None = None, keep_steps: bool = False,
                  cfg: CFGMode = "auto") -> None:
-        denoiser = denoiser_of(pipe)
-        chosen = list(sites) if sites is not None else [
-            s for s in list_sites(denoiser) if kind_of(s).name == "attn2"]
+        chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
         wrong = [s for s in chosen if kind_of(s).name != "attn2"]
         if wrong:
             raise ValueError(f"head maps are read at cross-attention (attn2) sites, not {wrong}")

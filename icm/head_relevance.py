@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from icm.aggregation import Head, segment, upsampled
-from icm.families import kind_of
-from icm.head_maps import attention_probabilities, word_positions
+from icm.aggregation import Head, iou, segment, upsampled
+from icm.head_maps import attention_probabilities, cross_attention_sites, word_positions
 from icm.hooks import CFGMode, SiteHooks
-from icm.sites import denoiser_of, list_sites
+from icm.sites import denoiser_of
 
 
 def encode_texts(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
@@ -55,8 +54,7 @@ class ConceptVoting(SiteHooks):
 
     def __init__(self, pipe: Any, concepts: Mapping[str, Sequence[str]],
                  sites: Sequence[str] | None = None, cfg: CFGMode = "auto") -> None:
-        chosen = list(sites) if sites is not None else [
-            s for s in list_sites(denoiser_of(pipe)) if kind_of(s).name == "attn2"]
+        chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
         super().__init__(pipe, chosen, cfg)
         self.concepts = list(concepts)
         sequences = voting_sequences(concepts)
@@ -106,8 +104,11 @@ def hrv_from_votes(votes: np.ndarray) -> np.ndarray:
     return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * rows.shape[1]
 
 
-def head_list(maps: Mapping[str, np.ndarray]) -> list[Head]:
-    return [(site, h) for site, m in maps.items() for h in range(m.shape[1])]
+def _word_stack(maps: Mapping[str, np.ndarray], word: int, size: int) -> torch.Tensor:
+    """(images, heads, size, size): every head's upsampled map of word slot ``word``, the
+    heads of all sites side by side in ``heads_of`` order."""
+    up = upsampled({s: m[:, :, word:word + 1] for s, m in maps.items()}, size)
+    return torch.cat([t[:, :, 0] for t in up.values()], dim=1)
 
 
 def concentration(maps: Mapping[str, np.ndarray], word: int) -> np.ndarray:
@@ -126,9 +127,7 @@ def concentration(maps: Mapping[str, np.ndarray], word: int) -> np.ndarray:
 def agreement(maps: Mapping[str, np.ndarray], word: int, size: int = 64) -> np.ndarray:
     """Per head: Pearson correlation of its upsampled map of word slot ``word`` with the
     all-head (DAAM) map, averaged over images."""
-    up = upsampled({s: m[:, :, word:word + 1] for s, m in maps.items()}, size)
-    stacked = torch.cat([t[:, :, 0] for t in up.values()], dim=1)  # (images, heads, S, S)
-    flat = stacked.flatten(2).double()
+    flat = _word_stack(maps, word, size).flatten(2).double()
     mean_map = flat.mean(dim=1, keepdim=True)
 
     def centred(x: torch.Tensor) -> torch.Tensor:
@@ -142,16 +141,10 @@ def oracle_iou(maps: Mapping[str, np.ndarray], word: int, masks: np.ndarray,
                tau: float = 0.4, size: int = 64) -> np.ndarray:
     """Per head: mean IoU of its segmentation of word slot ``word`` with ``masks`` (images,
     H, W boolean ground truth): an oracle, usable only where masks exist."""
-    up = upsampled({s: m[:, :, word:word + 1] for s, m in maps.items()}, size)
-    stacked = torch.cat([t[:, :, 0] for t in up.values()], dim=1)
-    images, heads = stacked.shape[:2]
-    scores = np.zeros((images, heads))
-    for i in range(images):
-        for h in range(heads):
-            mask = segment(stacked[i, h], masks.shape[-1], tau)
-            union = np.logical_or(mask, masks[i]).sum()
-            scores[i, h] = np.logical_and(mask, masks[i]).sum() / union if union else 0.0
-    return scores.mean(axis=0)
+    stacked = _word_stack(maps, word, size)
+    scores = [[iou(segment(head, masks.shape[-1], tau), masks[i]) for head in image]
+              for i, image in enumerate(stacked)]
+    return np.asarray(scores).mean(axis=0)
 
 
 def rank_stability(scores: np.ndarray) -> np.ndarray:

@@ -206,26 +206,23 @@ class SiteHooks:
             self._stack.close()
             self._stack = None
 
-    def _hook(self, site: str, module: nn.Module, args: tuple, output: Any) -> Any:
+    def _step(self, site: str) -> int | None:
+        """The step of the current call, or None for a separate unconditional call."""
         assert self.clock is not None
         if self.clock.step < 0:
             raise RuntimeError(
                 f"{site} ran before the denoiser: hooks expect calls through the pipeline"
             )
-        if self.clock.unconditional:  # a separate unconditional call: not ours
-            return None
-        return self.on_output(site, self.clock.step, output)
+        return None if self.clock.unconditional else self.clock.step
+
+    def _hook(self, site: str, module: nn.Module, args: tuple, output: Any) -> Any:
+        step = self._step(site)
+        return None if step is None else self.on_output(site, step, output)
 
     def _hook_with_inputs(self, site: str, module: nn.Module, args: tuple, kwargs: dict,
                           output: Any) -> Any:
-        assert self.clock is not None
-        if self.clock.step < 0:
-            raise RuntimeError(
-                f"{site} ran before the denoiser: hooks expect calls through the pipeline"
-            )
-        if self.clock.unconditional:
-            return None
-        return self.on_call(site, self.clock.step, module, args, kwargs, output)
+        step = self._step(site)
+        return None if step is None else self.on_call(site, step, module, args, kwargs, output)
 
     def on_output(self, site: str, step: int, output: Any) -> Any:  # pragma: no cover
         raise NotImplementedError
