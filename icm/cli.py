@@ -112,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "inspect":
-        problem = store_problem(args.path)
-        if problem:
+        try:
+            attributes = store_attributes(args.path)
+        except ValueError as problem:
             print(f"error: {problem}", file=sys.stderr)
             return 2
         np.set_printoptions(precision=3)
-        if json.loads((args.path / "zarr.json").read_text())["attributes"].get("kind") == \
-                "head-maps":
+        if attributes.get("kind") == "head-maps":
             from icm.head_store import describe_head_store
 
             print(describe_head_store(args.path))
@@ -134,23 +134,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def store_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be opened as an activation store (None: it can), found without
-    reading anything that could block (a FIFO named zarr.json) or raise a traceback."""
+def store_attributes(path: Path) -> dict:
+    """The attributes of the ICM store at ``path``, read without opening anything that
+    could block (a FIFO named zarr.json) or raise a traceback; ValueError says why ``path``
+    is not one."""
     meta = path / "zarr.json"
     if not path.is_dir():
-        return f"{path} is not a directory"
+        raise ValueError(f"{path} is not a directory")
     if not meta.is_file():  # is_file is False for a FIFO: never opened
-        return f"{path} is not a Zarr v3 store (no regular file zarr.json)"
+        raise ValueError(f"{path} is not a Zarr v3 store (no regular file zarr.json)")
     try:
         node = json.loads(meta.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        return f"{meta} is broken: {error}"
+        raise ValueError(f"{meta} is broken: {error}") from error
     if not isinstance(node, dict) or node.get("zarr_format") != 3 \
             or node.get("node_type") != "group":
-        return f"{meta} does not describe a Zarr v3 group"
+        raise ValueError(f"{meta} does not describe a Zarr v3 group")
     attributes = node.get("attributes") or {}
     if "sites" not in attributes:
-        return (f"{path} is a Zarr group but not an ICM activation store (its attributes "
-                "have no 'sites')")
-    return None
+        raise ValueError(f"{path} is a Zarr group but not an ICM activation store (its "
+                         "attributes have no 'sites')")
+    return attributes

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from tqdm import tqdm
 
 from icm.atomic import atomic_directory
 from icm.capture import capture_activations
+from icm.families import family_of
 from icm.models.loading import check_own_arguments
 from icm.provenance import package_versions
 from icm.samples import Sample
 from icm.schedule import pipeline_timesteps, same_timesteps, train_timesteps
-from icm.families import family_of
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
 from icm.tables import write_table

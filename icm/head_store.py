@@ -12,11 +12,8 @@ refuses non-finite maps.
 
 from __future__ import annotations
 
-import shutil
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -25,39 +22,24 @@ from zarr.codecs import BloscCodec
 
 from icm.head_maps import HeadMaps
 from icm.samples import Sample
-from icm.store import StoreDataError
+from icm.store import PartialStore, StoreDataError
 
 KIND = "head-maps"
 
 
-class HeadMapStoreWriter:
+class HeadMapStoreWriter(PartialStore):
     """Writes ``HeadMaps`` of successive generation batches, in sample-plan order."""
 
     def __init__(self, path: str | Path, samples: Sequence[Sample], attrs: Mapping[str, Any],
                  dtype: str = "float16", chunk_samples: int = 64) -> None:
-        self.path = Path(path)
-        if self.path.exists():
-            raise FileExistsError(f"{self.path} exists; remove it to recapture")
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
+        super().__init__(path, len(samples))
         self.samples, self.attrs = list(samples), dict(attrs)
         self.dtype = np.dtype(dtype)
         self.block = max(1, min(chunk_samples, len(self.samples)))
-        self.written = 0
         self.words: list[list[str]] = []
         self.steps: list[int] | None = None
         self._group: zarr.Group | None = None
         self.sites: list[str] = []
-
-    def __enter__(self) -> HeadMapStoreWriter:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if kind is None:
-            self.close()
-        else:
-            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _create(self, batch: HeadMaps) -> None:
         group = zarr.open_group(self.partial, mode="w", zarr_format=3)
@@ -101,18 +83,11 @@ class HeadMapStoreWriter:
         self.written += n
 
     def close(self) -> Path:
-        if self._group is None or self.written != len(self.samples):
-            shutil.rmtree(self.partial, ignore_errors=True)
-            raise RuntimeError(f"head-map store got {self.written} of {len(self.samples)} "
-                               "samples")
+        self._check_complete(self._group, "head-map store")
         self._group.attrs.update({**self.attrs, "kind": KIND, "sites": self.sites,
                                   "words": self.words, "steps_summed": self.steps,
                                   "n_samples": len(self.samples)})
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
-            zarr.consolidate_metadata(self.partial)
-        self.partial.rename(self.path)
-        return self.path
+        return self._publish()
 
 
 def describe_head_store(path: str | Path) -> str:

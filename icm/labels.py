@@ -1,6 +1,6 @@
 """Pseudo-labels: which option did the model choose in each image?
 
-Three labelers behind one interface (``scores`` -> per-class scores, argmax is the label):
+Four labelers behind one interface (``scores`` -> per-class scores, argmax is the label):
 
 * ``OracleLabeler``: the toy world's pixel oracle (ground truth there).
 * ``PixelLabeler``: which half of an image is brighter, or which colour channel is strongest,
@@ -327,4 +327,3 @@ def label_table(samples: pd.DataFrame, matrix: np.ndarray, labeler: Labeler,
     table["kept"] = kept
     table.attrs["labeler"] = labeler.name
     return table
-

@@ -39,6 +39,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from icm.finite import nonfinite_steps
+
 Backend = Literal["torch", "sklearn"]
 log = logging.getLogger(__name__)
 
@@ -415,10 +417,9 @@ def fit_pair(
 
     if not hasattr(activations, "sites"):  # a StepStack checks each step as it reads it
         for site, x in activations.items():
-            finite = np.isfinite(np.asarray(x)).all(axis=(0, 2))
-            if not finite.all():  # a NaN would reach the solver (LinAlgError, or worse, NaN)
-                raise ValueError(f"site {site}: NaN or inf activations at steps "
-                                 f"{np.flatnonzero(~finite).tolist()}")
+            bad = nonfinite_steps(x, 1)
+            if bad:  # a NaN would reach the solver (LinAlgError, or worse, NaN)
+                raise ValueError(f"site {site}: NaN or inf activations at steps {bad}")
     results: list[ProbeResult] = []
     if backend == "sklearn":
         if hasattr(activations, "sites"):

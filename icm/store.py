@@ -28,6 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from icm.capture import CapturedBatch
+from icm.finite import nonfinite_steps
 from icm.samples import Sample
 
 
@@ -98,7 +99,48 @@ def check_finite(values: np.ndarray, store: str | Path, site: str, step: int | N
                          "the whole store")
 
 
-class ActivationStoreWriter:
+class PartialStore:
+    """A store filled under a hidden ``*.partial`` name and moved into place by
+    ``_publish`` only once complete; on an error (or an incomplete ``close``) the partial
+    directory is removed, so nothing that looks finished is left behind."""
+
+    def __init__(self, path: str | Path, samples: int) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"{self.path} exists; remove it to regenerate")
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.expected = samples
+        self.written = 0  # samples received so far
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            shutil.rmtree(self.partial, ignore_errors=True)
+
+    def close(self) -> Path:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check_complete(self, group: zarr.Group | None, what: str = "store") -> None:
+        if group is None or self.written != self.expected:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise RuntimeError(f"{what} got {self.written} of {self.expected} samples")
+
+    def _publish(self) -> Path:
+        with warnings.catch_warnings():  # v3 consolidation is zarr-python's extension; xarray
+            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)  # reads it
+            zarr.consolidate_metadata(self.partial)
+        self.partial.rename(self.path)
+        return self.path
+
+
+class ActivationStoreWriter(PartialStore):
     """Streams captured batches into a new store, buffering one sample block at a time.
 
     Writing whole blocks means no chunk is ever read back and rewritten, whatever the
@@ -113,30 +155,14 @@ class ActivationStoreWriter:
         dtype: str = "float32",
         chunk_samples: int = 128,
     ) -> None:
-        self.path = Path(path)
-        if self.path.exists():
-            raise FileExistsError(f"{self.path} exists; remove it to regenerate")
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
+        super().__init__(path, len(samples))
         self.samples = list(samples)
         self.attrs = dict(attrs)
         self.dtype = np.dtype(dtype)
         self.block = max(1, min(chunk_samples, len(self.samples)))
-        self.written = 0  # samples received so far
         self.flushed = 0  # samples on disk
         self._group: zarr.Group | None = None
         self._buffer: dict[str, np.ndarray] = {}
-
-    def __enter__(self) -> ActivationStoreWriter:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if kind is None:
-            self.close()
-        else:
-            shutil.rmtree(self.partial, ignore_errors=True)
 
     def _create(self, batch: CapturedBatch) -> None:
         n, steps = len(self.samples), len(batch.timesteps)
@@ -227,15 +253,9 @@ class ActivationStoreWriter:
 
     def close(self) -> Path:
         """Flush, check completeness, and move the store into place."""
-        if self._group is None or self.written != len(self.samples):
-            shutil.rmtree(self.partial, ignore_errors=True)
-            raise RuntimeError(f"store got {self.written} of {len(self.samples)} samples")
+        self._check_complete(self._group)
         self._flush()
-        with warnings.catch_warnings():  # v3 consolidation is zarr-python's extension; xarray
-            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)  # reads it
-            zarr.consolidate_metadata(self.partial)
-        self.partial.rename(self.path)
-        return self.path
+        return self._publish()
 
 
 def open_store(path: str | Path) -> zarr.Group:
@@ -354,9 +374,9 @@ def verify_store(store: str | Path) -> list[str]:
                 problems.append(f"site {site}: {shard_file(store, site, index)} cannot be "
                                 f"decoded ({type(error).__name__}: {error})")
                 continue
-            bad = ~np.isfinite(values)
-            if bad.any():
-                at = sorted(set(np.nonzero(bad.any(axis=2))[1].tolist()))
-                problems.append(f"site {site}: {int(bad.sum())} NaN or inf values in samples "
-                                f"{start}..{start + len(values) - 1}, steps {at}")
+            at = nonfinite_steps(values, 1)
+            if at:
+                problems.append(f"site {site}: {int((~np.isfinite(values)).sum())} NaN or inf "
+                                f"values in samples {start}..{start + len(values) - 1}, "
+                                f"steps {at}")
     return problems

@@ -407,14 +407,21 @@ def test_checkpoints_and_reference_images_named_in_the_config_are_inputs(workdir
     assert "slurm_partition=gpu" in out.split("rule generate_images:")[1].split("rule ")[0]
 
 
-def test_pair_names_that_collide_are_refused_at_start(workdir, tmp_path):
-    overlay = tmp_path / "pairs.yaml"
-    overlay.write_text("concepts:\n  clash:\n    prompts: [a shape]\n"
-                       "    classes: [a, a-b, b-c, c]\n    pairs: [[a, b-c], [a-b, c]]\n")
-    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
-                       "results/toy/color/labels.csv")
+def refused_dry_run(workdir, tmp_path, overlay, target):
+    """The output of a dry run of ``target`` with the YAML text ``overlay`` over the test
+    config, which must fail."""
+    path = tmp_path / "overlay.yaml"
+    path.write_text(overlay)
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(path), "-n", "--", target)
     assert result.returncode != 0
-    assert "['a', 'b-c'] and ['a-b', 'c'] are both named 'a-b-c'" in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def test_pair_names_that_collide_are_refused_at_start(workdir, tmp_path):
+    out = refused_dry_run(workdir, tmp_path, "concepts:\n  clash:\n    prompts: [a shape]\n"
+                          "    classes: [a, a-b, b-c, c]\n    pairs: [[a, b-c], [a-b, c]]\n",
+                          "results/toy/color/labels.csv")
+    assert "['a', 'b-c'] and ['a-b', 'c'] are both named 'a-b-c'" in out
 
 
 def test_a_stale_path_or_a_key_naming_nothing_stops_the_run_at_start(workdir, tmp_path):
@@ -423,13 +430,9 @@ def test_a_stale_path_or_a_key_naming_nothing_stops_the_run_at_start(workdir, tm
     built = workdir / "results/toy/color/table.csv"
     built.parent.mkdir(parents=True)
     built.write_text("variant\n")
-    overlay = tmp_path / "stale.yaml"
-    overlay.write_text("concepts:\n  color:\n    evaluation: {fid_reference: data/real}\n"
-                       "    pairs: [[red, pink]]\n")
-    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
-                       "results/toy/color/table.csv")
-    assert result.returncode != 0
-    out = result.stdout + result.stderr
+    out = refused_dry_run(workdir, tmp_path, "concepts:\n  color:\n    evaluation: "
+                          "{fid_reference: data/real}\n    pairs: [[red, pink]]\n",
+                          "results/toy/color/table.csv")
     assert "concepts.color.evaluation.fid_reference: no folder 'data/real'" in out
     assert "concepts.color.pairs: ['red', 'pink'] names ['pink']" in out
     assert "Nothing to be done" not in out

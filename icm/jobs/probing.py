@@ -56,13 +56,13 @@ def fit_probes_job(
     import pandas as pd
     from safetensors.numpy import save_file
 
+    from icm.finite import nonfinite_steps
+    from icm.label_table import read_labels
     from icm.probes import Pair, fit_pair, sites_per_fit
     from icm.provenance import package_versions
     from icm.ranking import plot_heatmap, step_timesteps
     from icm.sites import site_kind
     from icm.store import StepStack, open_store, read_sites, site_widths
-
-    from icm.label_table import read_labels
 
     target = Pair(negative=pair[0], positive=pair[1])
     samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
@@ -110,7 +110,7 @@ def fit_probes_job(
                              "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
                              f"n_{target.positive}": r.counts[target.positive]})
     for site, v in directions.items():
-        bad = sorted(set(np.nonzero(~np.isfinite(v))[0].tolist()))
+        bad = nonfinite_steps(v, 0)
         if bad:
             raise ValueError(f"the {target.name} probes of {site} gave NaN or inf directions at "
                              f"steps {bad}; nothing is written")

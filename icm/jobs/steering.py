@@ -26,6 +26,7 @@ from icm.generate import (
 )
 from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
+from icm.finite import nonfinite_steps
 from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
@@ -136,7 +137,7 @@ def check_vectors(vectors: Mapping[str, Mapping[str, np.ndarray]], timesteps: np
             if v.shape[0] != len(timesteps):
                 raise ValueError(f"{pair} direction of {site} has {v.shape[0]} steps but its "
                                  f"probes list {len(timesteps)} timesteps: refit the probes")
-            bad = sorted(set(np.nonzero(~np.isfinite(v))[0].tolist()))
+            bad = nonfinite_steps(v, 0)
             if bad:
                 raise ValueError(f"{pair} direction of {site} is NaN or inf at steps {bad} "
                                  f"(alpha unit {unit}): refit the probes")

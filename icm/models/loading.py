@@ -53,8 +53,8 @@ def check_own_arguments(arguments: Mapping[str, Any]) -> None:
 
 
 def check_pipeline_arguments(pipeline: type, arguments: Mapping[str, Any]) -> None:
-    """Refuse arguments the pipeline's ``__call__`` does not take, before any image."""
-    check_own_arguments(arguments)
+    """Refuse arguments the pipeline's ``__call__`` does not take, before any image (the
+    workflow's own arguments are refused earlier, by ``check_own_arguments``)."""
     accepted = inspect.signature(pipeline.__call__).parameters
     unknown = sorted(set(arguments) - set(accepted))
     if unknown:
