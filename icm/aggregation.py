@@ -39,6 +39,15 @@ def upsampled(maps: Mapping[str, np.ndarray | torch.Tensor],
     return out
 
 
+def word_stack(maps: Mapping[str, np.ndarray | torch.Tensor], word: int,
+               size: int = 64) -> torch.Tensor:
+    """(images, heads, size, size): every head's upsampled map of word slot ``word``, the
+    heads of all sites side by side in ``heads_of`` order. Selections of heads are means
+    over its head axis (what ``aggregate`` computes, without upsampling again)."""
+    up = upsampled({s: m[:, :, word:word + 1] for s, m in maps.items()}, size)
+    return torch.cat([t[:, :, 0] for t in up.values()], dim=1)
+
+
 def heads_of(maps: Mapping[str, np.ndarray | torch.Tensor]) -> list[Head]:
     """Every (site, head) of per-site (images, heads, ...) maps, in site order."""
     return [(site, h) for site, m in maps.items() for h in range(m.shape[1])]
@@ -101,6 +110,25 @@ def segment(word_map: torch.Tensor | np.ndarray, image_size: int, tau: float) ->
     if high - low <= 0:
         return np.zeros((image_size, image_size), dtype=bool)
     return ((up - low) / (high - low) >= tau).numpy()
+
+
+def segment_batch(word_maps: torch.Tensor | np.ndarray, image_size: int,
+                  tau: float) -> np.ndarray:
+    """``segment`` of every (images, size, size) map at once: (images, H, W) booleans."""
+    tensor = torch.as_tensor(np.asarray(word_maps), dtype=torch.float32)[:, None]
+    up = F.interpolate(tensor, size=(image_size, image_size), mode="bicubic",
+                       align_corners=False)[:, 0]
+    low = up.amin(dim=(1, 2), keepdim=True)
+    span = up.amax(dim=(1, 2), keepdim=True) - low
+    normalised = (up - low) / span.clamp_min(torch.finfo(torch.float32).tiny)
+    return ((normalised >= tau) & (span > 0)).numpy()
+
+
+def ious(masks: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """IoU of each of (images, H, W) predicted masks with its truth (both empty: 1)."""
+    inter = np.logical_and(masks, truth).sum(axis=(1, 2))
+    union = np.logical_or(masks, truth).sum(axis=(1, 2))
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def iou(mask: np.ndarray, truth: np.ndarray) -> float:

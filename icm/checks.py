@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from icm.head_study import has_study, hrv_concepts, slot_names, split_prompts
+
 #: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 #: Suffixes of checkpoint files: a `pretrained` value ending so is a path, not a tag.
@@ -26,6 +28,10 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
     for name, spec in concepts.items():
         key = f"concepts.{name}"
         classes = list(spec.get("classes") or [])
+        study = spec.get("head_maps") or {}
+        if not spec.get("prompts") and not (study.get("template") or study.get("prompts")):
+            problems.append(f"{key}: neither prompts nor a head_maps study: nothing to run")
+        problems += head_map_problems(key, spec.get("head_maps"))
         doubled = sorted({c for c in classes if classes.count(c) > 1})
         if doubled:
             problems.append(f"{key}.classes: {doubled} appear more than once")
@@ -60,6 +66,26 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
     return problems
 
 
+def head_map_problems(key: str, study: Mapping[str, Any] | None) -> list[str]:
+    """A head-map study's prompts, split, HRV word lists and mask source."""
+    try:
+        if not has_study(study):
+            return []
+        split_prompts(study)
+    except ValueError as error:
+        return [f"{key}.head_maps: {error}"]
+    problems = []
+    if "hrv" in study.get("relevance", []) and \
+            sorted(hrv_concepts(study)) != sorted(slot_names(study)):
+        problems.append(f"{key}.head_maps.hrv_words: concepts {sorted(hrv_concepts(study))} "
+                        f"must be the slots {slot_names(study)} (each slot's heads are "
+                        "ranked by its concept's votes)")
+    masks = study.get("masks") or {}
+    if masks.get("type") == "folder" and not masks.get("path"):
+        problems.append(f"{key}.head_maps.masks: type folder needs a path")
+    return problems
+
+
 def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
     """(key, value, what it must be) for every configured value that names a local path."""
     for name, model in config.get("models", {}).items():
@@ -78,6 +104,9 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
         if (evaluation.get("clip") or {}).get("pretrained"):
             yield (f"concepts.{name}.evaluation.clip.pretrained",
                    str(evaluation["clip"]["pretrained"]), "weights")
+        masks = (concept.get("head_maps") or {}).get("masks") or {}
+        if masks.get("type") == "folder" and masks.get("path"):
+            yield f"concepts.{name}.head_maps.masks.path", str(masks["path"]), "folder"
         reference = evaluation.get("fid_reference")
         if reference and reference != "toy-world" and not reference.startswith("stats:"):
             yield f"concepts.{name}.evaluation.fid_reference", str(reference), "folder"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from icm.aggregation import Head, iou, segment, upsampled
+from icm.aggregation import Head, ious, segment_batch, word_stack
 from icm.head_maps import attention_probabilities, cross_attention_sites, word_positions
 from icm.hooks import CFGMode, SiteHooks
 from icm.sites import denoiser_of
@@ -104,13 +104,6 @@ def hrv_from_votes(votes: np.ndarray) -> np.ndarray:
     return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * rows.shape[1]
 
 
-def _word_stack(maps: Mapping[str, np.ndarray], word: int, size: int) -> torch.Tensor:
-    """(images, heads, size, size): every head's upsampled map of word slot ``word``, the
-    heads of all sites side by side in ``heads_of`` order."""
-    up = upsampled({s: m[:, :, word:word + 1] for s, m in maps.items()}, size)
-    return torch.cat([t[:, :, 0] for t in up.values()], dim=1)
-
-
 def concentration(maps: Mapping[str, np.ndarray], word: int) -> np.ndarray:
     """Per head: 1 - the normalised spatial entropy of its map of word slot ``word``
     (1: all mass on one pixel, 0: uniform), averaged over images."""
@@ -127,7 +120,7 @@ def concentration(maps: Mapping[str, np.ndarray], word: int) -> np.ndarray:
 def agreement(maps: Mapping[str, np.ndarray], word: int, size: int = 64) -> np.ndarray:
     """Per head: Pearson correlation of its upsampled map of word slot ``word`` with the
     all-head (DAAM) map, averaged over images."""
-    flat = _word_stack(maps, word, size).flatten(2).double()
+    flat = word_stack(maps, word, size).flatten(2).double()
     mean_map = flat.mean(dim=1, keepdim=True)
 
     def centred(x: torch.Tensor) -> torch.Tensor:
@@ -141,10 +134,11 @@ def oracle_iou(maps: Mapping[str, np.ndarray], word: int, masks: np.ndarray,
                tau: float = 0.4, size: int = 64) -> np.ndarray:
     """Per head: mean IoU of its segmentation of word slot ``word`` with ``masks`` (images,
     H, W boolean ground truth): an oracle, usable only where masks exist."""
-    stacked = _word_stack(maps, word, size)
-    scores = [[iou(segment(head, masks.shape[-1], tau), masks[i]) for head in image]
-              for i, image in enumerate(stacked)]
-    return np.asarray(scores).mean(axis=0)
+    stacked = word_stack(maps, word, size)
+    images, heads = stacked.shape[:2]
+    pred = segment_batch(stacked.reshape(images * heads, size, size), masks.shape[-1], tau)
+    truth = np.repeat(np.asarray(masks, dtype=bool), heads, axis=0)
+    return ious(pred, truth).reshape(images, heads).mean(axis=0)
 
 
 def rank_stability(scores: np.ndarray) -> np.ndarray:

@@ -38,7 +38,8 @@ class Sample:
 
 
 #: Seed streams by purpose; the value is the top two bits of every seed of the stream.
-SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation": 2}
+SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation": 2,
+                                "head-maps": 3}
 SEED_RULE = ("stream << 30 | low 30 bits of numpy SeedSequence([base_seed, stream, "
              "prompt_index, repeat]).generate_state(1, uint32); streams " +
              ", ".join(f"{k} {v}" for k, v in SEED_STREAMS.items()))

@@ -63,7 +63,8 @@ def test_concept_voting_counts_one_vote_per_head_image_step_and_sequence(tiny_pi
 
 
 def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
-    from icm.head_eval import evaluate, iou
+    from icm.aggregation import iou
+    from icm.head_eval import evaluate
 
     maps, masks = planted_maps(images=12)
     decoy = np.zeros((8, 8))
@@ -83,3 +84,25 @@ def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
     for row in rows:
         assert row["miou_low"] <= row["miou"] <= row["miou_high"] and row["n"] == 12
     assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+def test_the_fast_scorer_equals_aggregate_segment_and_iou_image_by_image():
+    from icm.aggregation import aggregate, chosen_heads, iou, segment
+    from icm.head_eval import WordScorer
+
+    maps, masks = planted_maps(images=5, seed=3)
+    rng = np.random.default_rng(1)
+    relevance = {(s, h): float(rng.random()) for s in maps for h in range(4)}
+    scorer = WordScorer(maps, 0, masks)
+    for k, tau in ((3, 0.4), (0.5, 0.3)):
+        direct = aggregate(maps, "topk", relevance, k)
+        expected = [iou(segment(direct[i, 0], masks.shape[-1], tau), masks[i])
+                    for i in range(len(masks))]
+        chosen = chosen_heads(scorer.heads, relevance, k)
+        np.testing.assert_allclose(scorer.ious(chosen, tau), expected)
+    everything = aggregate(maps, "all")
+    np.testing.assert_allclose(
+        scorer.ious(None, 0.4),
+        [iou(segment(everything[i, 0], 16, 0.4), masks[i]) for i in range(len(masks))])
+    curve = scorer.curve(relevance, [1, 8], 0.4)
+    assert curve["most"][-1] == pytest.approx(curve["least"][-1])  # all heads either way

@@ -1,0 +1,76 @@
+"""The head-map study as a workflow: capture, relevance, evaluation and plots on the toy,
+and what an edit reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import xarray as xr
+from workflow_helpers import TEST_CONFIG, job_counts, snakemake
+
+BASE = "results/toy/objects/head-maps"
+
+
+def plan(workdir, tmp_path, overlay: str, target: str = f"{BASE}/curve.png") -> dict[str, int]:
+    path = tmp_path / "edit.yaml"
+    path.write_text(overlay)
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(path), "-n", "--", target)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return job_counts(result.stdout + result.stderr)
+
+
+@pytest.mark.slow
+def test_toy_head_maps_to_their_table_and_plots_and_an_edit_reruns_only_what_reads_it(
+        workdir, tmp_path):
+    result = snakemake(workdir, "--cores", "2", f"{BASE}/curve.png")
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = workdir / BASE
+    # Maps: one array per attn2 site, (sample, head, word, y, x), opened by xarray.
+    store = xr.open_zarr(base / "held-out/shard-000/maps.zarr", consolidated=False)
+    sites = [name for name in store.data_vars if name.endswith("attn2")]
+    assert len(sites) == 7 and store[sites[0]].dims[:3] == ("sample", "head", "word")
+    assert store.attrs["kind"] == "head-maps" and store.attrs["slots"] == ["shape", "color"]
+    assert store.sizes["sample"] == 12  # 3 held-out prompts x 4
+    train = pd.read_csv(base / "train/shard-000/samples.csv")
+    held = pd.read_csv(base / "held-out/shard-000/samples.csv")
+    assert len(train) == 24 and not set(train["seed"]) & set(held["seed"])
+    assert not set(train["prompt"]) & set(held["prompt"])  # held-out prompts never fit heads
+
+    relevance = pd.read_csv(base / "relevance.csv")
+    assert set(relevance["relevance"]) == {"hrv", "oracle", "agreement", "concentration",
+                                           "stability"}
+    assert len(relevance) == 5 * 2 * 56  # sources x words x heads
+    table = pd.read_csv(base / "table.csv")
+    for column in ("split", "word", "method", "relevance", "k", "tau", "miou", "miou_low",
+                   "miou_high", "n", "diff", "diff_low", "diff_high"):
+        assert column in table.columns
+    held_rows = table[table["split"] == "held-out"]
+    assert set(held_rows["method"]) == {"all", "topk", "bottom-k", "random-k"}
+    assert (held_rows["n"] == 12).all()
+    assert ((held_rows["miou_low"] <= held_rows["miou"])
+            & (held_rows["miou"] <= held_rows["miou_high"])).all()
+    oracle = held_rows[(held_rows["method"] == "topk") & (held_rows["relevance"] == "oracle")]
+    worst = held_rows[(held_rows["method"] == "bottom-k") & (held_rows["relevance"] == "oracle")]
+    assert oracle["miou"].mean() > worst["miou"].mean()  # the most relevant heads see it
+    record = json.loads((base / "table.json").read_text())
+    assert {c["word"] for c in record["label_free_choice"]} == {"shape", "color"}
+    for name in ("curve", "tau", "overlays", "relevance", "misread"):
+        assert (base / f"{name}.png").stat().st_size > 0
+    assert list(pd.read_csv(base / "misread.csv").columns)[:4] == ["sample", "seed", "prompt",
+                                                                  "word"]
+
+    # Thresholds and head counts are read by the evaluation and the plots only.
+    assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {taus: [0.35]}\n") \
+        == {"evaluate_head_maps": 1, "plot_head_maps": 1, "total": 2}
+    assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {ks: [3, 0.5]}\n") \
+        == {"evaluate_head_maps": 1, "plot_head_maps": 1, "total": 2}
+    # The oracle's threshold changes the relevance too; a held-out count, that split's maps.
+    assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {oracle_tau: 0.5}\n") \
+        == {"score_head_relevance": 1, "evaluate_head_maps": 1, "plot_head_maps": 1, "total": 3}
+    assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: "
+                "{held_out_samples_per_prompt: 5}\n") \
+        == {"capture_head_maps": 1, "evaluate_head_maps": 1, "plot_head_maps": 1, "total": 3}
+    # Resources are the scheduler's: nothing reruns.
+    assert plan(workdir, tmp_path, "models:\n  toy:\n    resources: {runtime: 999}\n") == {}
