@@ -7,7 +7,7 @@ CORES ?= 2
 # This workplace's machines hold torch 2.14.1 / torchvision 0.29.1 on disk and cap pip there
 # (/etc/xdg/pip); anywhere else pip resolves torch normally (override: make TORCH_PIN=...).
 TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvision==0.29.1,)
-DEMO_TARGET ?= results/toy/color/table.csv
+DEMO_TARGET ?= results/toy/color/table.csv results/toy/objects/head-maps/curve.png
 PYTEST_FLAGS ?= -n 2 --durations=15
 
 .PHONY: install demo test check lint bench clean toy-model toy-quality
@@ -30,6 +30,8 @@ demo: install  ## run the main job on the embedded default model
 	@$(BIN)/python -c "import pandas as pd; t = pd.read_csv('results/toy/color/table.csv'); print(t.iloc[:, :8].round(3).to_string(index=False))"
 	@echo; echo "Steering toward one colour (results/toy/color/target-*/table.csv; calibration/tradeoff.png):"
 	@$(BIN)/python -c "import glob, pandas as pd; t = pd.concat([pd.read_csv(p) for p in sorted(glob.glob('results/toy/color/target-*/table.csv'))]); print(t.pivot(index='variant', columns='target', values='success_rate').round(2).to_string())"
+	@echo; echo "Head maps: held-out mIoU at tau 0.4, top-k heads vs all (results/toy/objects/head-maps/table.csv; curve.png, overlays.png):"
+	@$(BIN)/python -c "import pandas as pd; t = pd.read_csv('results/toy/objects/head-maps/table.csv'); t = t[(t.split == 'held-out') & (t.tau == 0.4) & t.method.isin(['all', 'topk'])]; print(t.pivot_table(index=['relevance', 'k'], columns='word', values='miou').round(3).to_string())"
 
 test: install  ## the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest $(PYTEST_FLAGS)

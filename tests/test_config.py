@@ -52,7 +52,7 @@ def test_config_validates_and_defaults_are_filled():
 @pytest.mark.parametrize("mutate", [
     lambda c: c["models"]["sd15"].update(dtype="float8"),
     lambda c: c["models"]["sd15"].update(stepz=3),
-    lambda c: c["concepts"]["gender"].update(prompts=[]),
+    lambda c: c["concepts"]["gender"].update(prompts=[""]),  # none at all: icm.checks
     lambda c: c["generation"].update(base_seed=-1),
     lambda c: c["probes"].update(steer_start=80),   # of 50: was clamped to the last step
     lambda c: c["models"].update({"bad name": {"family": "sd15"}}),

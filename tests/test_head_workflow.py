@@ -74,3 +74,25 @@ def test_toy_head_maps_to_their_table_and_plots_and_an_edit_reruns_only_what_rea
         == {"capture_head_maps": 1, "evaluate_head_maps": 1, "plot_head_maps": 1, "total": 3}
     # Resources are the scheduler's: nothing reruns.
     assert plan(workdir, tmp_path, "models:\n  toy:\n    resources: {runtime: 999}\n") == {}
+
+
+def test_the_sd15_head_map_config_plans_gpu_capture_and_refuses_a_missing_mask_folder(
+        workdir, tmp_path):
+    """configs/sd15-head-maps.yaml: SD1.5 maps of the user's prompts against the masks they
+    draw. With the mask folder present it plans GPU capture shards; without it, the run
+    stops at start naming the key."""
+    target = "results/sd15/animals/head-maps/curve.png"
+    args = ("--configfile", str(TEST_CONFIG), "configs/sd15-head-maps.yaml", "-n", "--", target)
+    refused = snakemake(workdir, *args)
+    assert refused.returncode != 0
+    assert "concepts.animals.head_maps.masks.path: no folder 'data/head-maps/sd15-animals'" \
+        in refused.stdout + refused.stderr
+    (workdir / "data/head-maps/sd15-animals").mkdir(parents=True)
+    result = snakemake(workdir, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert job_counts(out) == {"capture_head_maps": 4, "capture_train_head_maps": 4,
+                               "score_head_relevance": 1, "evaluate_head_maps": 1,
+                               "plot_head_maps": 1, "total": 11}
+    capture = out.split("rule capture_train_head_maps:")[1].split("rule ")[0]
+    assert "gpu=1" in capture and "slurm_partition=gpu" in capture

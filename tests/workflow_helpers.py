@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The library is copied too, and runs from the copy (PYTHONPATH), so that a test can edit it.
 WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
-                  "resources", "docs/report", "icm", "profiles"]
+                  "resources", "docs/report", "icm", "profiles", "configs"]
 TEST_CONFIG = ROOT / "tests" / "data" / "tiny-workflow.yaml"
 
 
