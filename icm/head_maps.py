@@ -19,7 +19,7 @@ summed over the steps of the window on the device, at the site's native resoluti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,25 +30,12 @@ from torch import nn
 from icm.families import kind_of
 from icm.hooks import CFGMode, SiteHooks
 from icm.sites import denoiser_of, list_sites
+from icm.text_tokens import encoded_tokens, word_positions
 
 
 def cross_attention_sites(denoiser: nn.Module) -> list[str]:
     """Every ``attn2`` site of a denoiser, in forward order: where word maps are read."""
     return [s for s in list_sites(denoiser) if kind_of(s).name == "attn2"]
-
-
-def word_positions(tokenizer: Any, prompt: str, word: str) -> list[int]:
-    """Token positions of ``word`` in ``prompt`` as the pipeline tokenizes it (padded to the
-    tokenizer's length): every sub-word token of every occurrence."""
-    ids = list(tokenizer(prompt, padding="max_length", truncation=True,
-                         max_length=tokenizer.model_max_length).input_ids)
-    piece = list(tokenizer(word, add_special_tokens=False).input_ids)
-    starts = [i for i in range(len(ids) - len(piece) + 1)
-              if piece and ids[i:i + len(piece)] == piece]
-    if not starts:
-        shown = tokenizer.convert_ids_to_tokens(piece) if piece else []
-        raise ValueError(f"word {word!r} (tokens {shown}) is not in prompt {prompt!r}")
-    return sorted({i + j for i in starts for j in range(len(piece))})
 
 
 def words_per_prompt(prompts: Sequence[str],
@@ -64,14 +51,16 @@ def words_per_prompt(prompts: Sequence[str],
     return per_prompt
 
 
-def token_weights(tokenizer: Any, prompts: Sequence[str], words: Sequence[Sequence[str]],
-                  length: int) -> torch.Tensor:
-    """(prompts, words, length) weights: 1 / (the word's token count) at its positions, so
-    that weights @ probabilities is the mean over the word's tokens."""
+def token_weights(pipe: Any, prompts: Sequence[str], words: Sequence[Sequence[str]],
+                  arguments: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """(prompts, words, text positions) weights: 1 / (the word's token count) at its
+    positions as the pipeline encodes the prompt (``icm.text_tokens``), so that weights @
+    probabilities is the mean over the word's tokens."""
+    length = len(encoded_tokens(pipe, prompts[0], arguments)[0])
     out = torch.zeros(len(prompts), len(words[0]), length)
     for p, prompt in enumerate(prompts):
         for w, word in enumerate(words[p]):
-            positions = word_positions(tokenizer, prompt, word)
+            positions = word_positions(pipe, prompt, word, arguments)
             out[p, w, positions] = 1.0 / len(positions)
     return out
 
@@ -88,9 +77,12 @@ class StepWindow:
 
 
 def attention_probabilities(module: nn.Module, hidden: torch.Tensor,
-                            context: torch.Tensor) -> torch.Tensor:
+                            context: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
     """(batch, heads, queries, keys) softmax attention of a diffusers ``Attention`` module,
-    from its projections, in float32 (what its processor computes, before the values)."""
+    from its projections, in float32 (what its processor computes, before the values).
+    ``mask``: the additive text mask the module was called with (SANA masks the padding:
+    (batch, 1, keys) or (batch, keys)); SD's cross-attention has none."""
     heads = module.heads
     query, key = module.to_q(hidden), module.to_k(context)
     query = query.view(query.shape[0], -1, heads, query.shape[-1] // heads).transpose(1, 2)
@@ -100,6 +92,10 @@ def attention_probabilities(module: nn.Module, hidden: torch.Tensor,
     if getattr(module, "norm_k", None) is not None:
         key = module.norm_k(key)
     scores = query.float() @ key.float().transpose(-1, -2) * module.scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -torch.inf)
+        scores = scores + mask.float().reshape(mask.shape[0], 1, 1, mask.shape[-1])
     return scores.softmax(dim=-1)
 
 
@@ -113,15 +109,14 @@ class HeadMapCapture(SiteHooks):
                  words: Sequence[str] | Sequence[Sequence[str]],
                  sites: Sequence[str] | None = None, images_per_prompt: int = 1,
                  window: StepWindow | None = None, keep_steps: bool = False,
-                 cfg: CFGMode = "auto") -> None:
+                 cfg: CFGMode = "auto", arguments: Mapping[str, Any] | None = None) -> None:
         chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
         wrong = [s for s in chosen if kind_of(s).name != "attn2"]
         if wrong:
             raise ValueError(f"head maps are read at cross-attention (attn2) sites, not {wrong}")
         super().__init__(pipe, chosen, cfg)
         per_prompt = words_per_prompt(prompts, words)
-        length = pipe.tokenizer.model_max_length
-        weights = token_weights(pipe.tokenizer, prompts, per_prompt, length)
+        weights = token_weights(pipe, prompts, per_prompt, arguments)
         self.weights = weights.repeat_interleave(images_per_prompt, dim=0)
         self.words = [w for w in per_prompt for _ in range(images_per_prompt)]  # per image
         self.window = window or StepWindow()
@@ -163,13 +158,18 @@ class HeadMapCapture(SiteHooks):
         if context is None:
             raise RuntimeError(f"{site} was called without text (encoder_hidden_states)")
         rows = self.cond_slice(hidden.shape[0])
+        mask = kwargs.get("attention_mask")
         with torch.no_grad():
-            probs = attention_probabilities(module, hidden[rows], context[rows])
+            probs = attention_probabilities(module, hidden[rows], context[rows],
+                                            None if mask is None else mask[rows])
             images = probs.shape[0]
             if images != self.weights.shape[0]:
                 raise RuntimeError(f"{site}: {images} conditional rows, but the capture was "
                                    f"set up for {self.weights.shape[0]} images")
-            weights = self.weights[:, :, :probs.shape[-1]].to(probs.device)
+            if probs.shape[-1] != self.weights.shape[-1]:
+                raise RuntimeError(f"{site} attends to {probs.shape[-1]} text positions, the "
+                                   f"prompt encodes to {self.weights.shape[-1]}")
+            weights = self.weights.to(probs.device)
             maps = torch.einsum("bhnt,bwt->bhwn", probs, weights)
             y, x = self._grid(site, probs.shape[2])
             maps = maps.reshape(*maps.shape[:3], y, x)
@@ -214,7 +214,10 @@ class HeadMaps:
 def capture_head_maps(pipe: Any, prompts: Sequence[str],
                       words: Sequence[str] | Sequence[Sequence[str]],
                       sites: Sequence[str] | None = None, images_per_prompt: int = 1,
-                      window: StepWindow | None = None,
-                      keep_steps: bool = False) -> HeadMapCapture:
-    """Context manager: per-head word maps at ``sites`` (default: every ``attn2`` site)."""
-    return HeadMapCapture(pipe, prompts, words, sites, images_per_prompt, window, keep_steps)
+                      window: StepWindow | None = None, keep_steps: bool = False,
+                      arguments: Mapping[str, Any] | None = None) -> HeadMapCapture:
+    """Context manager: per-head word maps at ``sites`` (default: every ``attn2`` site).
+    ``arguments``: the further arguments the pipeline is called with (SANA's instruction
+    decides where the prompt's words sit)."""
+    return HeadMapCapture(pipe, prompts, words, sites, images_per_prompt, window, keep_steps,
+                          arguments=arguments)

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from icm.aggregation import Head, ious, segment_batch, word_stack
-from icm.head_maps import attention_probabilities, cross_attention_sites, word_positions
+from icm.head_maps import attention_probabilities, cross_attention_sites
+from icm.text_tokens import word_positions
 from icm.hooks import CFGMode, SiteHooks
 from icm.sites import denoiser_of
 
@@ -64,7 +65,7 @@ class ConceptVoting(SiteHooks):
         weights = torch.zeros(len(texts), length, len(self.concepts))
         for s, (text, words) in enumerate(zip(texts, sequences, strict=True)):
             for c, word in enumerate(words):
-                positions = word_positions(pipe.tokenizer, text, word)
+                positions = word_positions(pipe, text, word, instruction=False)
                 weights[s, positions, c] = 1.0 / len(positions)
         self.weights = weights
         self.votes: dict[str, torch.Tensor] = {}

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from icm.head_maps import HeadMaps, StepWindow, capture_head_maps, word_positions
+from icm.head_maps import HeadMaps, StepWindow, capture_head_maps
+from icm.text_tokens import word_positions
 from icm.sites import denoiser_of, list_sites
 
 PROMPTS = ["a red circle", "a blue square and a blue sky"]
@@ -23,11 +24,11 @@ def test_word_positions_cover_every_subword_token_of_every_occurrence(tiny_pipe)
     tokenizer = tiny_pipe.tokenizer
     ids = tokenizer(PROMPTS[1], padding="max_length", max_length=77).input_ids
     blue = tokenizer("blue", add_special_tokens=False).input_ids
-    positions = word_positions(tokenizer, PROMPTS[1], "blue")
+    positions = word_positions(tiny_pipe, PROMPTS[1], "blue")
     assert len(positions) == 2 * len(blue)  # both occurrences, each of its sub-word tokens
     assert [ids[p] for p in positions] == blue * 2
     with pytest.raises(ValueError, match=r"word 'green' .* is not in prompt 'a red circle'"):
-        word_positions(tokenizer, PROMPTS[0], "green")
+        word_positions(tiny_pipe, PROMPTS[0], "green")
 
 
 def test_maps_change_no_pixel_and_equal_diffusers_own_attention_scores(tiny_pipe):
@@ -67,7 +68,7 @@ def test_maps_change_no_pixel_and_equal_diffusers_own_attention_scores(tiny_pipe
     for image in range(4):
         prompt = PROMPTS[image // 2]
         for w, word in enumerate(words[image // 2]):
-            expected = probs[image][..., word_positions(tokenizer, prompt, word)].mean(-1)
+            expected = probs[image][..., word_positions(tiny_pipe, prompt, word)].mean(-1)
             np.testing.assert_allclose(got[image, :, w].reshape(heads, -1), expected.numpy(),
                                        rtol=1e-4, atol=1e-6)
 
@@ -186,3 +187,60 @@ def test_head_map_store_opens_in_xarray_and_inspect_summarises_it(captured, tmp_
         with HeadMapStoreWriter(tmp_path / "bad.zarr", samples, {}) as writer:
             writer.write(bad)
     assert not (tmp_path / "bad.zarr").exists() and not (tmp_path / "bad.zarr.partial").exists()
+
+
+@pytest.mark.parametrize("instruction", [True, False])
+def test_sana_maps_read_the_prompts_words_after_its_instruction_and_mask_the_padding(
+        instruction):
+    """SANA's attn2 attends to Gemma states of instruction + prompt, first token and last
+    max_sequence_length - 1 kept, padding masked: the maps must use those positions and that
+    mask, and leave the images as they are."""
+    from icm.models.tiny_sana import build_tiny_sana
+    from icm.text_tokens import encoded_tokens
+
+    pipe = build_tiny_sana(seed=0)
+    arguments = {"use_resolution_binning": False, "max_sequence_length": 40}
+    if not instruction:
+        arguments["complex_human_instruction"] = None
+    prompts, words = ["a red circle", "a blue square"], [["circle", "red"], ["square", "blue"]]
+
+    def generate():
+        generator = [torch.Generator("cpu").manual_seed(i) for i in range(2)]
+        return pipe(prompts, num_inference_steps=2, height=32, width=32, guidance_scale=4.5,
+                    generator=generator, output_type="np", **arguments).images
+
+    plain = generate()
+    site = "transformer_blocks.0.attn2"
+    module = denoiser_of(pipe).get_submodule(site)
+    reference = []
+
+    def record(mod, args, kwargs, out):  # diffusers' own masked attention scores
+        hidden, context, mask = args[0], kwargs["encoder_hidden_states"], kwargs["attention_mask"]
+        rows = slice(hidden.shape[0] // 2, None)
+        q = mod.head_to_batch_dim(mod.to_q(hidden[rows]))
+        k = mod.head_to_batch_dim(mod.to_k(context[rows]))
+        bias = mod.prepare_attention_mask(mask[rows], k.shape[1], q.shape[0] // mod.heads)
+        probs = mod.get_attention_scores(q, k, bias)
+        reference.append(probs.view(-1, mod.heads, *probs.shape[1:]).detach().clone())
+
+    handle = module.register_forward_hook(record, with_kwargs=True)
+    try:
+        with capture_head_maps(pipe, prompts, words, arguments=arguments) as capture:
+            images = generate()
+            maps = capture.pop()
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(images, plain)
+    probs = torch.stack(reference).sum(dim=0)
+    got = maps.maps[site]
+    assert probs[..., -1].max() < 1e-6  # the padding gets no attention
+    for p, prompt in enumerate(prompts):
+        ids, start = encoded_tokens(pipe, prompt, arguments)
+        assert len(ids) == 40 and (start > 1) == instruction
+        for w, word in enumerate(words[p]):
+            positions = word_positions(pipe, prompt, word, arguments)
+            assert min(positions) >= start  # in the prompt, never in the instruction
+            assert pipe.tokenizer.decode([ids[i] for i in positions]).strip() == word
+            expected = probs[p][..., positions].mean(-1)
+            np.testing.assert_allclose(got[p, :, w].reshape(module.heads, -1), expected.numpy(),
+                                       rtol=1e-4, atol=1e-6)

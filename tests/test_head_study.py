@@ -96,3 +96,82 @@ def test_the_workflow_refuses_a_broken_study_at_start(config, mutate, message):
     mutate(cfg["concepts"]["objects"]["head_maps"])
     assert any(p.startswith(message) for p in config_problems(cfg, ROOT)), \
         config_problems(cfg, ROOT)
+
+
+REPLICAS = {  # family -> (builder, model settings beyond the shared ones, attn2 heads)
+    "sana": ("build_tiny_sana", {"guidance_scale": 4.5,
+                                 "pipeline_arguments": {"use_resolution_binning": False}}, 8),
+    "sdxl": ("build_tiny_sdxl", {"guidance_scale": 5.0}, None),
+}
+
+
+@pytest.mark.parametrize("family", sorted(REPLICAS))
+def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
+    """Capture (with HRV votes), relevance and evaluation as the workflow calls them, on the
+    SANA replica (its instruction on) and the SDXL replica: families beside the toy the study
+    was built on. Masks come from a folder, as a user's would."""
+    import importlib
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from icm.jobs.head_maps import (
+        capture_head_maps_job,
+        evaluate_head_maps_job,
+        score_head_relevance_job,
+    )
+    from icm.models.tiny import save_replica
+
+    builder, settings, heads = REPLICAS[family]
+    build = getattr(importlib.import_module(f"icm.models.tiny_{family}"), builder)
+    folder = save_replica(build, tmp_path / family)
+    model = {"family": family, "dtype": "float32", "steps": 2, "resolution": 32,
+             "batch_size": 2, "n_shards": 1, "scheduler": "default", "variant": None,
+             **settings}
+    study = {**STUDY, "train_samples_per_prompt": 2, "held_out_samples_per_prompt": 2,
+             "window": {"start": 0, "stop": None}, "store_dtype": "float16", "hrv_words": None,
+             "masks": {"type": "folder", "path": str(tmp_path / "masks")},
+             "relevance": ["hrv", "oracle", "agreement"], "oracle_tau": 0.4,
+             "stability_groups": 2, "exclude": [], "map_size": 16, "ks": [2], "taus": [0.4],
+             "seed": 0, "curve_points": 3}
+    splits = {}
+    for split in ("train", "held-out"):
+        out = tmp_path / split
+        capture_head_maps_job(
+            model_name=f"tiny-{family}", model=model, source=str(folder), concept_name="objects",
+            study=study, generation={"base_seed": 0, "device": "cpu"}, split=split, shard=0,
+            images_dir=out / "images", table=out / "samples.csv", store=out / "maps.zarr",
+            votes=out / "votes.safetensors" if split == "train" else None)
+        splits[split] = ([out / "samples.csv"], [out / "maps.zarr"])
+        for row in pd.read_csv(out / "samples.csv").itertuples():
+            for slot in ("shape", "color"):  # a mask per image and slot: the left half
+                mask = np.zeros((32, 32), np.uint8)
+                mask[:, :16] = 255
+                (tmp_path / "masks").mkdir(exist_ok=True)
+                Image.fromarray(mask).save(tmp_path / "masks" / f"{row.seed}-{slot}.png")
+    score_head_relevance_job(study=study, tables=splits["train"][0], stores=splits["train"][1],
+                             votes=[tmp_path / "train/votes.safetensors"],
+                             output_table=tmp_path / "relevance.csv",
+                             output_tensors=tmp_path / "relevance.safetensors",
+                             output_record=tmp_path / "relevance.json")
+    relevance = pd.read_csv(tmp_path / "relevance.csv")
+    per_source = relevance[relevance["relevance"] == "agreement"]
+    assert len(relevance) == 3 * len(per_source) and set(per_source["word"]) == {"shape", "color"}
+    if heads:
+        assert len(per_source) == 2 * heads  # slots x (SANA: 4 attn2 sites x 2 heads)
+    hrv = relevance[relevance["relevance"] == "hrv"].groupby("word")["score"].mean()
+    assert np.allclose(hrv, 1.0)  # HRV rows average 1 over the heads
+    evaluate_head_maps_job(study=study, splits=splits, relevance=tmp_path / "relevance.csv",
+                           output_table=tmp_path / "table.csv",
+                           output_curve=tmp_path / "curve.csv",
+                           output_record=tmp_path / "table.json")
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert set(table["split"]) == {"train", "held-out"} and (table["n"][
+        table["split"] == "held-out"] == 2).all()
+    # A mask missing for one image stops the evaluation, naming it.
+    next((tmp_path / "masks").glob("*.png")).unlink()
+    with pytest.raises(FileNotFoundError, match="1 masks missing"):
+        evaluate_head_maps_job(study=study, splits=splits, relevance=tmp_path / "relevance.csv",
+                               output_table=tmp_path / "t.csv", output_curve=tmp_path / "c.csv",
+                               output_record=tmp_path / "t.json")
+    assert not (tmp_path / "t.csv").exists()

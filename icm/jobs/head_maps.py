@@ -102,7 +102,7 @@ def capture_head_maps_job(
         for batch in batches(mine, model["batch_size"]):
             prompts = [s.prompt for s in batch]
             with capture_head_maps(pipe, prompts, [words[s.sample] for s in batch], sites,
-                                   window=window) as capture:
+                                   window=window, arguments=settings.arguments) as capture:
                 images = generate_images(pipe, batch, settings)
                 writer.write(capture.pop())
             for sample, image in zip(batch, images, strict=True):

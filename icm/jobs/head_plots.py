@@ -60,8 +60,11 @@ def plot_curve(curve: pd.DataFrame, table: pd.DataFrame, tau: float, output: str
         ax.set_xlabel("heads kept")
         ax.set_ylabel(f"held-out mIoU (tau {tau})")
         ax.set_title(f"word: {word}")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows = -(-len(labels) // 3)
+    fig.set_figheight(3.8 + 0.25 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * rows / (3.8 + 0.25 * rows) + 0.02, 1, 1))
     fig.savefig(output, dpi=120)
     plt.close(fig)
 
