@@ -80,6 +80,12 @@ def head_map_problems(key: str, study: Mapping[str, Any] | None) -> list[str]:
         problems.append(f"{key}.head_maps.hrv_words: concepts {sorted(hrv_concepts(study))} "
                         f"must be the slots {slot_names(study)} (each slot's heads are "
                         "ranked by its concept's votes)")
+    relevance = study.get("relevance", [])
+    if "stability" in relevance and \
+            study.get("train_samples_per_prompt", 16) < study.get("stability_groups", 4):
+        problems.append(f"{key}.head_maps.stability_groups: {study.get('stability_groups')} "
+                        "groups of repeats, but train_samples_per_prompt is "
+                        f"{study.get('train_samples_per_prompt')}: some groups would be empty")
     masks = study.get("masks") or {}
     if masks.get("type") == "folder" and not masks.get("path"):
         problems.append(f"{key}.head_maps.masks: type folder needs a path")

@@ -17,7 +17,9 @@ listing read one table instead of branching on the family name:
   unconditional branch (FLUX with ``true_cfg_scale > 1``), which hooks skip; ``schedule``
   names how the pipeline sets its timesteps (FLUX's shift by the image's token count);
   ``text_encoding`` how a prompt becomes the text positions cross-attention attends to
-  (SANA's instruction prefix and Gemma tokens, ``icm.text_tokens``).
+  (SANA's instruction prefix and Gemma tokens, ``icm.text_tokens``), and
+  ``text_projection`` the denoiser's modules the encoder's states pass before any
+  cross-attention (SANA's caption projection and norm).
 
 Full-size configs of each family's denoiser are in ``icm.models.configs``.
 """
@@ -78,6 +80,7 @@ class Family:
     cross_kind: str | None = "attn2"  # what the `cross` selection steers (None: no such sites)
     schedule: str = "scheduler"  # how the pipeline sets timesteps (icm.schedule.pipeline_timesteps)
     text_encoding: str = "padded"  # which token is at each text position (icm.text_tokens)
+    text_projection: tuple[str, ...] = ()  # denoiser modules the text states pass before attn2
 
     def selects(self, selection: str) -> bool:
         """Whether a layer selection exists in this family: ``cross`` needs cross-attention
@@ -93,7 +96,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("toy", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
            ("down_blocks", "mid_block", "up_blocks")),
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
-           "batched", text_encoding="sana"),
+           "batched", text_encoding="sana",
+           text_projection=("caption_projection", "caption_norm")),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
            timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux"),

@@ -6,7 +6,8 @@ head (higher: more relevant), to rank heads for ``icm.aggregation.aggregate(mode
 * ``hrv``: concept-word voting as in Head Relevance Vectors (HRV; no masks, concept word
   lists): while images generate, each head's image queries also attend to sequences holding
   one word per concept; the concept with the most attention mass (mean over pixels and the
-  word's tokens) gets that head's vote, per image and step. Votes are normalised per head,
+  word's tokens) gets that head's vote, per image and step (a text mask would not change
+  it: padding only adds to the softmax's common denominator). Votes are normalised per head,
   then each concept's row is L1-normalised and scaled by the number of heads (rows average 1);
 * ``oracle``: a head's mean IoU with ground-truth masks (an upper bound, only where masks
   exist, such as the toy world's oracle);
@@ -28,17 +29,26 @@ from torch import nn
 from icm.aggregation import Head, ious, segment_batch, word_stack
 from icm.head_maps import attention_probabilities, cross_attention_sites
 from icm.text_tokens import word_positions
+from icm.families import family_of
 from icm.hooks import CFGMode, SiteHooks
 from icm.sites import denoiser_of
 
 
 def encode_texts(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
-    """(texts, tokens, width) text states as the pipeline feeds its cross-attention."""
+    """(texts, tokens, width) text states as the denoiser's cross-attention receives them:
+    the pipeline's encoding, then the modules the family table names (SANA projects and
+    normalises the Gemma states to its width first)."""
     with torch.no_grad():
         if "do_classifier_free_guidance" in inspect.signature(pipe.encode_prompt).parameters:
-            return pipe.encode_prompt(list(texts), device=pipe.device, num_images_per_prompt=1,
-                                      do_classifier_free_guidance=False)[0]
-        return pipe.encode_prompt(list(texts))
+            states = pipe.encode_prompt(list(texts), device=pipe.device,
+                                        num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0]
+        else:
+            states = pipe.encode_prompt(list(texts))
+        denoiser = denoiser_of(pipe)
+        for name in family_of(denoiser).text_projection:
+            states = getattr(denoiser, name)(states)
+        return states
 
 
 def voting_sequences(concepts: Mapping[str, Sequence[str]]) -> list[list[str]]:

@@ -9,7 +9,8 @@ prompt is a row of the family table (``Family.text_encoding``):
 * ``sana``: SANA's Gemma encoding: the prompt lower-cased, prefixed with the complex human
   instruction (when the call uses one), padded to the instruction's length + 298, then only
   the first token and the last ``max_sequence_length - 1`` kept (SanaPipeline.encode_prompt).
-  Positions are searched in the prompt's part only, never in the instruction.
+  Positions are searched in the prompt's part only, never in the instruction (found from the
+  fast tokenizer's character offsets).
 """
 
 from __future__ import annotations
@@ -47,19 +48,22 @@ def encoded_tokens(pipe: Any, prompt: str, arguments: Mapping[str, Any] | None =
     chi = arguments.get("complex_human_instruction",
                         _call_default(pipe, "complex_human_instruction")) if instruction else None
     text = prompt.lower().strip()
-    if chi:
-        prefix = "\n".join(chi)
-        n_prefix = len(tokenizer.encode(prefix))
-        total = n_prefix + keep - 2
-        ids = list(tokenizer(prefix + text, padding="max_length", max_length=total,
-                             truncation=True, add_special_tokens=True).input_ids)
-    else:
-        n_prefix, total = 0, keep
+    if not chi:
         ids = list(tokenizer(text, padding="max_length", max_length=keep, truncation=True,
                              add_special_tokens=True).input_ids)
+        return ids, 0
+    prefix = "\n".join(chi)
+    total = len(tokenizer.encode(prefix)) + keep - 2
+    encoded = tokenizer(prefix + text, padding="max_length", max_length=total, truncation=True,
+                        add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(encoded.input_ids)
+    # The prompt starts at the first token reaching past the instruction's characters: the
+    # instruction's trailing space may merge into the prompt's first token ("▁a").
+    first = next((i for i, (a, b) in enumerate(encoded.offset_mapping)
+                  if b > len(prefix) and b > a), len(ids))
     kept = [0, *range(total - keep + 1, total)]
-    start = next((i for i, original in enumerate(kept) if original >= n_prefix), len(kept))
-    return [ids[i] for i in kept], max(start, 1 if chi else 0)
+    start = next((j for j, original in enumerate(kept) if original >= first), len(kept))
+    return [ids[i] for i in kept], start
 
 
 def word_positions(pipe: Any, prompt: str, word: str,

@@ -16,15 +16,19 @@ EVALUATION_KEYS = (*RELEVANCE_KEYS, "held_out_samples_per_prompt", "ks", "taus",
                    "curve_points")
 
 
-def study(*keys):
-    """Param function: the study keys a job uses."""
+def study(*keys, masks_if_oracle=False):
+    """Param function: the study keys a job uses (``masks_if_oracle``: the masks only where
+    the oracle is a relevance source, the only relevance that reads them)."""
 
     def params(wildcards):
         spec = CONCEPTS[wildcards.concept]["head_maps"]
         if not has_study(spec):
             raise ValueError(f"concepts.{wildcards.concept}.head_maps names no prompts: "
                              "no head-map study to run")
-        return {key: spec[key] for key in keys}
+        chosen = {key: spec[key] for key in keys}
+        if masks_if_oracle and "oracle" not in spec["relevance"]:
+            chosen.pop("masks")
+        return chosen
 
     return params
 
@@ -38,6 +42,12 @@ def mask_files(wildcards):
     """A mask folder's files are inputs: a redrawn mask reruns what read it."""
     masks = CONCEPTS[wildcards.concept]["head_maps"]["masks"]
     return local_files(masks["path"]) if masks["type"] == "folder" else []
+
+
+def oracle_mask_files(wildcards):
+    """The mask files relevance reads: only the oracle source reads masks."""
+    oracle = "oracle" in CONCEPTS[wildcards.concept]["head_maps"]["relevance"]
+    return mask_files(wildcards) if oracle else []
 
 
 rule capture_head_maps:
@@ -91,7 +101,7 @@ rule score_head_relevance:
         stores=split_files("train", "maps.zarr"),
         votes=split_files("train", "votes.safetensors"),
         images=split_files("train", "images"),
-        masks=mask_files,
+        masks=oracle_mask_files,
     output:
         table=f"{HEAD_MAPS}/relevance.csv",
         tensors=f"{HEAD_MAPS}/relevance.safetensors",
@@ -99,7 +109,7 @@ rule score_head_relevance:
     log:
         "logs/{model}/{concept}/head-maps/relevance.log",
     params:
-        study=study(*RELEVANCE_KEYS),
+        study=study(*RELEVANCE_KEYS, masks_if_oracle=True),
         code=job_code("score_head_relevance_job"),
     threads: model_threads
     resources:

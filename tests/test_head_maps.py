@@ -233,7 +233,6 @@ def test_sana_maps_read_the_prompts_words_after_its_instruction_and_mask_the_pad
     np.testing.assert_array_equal(images, plain)
     probs = torch.stack(reference).sum(dim=0)
     got = maps.maps[site]
-    assert probs[..., -1].max() < 1e-6  # the padding gets no attention
     for p, prompt in enumerate(prompts):
         ids, start = encoded_tokens(pipe, prompt, arguments)
         assert len(ids) == 40 and (start > 1) == instruction
@@ -244,3 +243,27 @@ def test_sana_maps_read_the_prompts_words_after_its_instruction_and_mask_the_pad
             expected = probs[p][..., positions].mean(-1)
             np.testing.assert_allclose(got[p, :, w].reshape(module.heads, -1), expected.numpy(),
                                        rtol=1e-4, atol=1e-6)
+
+
+def test_sana_prompt_positions_start_where_the_instructions_space_merges_into_the_prompt():
+    """A real Gemma tokenizer merges the instruction's trailing space into the prompt's first
+    token ("User Prompt: " + "circle ..." -> "▁circle"): that token is the prompt's, found
+    from the character offsets, so a slot word at the start of the prompt is found."""
+    from transformers import GemmaTokenizerFast
+
+    from icm.models.tiny_sana import build_gemma_tokenizer, build_tiny_sana
+    from icm.text_tokens import encoded_tokens
+
+    pipe = build_tiny_sana(seed=0)
+    vocab = dict(build_gemma_tokenizer().get_vocab())
+    vocab["\u2581c"] = len(vocab) if "\u2581c" not in vocab else vocab["\u2581c"]
+    pipe.tokenizer = GemmaTokenizerFast(vocab=vocab, merges=[("\u2581", "c")],
+                                        pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<bos>", unk_token="<unk>")
+    arguments = {"complex_human_instruction": ["a rule.", "user prompt: "],
+                 "max_sequence_length": 30}
+    ids, start = encoded_tokens(pipe, "circle on a red mat", arguments)
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[start] == "\u2581c"  # merged: half instruction, half prompt
+    positions = word_positions(pipe, "circle on a red mat", "circle", arguments)
+    assert positions[0] == start and len(positions) == len("circle")

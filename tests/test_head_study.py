@@ -90,6 +90,8 @@ def config():
      "concepts.objects.head_maps.masks.path: no folder 'data/no-masks'"),
     (lambda s: s.update(template=None),
      "concepts.objects: neither prompts nor a head_maps study"),
+    (lambda s: s.update(train_samples_per_prompt=2, stability_groups=3),
+     "concepts.objects.head_maps.stability_groups: 3 groups of repeats"),
 ])
 def test_the_workflow_refuses_a_broken_study_at_start(config, mutate, message):
     cfg = copy.deepcopy(config)

@@ -64,8 +64,9 @@ def test_toy_head_maps_to_their_table_and_plots_and_an_edit_reruns_only_what_rea
     # Thresholds and head counts are read by the evaluation and the plots only.
     assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {taus: [0.35]}\n") \
         == {"evaluate_head_maps": 1, "plot_head_maps": 1, "total": 2}
-    assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {ks: [3, 0.5]}\n") \
-        == {"evaluate_head_maps": 1, "plot_head_maps": 1, "total": 2}
+    for edit in ("{ks: [3, 0.5]}", "{curve_points: 6}", "{seed: 1}"):
+        assert plan(workdir, tmp_path, f"concepts:\n  objects:\n    head_maps: {edit}\n") \
+            == {"evaluate_head_maps": 1, "plot_head_maps": 1, "total": 2}, edit
     # The oracle's threshold changes the relevance too; a held-out count, that split's maps.
     assert plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {oracle_tau: 0.5}\n") \
         == {"score_head_relevance": 1, "evaluate_head_maps": 1, "plot_head_maps": 1, "total": 3}

@@ -30,7 +30,7 @@ from icm.head_study import (
     split_samples,
     words_of,
 )
-from icm.jobs.records import write_json
+from icm.jobs.records import write_json, written
 from icm.provenance import package_versions
 from icm.samples import SEED_RULE, shard_samples
 from icm.tables import write_table
@@ -115,8 +115,8 @@ def capture_head_maps_job(
     if voting is not None:
         counts = torch.cat([voting.votes[s] for s in voting.sites]).contiguous()
         heads = [[s, h] for s in voting.sites for h in range(voting.votes[s].shape[0])]
-        save_file({"votes": counts.cpu()}, str(votes),
-                  metadata={"heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
+        with written(votes) as partial:
+            save_file({"votes": counts.cpu()}, str(partial), metadata={"heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
                             "what": "HRV votes (heads, concepts): per image, step and "
                                     "concept-word sequence, one vote per head"})
 
@@ -231,8 +231,9 @@ def score_head_relevance_job(
                    "score": float(v), "rank": int(r) + 1}
                   for (site, h), v, r in zip(heads, value, rank, strict=True)]
     write_table(output_table, table, RELEVANCE_COLUMNS)
-    save_file({k: v.astype(np.float32) for k, v in scores.items()}, str(output_tensors),
-              metadata={"heads": json.dumps([list(h) for h in heads])})
+    with written(output_tensors) as partial:
+        save_file({k: v.astype(np.float32) for k, v in scores.items()}, str(partial),
+                  metadata={"heads": json.dumps([list(h) for h in heads])})
     write_json(output_record, {
         "what": "head relevance per (source/slot): one score per head, higher is more relevant",
         "heads": [list(h) for h in heads], "slots": slots, "sources": sources,

@@ -21,6 +21,7 @@ import pandas as pd
 
 from icm.head_study import slot_names
 from icm.jobs.head_maps import read_images, read_masks, read_relevance, read_split
+from icm.jobs.records import written
 from icm.tables import write_table
 
 MISREAD_COLUMNS = ["sample", "seed", "prompt", "word", "asked", "drawn", "image"]
@@ -33,6 +34,12 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save(fig: Any, output: str | Path) -> None:
+    """Save a figure atomically (a temporary file of the same type, then a rename)."""
+    with written(output) as partial:
+        fig.savefig(partial, dpi=120)
 
 
 def middle(values: Sequence[Any]) -> Any:
@@ -65,7 +72,7 @@ def plot_curve(curve: pd.DataFrame, table: pd.DataFrame, tau: float, output: str
     fig.set_figheight(3.8 + 0.25 * rows)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.25 * rows / (3.8 + 0.25 * rows) + 0.02, 1, 1))
-    fig.savefig(output, dpi=120)
+    save(fig, output)
     plt.close(fig)
 
 
@@ -90,7 +97,7 @@ def plot_tau(table: pd.DataFrame, k: int, output: str | Path) -> None:
         ax.set_title(f"word: {word}")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save(fig, output)
     plt.close(fig)
 
 
@@ -116,7 +123,7 @@ def plot_relevance(relevance: Mapping[str, Mapping[str, Mapping[tuple[str, int],
             ax.set_title(f"{source}: {word}", fontsize=9)
             fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save(fig, output)
     plt.close(fig)
 
 
@@ -141,7 +148,7 @@ def plot_overlays(images: np.ndarray, panels: Sequence[tuple[str, np.ndarray]],
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
+    save(fig, output)
     plt.close(fig)
 
 
@@ -222,7 +229,7 @@ def plot_head_maps_job(
         ax.text(0.5, 0.5, "no held-out image drew another word than asked", ha="center",
                 va="center", fontsize=8)
         ax.axis("off")
-        fig.savefig(outputs["misread_plot"], dpi=120)
+        save(fig, outputs["misread_plot"])
         plt.close(fig)
 
 

@@ -45,7 +45,7 @@ def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPi
         transformer = SanaTransformer2DModel(
             patch_size=1, in_channels=4, out_channels=4, num_layers=4, num_attention_heads=2,
             attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-            cross_attention_dim=8, caption_channels=8, sample_size=16)
+            cross_attention_dim=8, caption_channels=12, sample_size=16)  # Gemma 12 wide: projected
         torch.manual_seed(seed)
         vae = AutoencoderDC(
             in_channels=3, latent_channels=4, attention_head_dim=2,
@@ -58,7 +58,7 @@ def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPi
             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
         torch.manual_seed(seed)
         text_encoder = Gemma2Model(Gemma2Config(
-            hidden_size=8, head_dim=16, vocab_size=len(tokenizer), num_hidden_layers=1,
+            hidden_size=12, head_dim=16, vocab_size=len(tokenizer), num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
             pad_token_id=0, eos_token_id=1, bos_token_id=2))
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction",
