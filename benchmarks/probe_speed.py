@@ -5,6 +5,8 @@ and how far the test accuracies differ (goal: at least 10x faster, within 1 poin
 average).
 
     python benchmarks/probe_speed.py                                  # synthetic, SD1.5-like widths
+    python benchmarks/probe_speed.py --table --samples 1000 3000 \
+        --widths 64 320 640 1280 2240 3072 --steps 10 --sites 2        # one row per shape
     python benchmarks/probe_speed.py --labels results/toy/color/labels.csv --pair red green \
         --stores results/toy/color/generation/shard-*/activations.zarr  # real toy activations
 """
@@ -70,21 +72,11 @@ def timed_run(args: argparse.Namespace, backend: str):
     return seconds, {r.site: (r.test_acc, r.directions) for r in results}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--widths", type=int, nargs="+", default=[320, 640, 1280, 1280])
-    parser.add_argument("--stores", nargs="+")
-    parser.add_argument("--labels")
-    parser.add_argument("--pair", nargs=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; medians")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    acts, _, _, data = load(args)
+def compare(args: argparse.Namespace) -> dict:
+    """Both backends on one data set: alternating fresh-process runs, ratio of medians."""
+    from icm.probes import choose_solver
 
+    acts, _, _, data = load(args)
     # Every timed run is its own process, alternating between backends so that drifts in
     # machine load hit both alike. In one process the backends disturb each other (on 2 cores
     # the run after a scikit-learn run was up to 2x slower: allocator and BLAS thread state).
@@ -98,8 +90,14 @@ def main() -> None:
     timings = {backend: float(np.median(t)) for backend, t in runs.items()}
     gaps = [np.abs(results["torch"][s][0] - results["sklearn"][s][0]) for s in acts]
     cosines = [np.sum(results["torch"][s][1] * results["sklearn"][s][1], axis=1) for s in acts]
-    report = {
+    samples = len(next(iter(acts.values())))
+    train = int(round(samples * 0.8))
+    return {
         "data": data,
+        "samples": samples,
+        "widths": sorted({int(np.shape(a)[-1]) for a in acts.values()}),
+        "solvers": sorted({choose_solver(train, int(np.shape(a)[-1]) + 1)  # no covariates
+                           for a in acts.values()}),
         "probes": int(sum(np.shape(a)[1] for a in acts.values())),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads}",
         "repeats": args.repeats,
@@ -108,11 +106,54 @@ def main() -> None:
         "torch_s": timings["torch"],
         "speedup": timings["sklearn"] / timings["torch"],
         "mean_abs_test_acc_gap_points": 100 * float(np.mean(np.concatenate(gaps))),
+        "max_abs_test_acc_gap_points": 100 * float(np.max(np.concatenate(gaps))),
         "min_direction_cosine": float(np.min(np.concatenate(cosines))),
     }
-    print(json.dumps(report, indent=2))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| samples | width | probes | solver | scikit-learn | torch | speed-up | "
+             "mean / max accuracy gap (points) | min direction cosine |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['samples']} | {', '.join(map(str, r['widths']))} | {r['probes']} | "
+            f"{', '.join(r['solvers'])} | {r['sklearn_s']:.2f} s | {r['torch_s']:.2f} s | "
+            f"{r['speedup']:.1f}x | {r['mean_abs_test_acc_gap_points']:.2f} / "
+            f"{r['max_abs_test_acc_gap_points']:.2f} | {r['min_direction_cosine']:.4f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[1000])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--widths", type=int, nargs="+", default=[320, 640, 1280, 1280])
+    parser.add_argument("--table", action="store_true",
+                        help="one comparison per (samples, width): --sites sites of that width")
+    parser.add_argument("--sites", type=int, default=2, help="sites per width (--table)")
+    parser.add_argument("--stores", nargs="+")
+    parser.add_argument("--labels")
+    parser.add_argument("--pair", nargs=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; medians")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rows = []
+    if args.table and not args.stores:
+        for samples in args.samples:
+            for width in args.widths:
+                one = argparse.Namespace(**{**vars(args), "samples": samples,
+                                            "widths": [width] * args.sites})
+                rows.append(compare(one))
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+    else:
+        rows.append(compare(argparse.Namespace(**{**vars(args), "samples": args.samples[0]})))
+    print(json.dumps(rows, indent=2))
+    print(markdown(rows))
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+        args.out.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

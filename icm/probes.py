@@ -230,6 +230,64 @@ def _dual_step(z: torch.Tensor, gram: torch.Tensor, d: torch.Tensor,
     return torch.cat([a_grad - intercept.unsqueeze(1) * a_u, intercept.unsqueeze(1)], dim=1)
 
 
+def _cg_step(z: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, penalty: torch.Tensor,
+             squares: torch.Tensor, forcing: torch.Tensor, max_iter: int) -> torch.Tensor:
+    """The Newton direction by preconditioned conjugate gradients on H s = grad, H = Z'DZ +
+    diag(penalty), from Hessian-vector products only (Z'(d * Zv): 4NC per iteration, never
+    the C x C Hessian), stopped per problem once ||r|| <= forcing * ||grad|| (truncated
+    Newton). Jacobi preconditioner diag(H) = d'(Z*Z) + penalty from the step's ``squares``:
+    the intercept and prompt-indicator columns have their own scales."""
+    diag = torch.bmm(d.unsqueeze(1), squares).squeeze(1) + penalty + 1e-6
+    solution = torch.zeros_like(grad)
+    residual = grad.clone()
+    pre = residual / diag
+    direction = pre.clone()
+    rho = (residual * pre).sum(dim=1)
+    target = forcing * grad.norm(dim=1)
+    active = torch.ones(len(grad), dtype=torch.bool, device=grad.device)
+    for _ in range(max_iter):
+        zp = torch.bmm(z, direction.unsqueeze(-1)).squeeze(-1)  # (P, N)
+        hp = torch.bmm((d * zp).unsqueeze(1), z).squeeze(1) + (penalty + 1e-6) * direction
+        curvature = (direction * hp).sum(dim=1)
+        alpha = torch.where(active, rho / curvature.clamp_min(1e-30), torch.zeros_like(rho))
+        solution += alpha.unsqueeze(1) * direction
+        residual -= alpha.unsqueeze(1) * hp
+        active &= residual.norm(dim=1) > target
+        if not bool(active.any()):
+            break
+        pre = residual / diag
+        rho_next = (residual * pre).sum(dim=1)
+        direction = pre + (rho_next / rho.clamp_min(1e-30)).unsqueeze(1) * direction
+        rho = rho_next
+    return solution
+
+
+#: Newton-CG's conjugate-gradient iterations per Newton step, as the solver choice assumes,
+#: and the FLOP rate of its memory-bound products relative to the Newton system's dense
+#: matrix products (measured on 2 CPU cores: benchmarks/probe_speed.py).
+CG_ITERATIONS = 20
+CG_EFFICIENCY = 1 / 8
+
+
+def solver_costs(samples: int, channels: int, iterations: int = 4) -> dict[str, float]:
+    """Modelled cost of one probe per Newton solver, in dense-FLOP units: ``primal`` (the
+    (C+1)^2 Hessian, 2NC^2 + C^3/3 per iteration), ``dual`` (the N x N Gram matrix formed
+    once, 2N^2C, then N^3/3 per iteration), ``cg`` (Hessian-vector products, 4NC per CG
+    iteration, at a lower FLOP rate)."""
+    n, c = samples, channels
+    return {"primal": iterations * (2 * n * c**2 + c**3 / 3),
+            "dual": 2 * n**2 * c + iterations * n**3 / 3,
+            "cg": iterations * CG_ITERATIONS * 4 * n * c / CG_EFFICIENCY}
+
+
+def choose_solver(samples: int, channels: int, covariates: bool = False) -> str:
+    """The cheapest Newton solver for a problem shape (the dual takes no covariates)."""
+    costs = solver_costs(samples, channels)
+    if covariates:
+        costs.pop("dual")
+    return min(costs, key=costs.get)
+
+
 def use_dual(samples: int, channels: int, iterations: int = 4) -> bool:
     """Whether the Gram-matrix form is cheaper: forming K once (2N^2C) plus N^3/3 per
     Newton iteration, against 2NC^2 + C^3/3 per iteration in the primal form."""
@@ -240,18 +298,20 @@ def use_dual(samples: int, channels: int, iterations: int = 4) -> bool:
 
 def _newton(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Tensor,
             tol: float, iterations: int, gram: torch.Tensor | None = None,
-            scratch: torch.Tensor | None = None) -> torch.Tensor:
+            scratch: torch.Tensor | None = None, squares: torch.Tensor | None = None,
+            cg_iterations: int = 100) -> torch.Tensor:
     """Damped Newton on every problem of ``z`` (P, N, C+1) at once, from ``w`` (P, C+1).
 
     Converged problems leave the batch (active set), so the Newton system, the dominant
     cost, is only solved for those still moving. A step that raises the objective is halved
     (backtracking), which keeps warm starts safe. With ``gram`` (P, N, N; X X' without the
-    intercept column) the step is solved in the N-dimensional dual form. Returns a mask of
-    the problems that met ``tol``.
+    intercept column) the step is solved in the N-dimensional dual form; with ``squares``
+    (z * z) by truncated conjugate gradients (Newton-CG). Returns a mask of the problems
+    that met ``tol``.
     """
     active = torch.arange(len(w), device=w.device)
     za = z
-    if scratch is None and gram is None:
+    if scratch is None and gram is None and squares is None:
         scratch = torch.empty_like(z)
     logits = torch.bmm(za, w.unsqueeze(-1)).squeeze(-1)
     objective = _objective(logits, y, w, penalty)
@@ -269,9 +329,16 @@ def _newton(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Te
             active, za, wa, p = active[keep], za[keep], wa[keep], p[keep]
             grad, logits, objective = grad[keep], logits[keep], objective[keep]
             gram = gram[keep] if gram is not None else None
+            squares = squares[keep] if squares is not None else None
         d = p * (1 - p)
-        step = (_primal_step(za, d, grad, penalty, scratch) if gram is None
-                else _dual_step(za, gram, d, grad))
+        if squares is not None:
+            # Eisenstat-Walker forcing: loose while far, tight near the optimum.
+            forcing = (grad.norm(dim=1) / len(y)).sqrt().clamp(max=0.5)
+            step = _cg_step(za, d, grad, penalty, squares, forcing, cg_iterations)
+        elif gram is None:
+            step = _primal_step(za, d, grad, penalty, scratch)
+        else:
+            step = _dual_step(za, gram, d, grad)
         size = torch.ones(len(wa), 1, dtype=wa.dtype, device=wa.device)
         for _ in range(20):
             trial = wa - size * step
@@ -285,6 +352,16 @@ def _newton(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Te
     return converged
 
 
+#: Bytes of one site group's design matrix that Newton-CG's repeated products keep in cache.
+CG_GROUP_BYTES = 16 * 2**20
+
+
+def cache_groups(sites: int, samples: int, width: int, itemsize: int = 4) -> list[slice]:
+    """Slices of the sites, each group's (samples x width) designs within CG_GROUP_BYTES."""
+    per = max(1, CG_GROUP_BYTES // (samples * width * itemsize))
+    return [slice(i, min(i + per, sites)) for i in range(0, sites, per)]
+
+
 def fit_torch(
     x: np.ndarray,
     y: np.ndarray,
@@ -294,7 +371,7 @@ def fit_torch(
     iterations: int = 100,
     tol: float = 1e-4,
     dtype: torch.dtype = torch.float32,
-    solver: Literal["auto", "primal", "dual"] = "auto",
+    solver: Literal["auto", "primal", "dual", "cg"] = "auto",
     covariates: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fast path: all sites of one width at once. x (samples, sites, steps, channels);
@@ -307,8 +384,10 @@ def fit_torch(
     on the mean loss), which Newton overshoots by orders of magnitude in its last step.
     Steps are solved in order, each warm-started from the previous step's solution: the
     activations of neighbouring steps are close, so this halves the Newton iterations.
-    Only one step's activations are on the device at a time. ``solver`` picks the primal or
-    dual Newton system; "auto" takes the cheaper (``use_dual``). Float32 by default: the
+    Only one step's activations are on the device at a time. ``solver`` picks how each
+    Newton step is solved: the primal or dual Newton system, or conjugate gradients on
+    Hessian-vector products (``cg``, for wide features and many samples); "auto" takes the
+    cheapest for the shape (``choose_solver``). Float32 by default: the
     Newton direction tolerates it, and the objective of the line search is summed in float64.
 
     ``x`` may be any array-like that returns ``x[rows, :, step]`` (``icm.store.StepStack``
@@ -330,11 +409,10 @@ def fit_torch(
     directions = np.empty((sites, steps, channels))
     spread = np.empty((sites, steps))
     unconverged = 0
-    dual = use_dual(len(train), width) if solver == "auto" else solver == "dual"
-    if extra and dual:
-        if solver == "dual":
-            raise ValueError("the dual solver takes no covariates")
-        dual = False
+    if solver == "dual" and extra:
+        raise ValueError("the dual solver takes no covariates")
+    chosen = choose_solver(len(train), width, bool(extra)) if solver == "auto" else solver
+    dual, cg = chosen == "dual", chosen == "cg"
     weights = torch.zeros(sites, width, dtype=dtype, device=device)
     # Reused across steps: fresh blocks of this size cost page faults on every step.
     z = torch.empty(sites, len(train), width, dtype=dtype, device=device)
@@ -344,7 +422,7 @@ def fit_torch(
         cov = torch.as_tensor(np.asarray(covariates), dtype=dtype, device=device)
         z[..., channels:channels + extra] = cov[torch.as_tensor(train, device=device)]
         cov_test = cov[torch.as_tensor(test, device=device)]
-    scratch = None if dual else torch.empty_like(z)
+    scratch = None if dual else torch.empty_like(z)  # cg: the squares of z
     for step in range(steps):
         xt = torch.as_tensor(x[train, :, step], device=device).to(dtype)  # (N, S, C), a copy
         # A channel constant over the training rows is left unscaled, as StandardScaler
@@ -362,7 +440,13 @@ def fit_torch(
         gram = None
         if dual:
             gram = torch.bmm(z[..., :channels], z[..., :channels].transpose(1, 2))
-        converged = _newton(z, y_train, weights, penalty, tol, iterations, gram, scratch)
+        if cg:
+            torch.mul(z, z, out=scratch)
+            converged = torch.cat([  # site groups small enough to stay in the CPU's cache
+                _newton(z[g], y_train, weights[g], penalty, tol, iterations,
+                        squares=scratch[g]) for g in cache_groups(sites, len(train), width)])
+        else:
+            converged = _newton(z, y_train, weights, penalty, tol, iterations, gram, scratch)
         unconverged += int((~converged).sum())
         # Unscaled form of the probe, for the held-out rows and the steering direction.
         coef = weights[:, :channels] / scale  # (S, C)

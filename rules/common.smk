@@ -31,6 +31,7 @@ wildcard_constraints:
     model="|".join(map(re.escape, MODELS)) or "NO_MODELS",
     concept="|".join(map(re.escape, CONCEPTS)) or "NO_CONCEPTS",
     shard=r"\d{3}",
+    pair=r"[^/]+",  # class names joined by '-': one path level
 
 
 def built_model_dir(name):

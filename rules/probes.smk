@@ -1,36 +1,95 @@
 # Stage 3: a linear probe per (site, step) for each class pair, then the site ranking.
 
 
-rule fit_probes:
-    input:
-        labels="results/{model}/{concept}/labels.csv",
-        stores=shard_files("results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
-    output:
-        scores="results/{model}/{concept}/probes/{pair}/scores.csv",
-        directions="results/{model}/{concept}/probes/{pair}/directions.safetensors",
-        meta="results/{model}/{concept}/probes/{pair}/directions.json",
-        heatmap=report(
-            "results/{model}/{concept}/probes/{pair}/heatmap.png",
-            category="probes",
-            caption="../docs/report/probe_heatmap.rst",
-        ),
-    log:
-        "logs/{model}/{concept}/probes/{pair}.log",
-    params:
-        concept=concept_params("prompts", "classes"),
-        pair=pair_of,
-        probes={k: v for k, v in config["probes"].items()
-                if k not in ("steer_start", "start_level")},
-        code=job_code("fit_probes_job"),
-    threads: model_threads
-    resources:
-        gpu=gpu_resources,
-        mem_mb=mem_resources,  # half of it bounds one batched fit (sites per fit)
-        slurm_partition=model_partition,
-    conda:
-        "../envs/generation.yaml"
-    script:
-        "../workflow_scripts/fit_probes.py"
+PROBES = "results/{model}/{concept}/probes/{pair}"
+SITE_GROUPS = config["probes"]["site_groups"]
+FIT_PARAMS = {
+    "concept": concept_params("prompts", "classes"),
+    "pair": pair_of,
+    "probes": {k: v for k, v in config["probes"].items()
+               if k not in ("steer_start", "start_level", "site_groups")},
+}
+FIT_RESOURCES = {
+    "gpu": gpu_resources,
+    "mem_mb": mem_resources,  # half of it bounds one batched fit (sites per fit)
+    "slurm_partition": model_partition,
+}
+PAIR_OUTPUTS = {
+    "scores": f"{PROBES}/scores.csv",
+    "directions": f"{PROBES}/directions.safetensors",
+    "meta": f"{PROBES}/directions.json",
+    "heatmap": report(f"{PROBES}/heatmap.png", category="probes",
+                      caption="../docs/report/probe_heatmap.rst"),
+}
+
+
+if SITE_GROUPS == 1:
+
+    rule fit_probes:
+        input:
+            labels="results/{model}/{concept}/labels.csv",
+            stores=shard_files(
+                "results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
+        output:
+            **PAIR_OUTPUTS,
+        log:
+            "logs/{model}/{concept}/probes/{pair}.log",
+        params:
+            **FIT_PARAMS,
+            group=None,
+            code=job_code("fit_probes_job"),
+        threads: model_threads
+        resources:
+            **FIT_RESOURCES,
+        conda:
+            "../envs/generation.yaml"
+        script:
+            "../workflow_scripts/fit_probes.py"
+
+else:  # probes.site_groups jobs per pair, side by side, then one local merge
+
+    rule fit_probe_group:
+        input:
+            labels="results/{model}/{concept}/labels.csv",
+            stores=shard_files(
+                "results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
+        output:
+            scores=f"{PROBES}/group-{{group}}/scores.csv",
+            directions=f"{PROBES}/group-{{group}}/directions.safetensors",
+            meta=f"{PROBES}/group-{{group}}/directions.json",
+        log:
+            "logs/{model}/{concept}/probes/{pair}/group-{group}.log",
+        wildcard_constraints:
+            group=r"\d{3}",
+        params:
+            **FIT_PARAMS,
+            group=lambda wildcards: (int(wildcards.group), SITE_GROUPS),
+            code=job_code("fit_probes_job"),
+        threads: model_threads
+        resources:
+            **FIT_RESOURCES,
+        conda:
+            "../envs/generation.yaml"
+        script:
+            "../workflow_scripts/fit_probes.py"
+
+    rule merge_probes:
+        input:
+            scores=[f"{PROBES}/group-{g:03d}/scores.csv" for g in range(SITE_GROUPS)],
+            directions=[f"{PROBES}/group-{g:03d}/directions.safetensors"
+                        for g in range(SITE_GROUPS)],
+            meta=[f"{PROBES}/group-{g:03d}/directions.json" for g in range(SITE_GROUPS)],
+        output:
+            **PAIR_OUTPUTS,
+        log:
+            "logs/{model}/{concept}/probes/{pair}.log",
+        params:
+            code=job_code("merge_probes_job"),
+        localrule: True
+        conda:
+            "../envs/generation.yaml"
+        script:
+            "../workflow_scripts/merge_probes.py"
 
 
 rule rank_sites:

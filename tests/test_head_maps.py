@@ -198,7 +198,7 @@ def test_sana_maps_read_the_prompts_words_after_its_instruction_and_mask_the_pad
     from icm.models.tiny_sana import build_tiny_sana
     from icm.text_tokens import encoded_tokens
 
-    pipe = build_tiny_sana(seed=0)
+    pipe = build_tiny_sana(seed=0, text_width=12)  # projected, as real SANA
     arguments = {"use_resolution_binning": False, "max_sequence_length": 40}
     if not instruction:
         arguments["complex_human_instruction"] = None
@@ -254,7 +254,7 @@ def test_sana_prompt_positions_start_where_the_instructions_space_merges_into_th
     from icm.models.tiny_sana import build_gemma_tokenizer, build_tiny_sana
     from icm.text_tokens import encoded_tokens
 
-    pipe = build_tiny_sana(seed=0)
+    pipe = build_tiny_sana(seed=0, text_width=12)  # projected, as real SANA
     vocab = dict(build_gemma_tokenizer().get_vocab())
     vocab["\u2581c"] = len(vocab) if "\u2581c" not in vocab else vocab["\u2581c"]
     pipe.tokenizer = GemmaTokenizerFast(vocab=vocab, merges=[("\u2581", "c")],

@@ -112,6 +112,7 @@ def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
     """Capture (with HRV votes), relevance and evaluation as the workflow calls them, on the
     SANA replica (its instruction on) and the SDXL replica: families beside the toy the study
     was built on. Masks come from a folder, as a user's would."""
+    import functools
     import importlib
     import numpy as np
     import pandas as pd
@@ -126,6 +127,8 @@ def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
 
     builder, settings, heads = REPLICAS[family]
     build = getattr(importlib.import_module(f"icm.models.tiny_{family}"), builder)
+    if family == "sana":  # Gemma wider than the attention: voting must project (real SANA)
+        build = functools.partial(build, text_width=12)
     folder = save_replica(build, tmp_path / family)
     model = {"family": family, "dtype": "float32", "steps": 2, "resolution": 32,
              "batch_size": 2, "n_shards": 1, "scheduler": "default", "variant": None,

@@ -339,3 +339,50 @@ def test_nonfinite_activations_are_refused_before_any_solver(backend):
     poisoned[site][5, 2, 0] = np.nan
     with pytest.raises(ValueError, match=rf"site {site}: NaN or inf activations at steps \[2\]"):
         fit_pair(poisoned, labels, Pair("red", "green"), backend=backend, min_per_class=5)
+
+
+def test_probes_fitted_in_site_groups_and_merged_equal_one_job(tmp_path):
+    """probes.site_groups: each group's job fits only its share of the sites; the merge
+    writes what one job writes (scores, directions, record), in store order."""
+    import json
+
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from icm.jobs import fit_probes_job, merge_probes_job
+    from icm.jobs.probing import group_sites
+
+    assert [group_sites(list("abcde"), 3, g) for g in range(3)] == [["a", "b"], ["c", "d"],
+                                                                     ["e"]]
+    store, labels = _probe_inputs(tmp_path)
+    whole = _fit(tmp_path, store, labels)
+    parts = []
+    for g in range(2):
+        out = tmp_path / f"group-{g}"
+        fit_probes_job(concept={"prompts": ["p0", "p1"], "classes": ["red", "blue"]},
+                       probes={"control": "none", "device": "cpu", "backend": "torch",
+                               "test_size": 0.25, "seed": 0, "min_per_class": 5},
+                       pair=("red", "blue"), labels_csv=labels, stores=[store],
+                       output_scores=out / "scores.csv", output_directions=out / "d.safetensors",
+                       output_meta=out / "d.json", group=(g, 2))
+        assert set(pd.read_csv(out / "scores.csv")["site"]) == {["down.attn1", "down.attn2"][g]}
+        assert not (out / "heatmap.png").exists()
+        parts.append((out / "scores.csv", out / "d.safetensors", out / "d.json"))
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    merge_probes_job(parts, merged / "scores.csv", merged / "d.safetensors", merged / "d.json",
+                     merged / "heatmap.png")
+    pd.testing.assert_frame_equal(pd.read_csv(merged / "scores.csv"),
+                                  pd.read_csv(whole / "scores.csv"))
+    one, joined = load_file(str(whole / "d.safetensors")), load_file(str(merged / "d.safetensors"))
+    assert list(one) == list(joined)
+    for site in one:
+        # Batched with other sites or alone: the same fit up to float32 rounding.
+        np.testing.assert_allclose(joined[site], one[site], atol=1e-6)
+    records = [json.loads((path / "d.json").read_text()) for path in (merged, whole)]
+    drop = ("versions", "entries")  # entries: the scores' floats, compared above
+    assert {k: v for k, v in records[0].items() if k not in drop} == \
+        {k: v for k, v in records[1].items() if k not in drop}
+    assert [(e["site"], e["step"]) for e in records[0]["entries"]] == \
+        [(e["site"], e["step"]) for e in records[1]["entries"]]
+    assert (merged / "heatmap.png").exists()

@@ -254,6 +254,24 @@ def check_what_reruns(workdir, tmp_path):
     assert replaced["generate_images"] == 1 and replaced["steer_images"] == 6
 
 
+def test_probe_site_groups_plan_one_job_per_group_and_a_local_merge(workdir, tmp_path):
+    """probes.site_groups: a pair's probes as several jobs (each a share of the sites, a GPU
+    job like fit_probes), merged by a local rule into the paths everything else reads."""
+    overlay = tmp_path / "groups.yaml"
+    overlay.write_text("probes: {site_groups: 4}\n")
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
+                       "results/sd15/gender/ranking.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    jobs = job_counts(out)
+    assert jobs["fit_probe_group"] == 4 and jobs["merge_probes"] == 1 and "fit_probes" not in jobs
+    group = out.split("rule fit_probe_group:")[1].split("rule ")[0]
+    assert "probes/woman-man/group-" in group and "gpu=1" in group
+    merge = out.split("rule merge_probes:")[1].split("rule ")[0]
+    assert "output: results/sd15/gender/probes/woman-man/scores.csv" in merge
+    assert "gpu=" not in merge and "slurm_partition" not in merge  # a local rule
+
+
 @pytest.mark.parametrize(("model", "cross"), [("tiny-sdxl", True), ("tiny-flux", False)])
 def test_a_family_without_cross_attention_plans_no_cross_variant(workdir, model, cross):
     result = snakemake(workdir, "-n", f"results/{model}/gender/table.csv")

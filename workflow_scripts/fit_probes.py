@@ -1,4 +1,4 @@
-"""Snakemake adapter for rule fit_probes."""
+"""Snakemake adapter for rules fit_probes and fit_probe_group."""
 
 from icm.jobs import fit_probes_job, logging_to, use_threads
 
@@ -7,5 +7,6 @@ use_threads(sm.threads)
 with logging_to(sm.log[0]):
     fit_probes_job(sm.params.concept, sm.params.probes, sm.params.pair, sm.input.labels,
                    list(sm.input.stores), sm.output.scores, sm.output.directions,
-                   sm.output.meta, sm.output.heatmap,
-                   memory_mb=0.5 * sm.resources.get("mem_mb", 4000))  # half the job's
+                   sm.output.meta, sm.output.get("heatmap"),
+                   memory_mb=0.5 * sm.resources.get("mem_mb", 4000),  # half the job's
+                   group=sm.params.group)

@@ -32,7 +32,7 @@ from icm.jobs.head_maps import (
     score_head_relevance_job,
 )
 from icm.jobs.head_plots import plot_head_maps_job
-from icm.jobs.probing import fit_probes_job, label_images_job, rank_sites_job
+from icm.jobs.probing import fit_probes_job, label_images_job, merge_probes_job, rank_sites_job
 from icm.jobs.steering import steer_shard_job
 from icm.jobs.targets import target_table_job
 from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
@@ -41,7 +41,7 @@ __all__ = [
     "build_model_job", "calibrate_variant_job", "capture_head_maps_job",
     "evaluate_head_maps_job", "plot_head_maps_job", "score_head_relevance_job", "collect_table_job", "compute_metrics_job", "concept_samples",
     "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
-    "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
+    "merge_probes_job", "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
     "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
     "target_table_job", "tradeoff_job", "use_threads",
 ]

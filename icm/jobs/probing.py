@@ -43,24 +43,34 @@ def label_images_job(
 
 
 
+def group_sites(sites: Sequence[str], groups: int, group: int) -> list[str]:
+    """Group ``group`` of ``groups`` near-equal runs of ``sites`` (store order): the share of
+    one ``fit_probe_group`` job."""
+    if not 0 <= group < groups:
+        raise ValueError(f"probe group {group} of {groups}")
+    size, extra = divmod(len(sites), groups)
+    start = group * size + min(group, extra)
+    return list(sites[start:start + size + (group < extra)])
+
+
 def fit_probes_job(
     concept: Mapping[str, Any], probes: Mapping[str, Any], pair: tuple[str, str],
     labels_csv: str | Path, stores: Sequence[str | Path], output_scores: str | Path,
-    output_directions: str | Path, output_meta: str | Path, output_heatmap: str | Path,
-    memory_mb: float = 2000,
+    output_directions: str | Path, output_meta: str | Path,
+    output_heatmap: str | Path | None = None, memory_mb: float = 2000,
+    group: tuple[int, int] | None = None,
 ) -> None:
-    """Fit one class pair's probes for every (site, step); write scores, directions, heatmap.
-    The torch backend reads each width group step by step, in batches of sites sized to
-    ``memory_mb`` (the job's memory, not a setting: results do not depend on it)."""
+    """Fit one class pair's probes for every (site, step); write scores, directions, and
+    (a whole pair, not a group) the heatmap. ``group`` (index, count): only that share of
+    the sites (``group_sites``), for ``merge_probes_job`` to join. The torch backend reads
+    each width group step by step, in batches of sites sized to ``memory_mb`` (the job's
+    memory, not a setting: results do not depend on it)."""
     import numpy as np
     import pandas as pd
-    from safetensors.numpy import save_file
 
     from icm.finite import nonfinite_steps
     from icm.label_table import read_labels
     from icm.probes import Pair, fit_pair, sites_per_fit
-    from icm.provenance import package_versions
-    from icm.ranking import plot_heatmap, step_timesteps
     from icm.sites import site_kind
     from icm.store import StepStack, open_store, read_sites, site_widths
 
@@ -73,6 +83,9 @@ def fit_probes_job(
     control = probes["control"] == "prompt"
     device = str(resolve_device(probes["device"]))
     widths = site_widths(stores[0])
+    if group is not None:
+        mine = set(group_sites(list(widths), group[1], group[0]))
+        widths = {s: w for s, w in widths.items() if s in mine}
     # Stores before the step rule was recorded ran 1000-timestep models only.
     train_timesteps = int(open_store(stores[0]).attrs.get("num_train_timesteps", 1000))
     rows, directions = [], {}
@@ -82,16 +95,16 @@ def fit_probes_job(
     prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
     batches = []  # (sites of one width, fitted together)
     for width in dict.fromkeys(widths.values()):
-        group = [s for s, w in widths.items() if w == width]
+        sites = [s for s, w in widths.items() if w == width]
         size = sites_per_fit(len(keep), width, memory_mb) if probes["backend"] == "torch" \
-            else len(group)
-        batches += [group[i:i + size] for i in range(0, len(group), size)]
+            else len(sites)
+        batches += [sites[i:i + size] for i in range(0, len(sites), size)]
     log.info("%d sites in %d batched fits", len(widths), len(batches))
-    for group in batches:
+    for sites in batches:
         if probes["backend"] == "torch":  # read step by step: memory of one step
-            activations = StepStack(list(stores), group, rows=keep)
-        else:  # the scikit-learn reference: the group in memory
-            activations = {s: a[keep] for s, a in read_sites(list(stores), group)[1].items()}
+            activations = StepStack(list(stores), sites, rows=keep)
+        else:  # the scikit-learn reference: the sites in memory
+            activations = {s: a[keep] for s, a in read_sites(list(stores), sites)[1].items()}
         results = fit_pair(activations, y, target,
                            backend=probes["backend"], test_size=probes["test_size"],
                            seed=probes["seed"], min_per_class=probes["min_per_class"],
@@ -117,12 +130,7 @@ def fit_probes_job(
     order = list(widths)
     scores = pd.DataFrame(rows).sort_values(["site", "step"], key=lambda c: c.map(
         order.index) if c.name == "site" else c, kind="stable")
-    Path(output_scores).parent.mkdir(parents=True, exist_ok=True)
-    write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
-    save_file({s: directions[s] for s in order}, str(output_directions),
-              metadata={"pair": target.name, "positive": target.positive})
-    step_axis = step_timesteps(scores)
-    write_json(output_meta, {
+    meta = {
         "format": "icm-directions/1",
         "pair": target.name, "positive": target.positive, "negative": target.negative,
         "meaning": "unit vector per (site, step) in unscaled activation space; adding it moves "
@@ -133,10 +141,34 @@ def fit_probes_job(
         "labels": {**label_counts, "meaning": "samples of labels.csv: labelled, unlabelled "
                    "(no class or below the margin), labelled with a class outside this pair, "
                    "and used by these probes (before min_per_class)"},
-        "timesteps": [float(t) for t in step_axis],
         "num_train_timesteps": train_timesteps,
         "spread": "pooled within-class std of the training samples along each unit vector, "
                   "the unit of alpha_unit: spread",
+    }
+    write_probes(scores, directions, order, meta, output_scores, output_directions,
+                 output_meta, output_heatmap)
+
+
+def write_probes(scores: Any, directions: Mapping[str, Any], order: Sequence[str],
+                 meta: Mapping[str, Any], output_scores: str | Path,
+                 output_directions: str | Path, output_meta: str | Path,
+                 output_heatmap: str | Path | None) -> None:
+    """A pair's (or a group's) scores.csv, directions.safetensors and directions.json; the
+    heatmap too when given a path."""
+    from safetensors.numpy import save_file
+
+    from icm.jobs.records import written
+    from icm.provenance import package_versions
+    from icm.ranking import plot_heatmap, step_timesteps
+
+    Path(output_scores).parent.mkdir(parents=True, exist_ok=True)
+    write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
+    with written(output_directions) as partial:
+        save_file({s: directions[s] for s in order}, str(partial),
+                  metadata={"pair": meta["pair"], "positive": meta["positive"]})
+    write_json(output_meta, {
+        **meta,
+        "timesteps": [float(t) for t in step_timesteps(scores)],
         "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc",
                                          "spread")}
                     for row in scores.to_dict("records")],
@@ -144,9 +176,40 @@ def fit_probes_job(
     })
     # No steering start here: it is the ranking's business (rank_sites), so that changing
     # it does not refit the probes.
-    plot_heatmap(scores, None, output_heatmap,
-                 title=f"probe test accuracy, {target.negative} vs {target.positive}")
+    if output_heatmap is not None:
+        plot_heatmap(scores, None, output_heatmap,
+                     title=f"probe test accuracy, {meta['negative']} vs {meta['positive']}")
 
+
+def merge_probes_job(
+    groups: Sequence[tuple[str | Path, str | Path, str | Path]], output_scores: str | Path,
+    output_directions: str | Path, output_meta: str | Path, output_heatmap: str | Path,
+) -> None:
+    """Join the (scores, directions, meta) of a pair's site groups, in group order, into the
+    outputs one ``fit_probes`` job writes."""
+    import json
+
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    scores, directions, order, metas = [], {}, [], []
+    for table, tensors, record in groups:
+        part = pd.read_csv(table, float_precision="round_trip")  # the floats as written
+        scores.append(part)
+        loaded = load_file(str(tensors))
+        sites = list(dict.fromkeys(part["site"]))
+        if sorted(sites) != sorted(loaded):
+            raise ValueError(f"{tensors} holds {sorted(loaded)}, {table} scores {sites}")
+        order += sites
+        directions.update(loaded)
+        metas.append(json.loads(Path(record).read_text()))
+    drop = ("timesteps", "entries", "versions")
+    first = {k: v for k, v in metas[0].items() if k not in drop}
+    for meta in metas[1:]:
+        if {k: v for k, v in meta.items() if k not in drop} != first:
+            raise ValueError("the probe groups were fitted with different settings or labels")
+    write_probes(pd.concat(scores, ignore_index=True), directions, order, first,
+                 output_scores, output_directions, output_meta, output_heatmap)
 
 
 def rank_sites_job(

@@ -37,15 +37,19 @@ def build_gemma_tokenizer() -> GemmaTokenizerFast:
                               bos_token="<bos>", unk_token="<unk>")
 
 
-def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPipeline:
-    """The tiny SANA pipeline with seeded random weights, every component in eval mode."""
+def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu",
+                    text_width: int = 8) -> SanaPipeline:
+    """The tiny SANA pipeline with seeded random weights, every component in eval mode.
+    ``text_width``: the Gemma encoder's width (SANA's ``caption_channels``); the default
+    equals the attention width, as the workflow's replica has it; another width makes the
+    caption projection change the shape, as real SANA's (2304 -> 2240) does."""
     tokenizer = build_gemma_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SanaTransformer2DModel(
             patch_size=1, in_channels=4, out_channels=4, num_layers=4, num_attention_heads=2,
             attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
-            cross_attention_dim=8, caption_channels=12, sample_size=16)  # Gemma 12 wide: projected
+            cross_attention_dim=8, caption_channels=text_width, sample_size=16)
         torch.manual_seed(seed)
         vae = AutoencoderDC(
             in_channels=3, latent_channels=4, attention_head_dim=2,
@@ -58,7 +62,7 @@ def build_tiny_sana(seed: int = 0, device: str | torch.device = "cpu") -> SanaPi
             decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
         torch.manual_seed(seed)
         text_encoder = Gemma2Model(Gemma2Config(
-            hidden_size=12, head_dim=16, vocab_size=len(tokenizer), num_hidden_layers=1,
+            hidden_size=text_width, head_dim=16, vocab_size=len(tokenizer), num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
             pad_token_id=0, eos_token_id=1, bos_token_id=2))
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, prediction_type="flow_prediction",
