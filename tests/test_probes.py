@@ -10,9 +10,11 @@ import torch
 from icm.probes import (
     Pair,
     ProbeDataError,
+    choose_solver,
     fit_pair,
     fit_sklearn,
     fit_torch,
+    prompt_covariates,
     split_indices,
     use_dual,
 )
@@ -116,6 +118,31 @@ def test_dual_form_solves_the_same_problem_as_the_primal():
     np.testing.assert_array_equal(dual[1], primal[1])
     reference = fit_sklearn(x[:, 0], y, train, test)
     assert np.sum(reference[2] * dual[2][0], axis=1).min() > 0.999
+
+
+def test_conjugate_gradients_solve_the_same_problem_with_prompt_covariates():
+    """Newton-CG (Hessian-vector products, Jacobi-preconditioned) reaches the primal
+    Newton solution, prompt indicators included, and scikit-learn agrees."""
+    rng = np.random.default_rng(5)
+    n, steps, width = 300, 3, 40
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    groups = rng.integers(0, 3, n)
+    x = rng.standard_normal((n, 2, steps, width)) * rng.uniform(0.5, 3.0, width)
+    x[:, :, :, :3] += np.where(y == 1, 0.8, -0.8)[:, None, None, None]
+    x[:, 1] += rng.standard_normal((n, 1, width)) * 2  # correlated channels: harder for CG
+    train, test = split_indices(y, 0.25, 0)
+    covariates = prompt_covariates(groups)
+    primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64,
+                       covariates=covariates)
+    cg = fit_torch(x, y, train, test, solver="cg", dtype=torch.float64, covariates=covariates)
+    assert np.abs(cg[1] - primal[1]).max() <= 1 / len(test) + 1e-12  # at most one sample
+    assert np.sum(cg[2] * primal[2], axis=-1).min() > 0.999
+    reference = fit_sklearn(x[:, 0], y, train, test, covariates=covariates)
+    assert np.sum(reference[2] * cg[2][0], axis=1).min() > 0.99
+    # The shape decides: the dual for more features than samples, the primal system for
+    # narrow features, conjugate gradients for wide ones with many samples.
+    assert choose_solver(800, 3073) == "dual" and choose_solver(800, 3073, True) == "cg"
+    assert choose_solver(2400, 65) == "primal" and choose_solver(2400, 1281) == "cg"
 
 
 def test_warm_starts_survive_a_label_flip_between_steps():
