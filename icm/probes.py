@@ -7,8 +7,10 @@ Fast path: the same objective (L2-regularised logistic regression, C=1, unpenali
 intercept, on standardised features) solved for all equal-width sites at once by damped,
 batched Newton iterations in torch, on the GPU when present: steps in order, each
 warm-started from the previous step's solution, with converged problems leaving the batch.
-The Newton system is solved in the primal (C x C Hessian) or, for features wider than the
-training set, the dual (N x N Gram matrix) form, whichever costs less. Same problem, same
+Each Newton step is solved as the shape calls for (``choose_solver``): the primal (C x C
+Hessian) system for narrow features, the dual (N x N Gram matrix) system for features wider
+than a small training set, truncated conjugate gradients on Hessian-vector products
+otherwise. Same problem, same
 split, so the two backends agree to solver tolerance; ``benchmarks/probe_speed.py``
 measures the speed-up.
 
@@ -282,14 +284,6 @@ def choose_solver(samples: int, channels: int, covariates: bool = False) -> str:
     if channels <= PRIMAL_MAX_WIDTH:
         return "primal"
     return "cg"
-
-
-def use_dual(samples: int, channels: int, iterations: int = 4) -> bool:
-    """Whether the Gram-matrix form is cheaper: forming K once (2N^2C) plus N^3/3 per
-    Newton iteration, against 2NC^2 + C^3/3 per iteration in the primal form."""
-    primal = iterations * (2 * samples * channels**2 + channels**3 / 3)
-    dual = 2 * samples**2 * channels + iterations * samples**3 / 3
-    return dual < primal
 
 
 def _newton(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Tensor,

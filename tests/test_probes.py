@@ -16,7 +16,6 @@ from icm.probes import (
     fit_torch,
     prompt_covariates,
     split_indices,
-    use_dual,
 )
 from icm.ranking import kind_summary, plot_heatmap, rank_per_pair, rank_sites
 
@@ -111,7 +110,7 @@ def test_dual_form_solves_the_same_problem_as_the_primal():
     x = rng.standard_normal((n, 2, steps, width)) * rng.uniform(0.5, 3.0, width)
     x[:, :, :, 0] += np.where(y == 1, 1.5, -1.5)[:, None, None]
     train, test = split_indices(y, 0.25, 0)
-    assert use_dual(len(train), width + 1) and not use_dual(len(train), 16)
+    assert choose_solver(len(train), width + 1) == "dual" != choose_solver(len(train), 16)
     primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64)[:3]
     dual = fit_torch(x, y, train, test, solver="dual", dtype=torch.float64)[:3]
     np.testing.assert_allclose(dual[2], primal[2], atol=1e-6)
