@@ -33,7 +33,8 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--configfile", str(TEST_CONFIG), *args],
         cwd=workdir, env=env, capture_output=True, text=True,
-        timeout=2400,  # a hang guard: two end-to-end runs share 2 cores under xdist
+        timeout=3600,  # a hang guard: two end-to-end runs share 2 cores under xdist (one took
+        # 17 min alone on a slower 2-core machine, over 40 min beside the other)
     )
 
 
