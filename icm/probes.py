@@ -264,16 +264,15 @@ def _cg_step(z: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, penalty: torc
 
 
 def _line_minimum(zp: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                  direction: torch.Tensor, penalty: torch.Tensor, slope: torch.Tensor,
+                  direction: torch.Tensor, penalty: torch.Tensor,
                   iterations: int = 6) -> torch.Tensor:
     """Step length minimising the objective along ``direction`` per problem, by safeguarded
     one-dimensional Newton iterations. The logits along the line are ``logits + t * zp``
-    (zp = Z direction), so each trial costs O(N), never a pass over Z; ``slope`` is the
-    directional derivative at t = 0 (negative for a descent direction)."""
+    (zp = Z direction), so each trial costs O(N), never a pass over Z."""
     zp64, base, y64 = zp.double(), logits.double(), y.double()
     wd = (penalty * w * direction).sum(dim=1).double()  # d/dt of the penalty at t = 0
     dd = (penalty * direction * direction).sum(dim=1).double()
-    t = torch.zeros_like(slope, dtype=torch.float64)
+    t = torch.zeros(len(zp), dtype=torch.float64, device=zp.device)
     low, high = torch.zeros_like(t), torch.full_like(t, float("inf"))
     for _ in range(iterations):
         p = torch.sigmoid(base + t.unsqueeze(1) * zp64)
@@ -344,8 +343,7 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
             q += (a - b).unsqueeze(1) * s_hist[:, k]
         direction = -q
         zp = torch.bmm(za, direction.unsqueeze(-1)).squeeze(-1)
-        slope = (grad * direction).sum(dim=1)
-        t = _line_minimum(zp, logits, y, wa, direction, penalty, slope)
+        t = _line_minimum(zp, logits, y, wa, direction, penalty)
         step = t.unsqueeze(1) * direction
         wa = wa + step
         logits = logits + t.unsqueeze(1) * zp

@@ -118,18 +118,24 @@ def test_dual_form_solves_the_same_problem_as_the_primal():
     assert np.sum(reference[2] * dual[2][0], axis=1).min() > 0.999
 
 
-def test_conjugate_gradients_solve_the_same_problem_with_prompt_covariates():
-    """Newton-CG (Hessian-vector products, Jacobi-preconditioned) reaches the primal
-    Newton solution, prompt indicators included, and scikit-learn agrees."""
-    rng = np.random.default_rng(5)
+def covariate_problem(seed: int):
+    """Two sites of 3 steps, 40 channels of unequal scales, a signal in 3 of them, three
+    prompts as covariates; site 1's channels are correlated (harder for CG)."""
+    rng = np.random.default_rng(seed)
     n, steps, width = 300, 3, 40
     y = (rng.random(n) < 0.4).astype(np.int64)
     groups = rng.integers(0, 3, n)
     x = rng.standard_normal((n, 2, steps, width)) * rng.uniform(0.5, 3.0, width)
     x[:, :, :, :3] += np.where(y == 1, 0.8, -0.8)[:, None, None, None]
-    x[:, 1] += rng.standard_normal((n, 1, width)) * 2  # correlated channels: harder for CG
+    x[:, 1] += rng.standard_normal((n, 1, width)) * 2
     train, test = split_indices(y, 0.25, 0)
-    covariates = prompt_covariates(groups)
+    return x, y, train, test, prompt_covariates(groups)
+
+
+def test_conjugate_gradients_solve_the_same_problem_with_prompt_covariates():
+    """Newton-CG (Hessian-vector products, Jacobi-preconditioned) reaches the primal
+    Newton solution, prompt indicators included, and scikit-learn agrees."""
+    x, y, train, test, covariates = covariate_problem(5)
     primal = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64,
                        covariates=covariates)
     cg = fit_torch(x, y, train, test, solver="cg", dtype=torch.float64, covariates=covariates)
@@ -143,15 +149,7 @@ def test_lbfgs_reaches_the_newton_optimum_with_prompt_covariates():
     """Batched L-BFGS with the exact line search (two passes over the data per iteration)
     reaches the exact Newton optimum when asked for a tight tolerance, prompt indicators
     included; at the default tolerance it agrees with scikit-learn's lbfgs."""
-    rng = np.random.default_rng(6)
-    n, steps, width = 300, 3, 40
-    y = (rng.random(n) < 0.4).astype(np.int64)
-    groups = rng.integers(0, 3, n)
-    x = rng.standard_normal((n, 2, steps, width)) * rng.uniform(0.5, 3.0, width)
-    x[:, :, :, :3] += np.where(y == 1, 0.8, -0.8)[:, None, None, None]
-    x[:, 1] += rng.standard_normal((n, 1, width)) * 2  # correlated channels
-    train, test = split_indices(y, 0.25, 0)
-    covariates = prompt_covariates(groups)
+    x, y, train, test, covariates = covariate_problem(6)
     exact = fit_torch(x, y, train, test, solver="primal", dtype=torch.float64,
                       covariates=covariates, tol=1e-10)
     tight = fit_torch(x, y, train, test, solver="lbfgs", dtype=torch.float64,
