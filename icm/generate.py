@@ -22,13 +22,12 @@ from icm.capture import capture_activations
 from icm.families import family_of
 from icm.models.loading import check_own_arguments
 from icm.provenance import package_versions
-from icm.samples import Sample
+from icm.samples import SAMPLE_COLUMNS, Sample
 from icm.schedule import pipeline_timesteps, same_timesteps, train_timesteps
 from icm.sites import denoiser_of, list_sites
 from icm.store import ActivationStoreWriter
 from icm.tables import write_table
 
-SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
 #: What the stored rows are, per guidance layout of the family table.
 GUIDANCE_ROWS = {
     "batched": "conditional (second half of the [uncond, cond] batch; every row when "

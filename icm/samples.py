@@ -40,6 +40,8 @@ class Sample:
 #: Seed streams by purpose; the value is the top two bits of every seed of the stream.
 SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation": 2,
                                 "head-maps": 3}
+# The columns of a shard's samples.csv (icm.generate writes them; merging needs no model).
+SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
 SEED_RULE = ("stream << 30 | low 30 bits of numpy SeedSequence([base_seed, stream, "
              "prompt_index, repeat]).generate_state(1, uint32); streams " +
              ", ".join(f"{k} {v}" for k, v in SEED_STREAMS.items()))

@@ -9,7 +9,7 @@ a rule that carries it as a param reruns when, and only when, that code changes:
   (another job function's imports do not count);
 * from there every icm import of a reached module counts, at any depth (lazy imports
   inside functions included), transitively;
-* ``icm.jobs`` itself (``logging_to``) is hashed, without following its re-exports;
+* ``icm.jobs`` itself (``logging_to``) is hashed, without following its lazy re-exports;
 * a module counts by its syntax tree with docstrings removed: editing a comment, a
   docstring or the layout reruns nothing; any change to code does.
 
@@ -76,13 +76,24 @@ def _without_docstrings(tree: ast.Module) -> str:
     return ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
-def job_function_module(function: str, root: Path = ROOT) -> str:
-    """The module defining job function ``function``, read off ``icm/jobs/__init__.py``'s
-    imports (``from icm.jobs.probing import fit_probes_job``)."""
+def job_table(root: Path = ROOT) -> dict[str, str]:
+    """Job function -> its module: the ``JOBS`` mapping of ``icm/jobs/__init__.py``, read
+    off its syntax tree (``"fit_probes_job": "icm.jobs.probing"``)."""
     package = _parsed(module_file(JOBS_PACKAGE, root))
     for node in package.body:
-        if isinstance(node, ast.ImportFrom) and any(a.name == function for a in node.names):
-            return node.module or JOBS_PACKAGE
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "JOBS" and node.value is not None:
+            return dict(ast.literal_eval(node.value))
+    raise KeyError(f"{JOBS_PACKAGE} defines no JOBS mapping")
+
+
+def job_function_module(function: str, root: Path = ROOT) -> str:
+    """The module defining job function ``function``."""
+    table = job_table(root)
+    if function in table:
+        return table[function]
+    package = _parsed(module_file(JOBS_PACKAGE, root))
     if any(isinstance(n, ast.FunctionDef) and n.name == function for n in package.body):
         return JOBS_PACKAGE
     raise KeyError(f"{function!r} is not a job of {JOBS_PACKAGE}")
@@ -105,7 +116,7 @@ def job_modules(function: str, root: Path = ROOT) -> list[str]:
                      if isinstance(n, ast.Name) and n.id in defs and n.id not in used]
     top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
     nodes = [node for name in used for node in ast.walk(defs[name])]
-    seen = {JOBS_PACKAGE, module}  # hashed; the package's imports are the re-exported jobs
+    seen = {JOBS_PACKAGE, module}  # hashed; the package itself imports no job module
     pending = _imports([*top, *nodes], root) - seen
     while pending:
         name = pending.pop()

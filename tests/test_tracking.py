@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import ast
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from icm.tracking import ROOT, code_fingerprint, job_modules, local_files
+from icm.tracking import ROOT, code_fingerprint, job_modules, job_table, local_files
 
 RULES = Path(__file__).resolve().parents[1] / "rules"
 SCRIPTS = RULES.parent / "workflow_scripts"
 
 
 def jobs(root: Path = ROOT) -> list[str]:
-    """Every job function icm.jobs re-exports."""
-    tree = ast.parse((root / "jobs" / "__init__.py").read_text())
-    return [a.name for node in tree.body if isinstance(node, ast.ImportFrom)
-            and (node.module or "").startswith("icm.jobs.") for a in node.names
-            if a.name.endswith("_job")]
+    """Every job function icm.jobs names."""
+    return [name for name in job_table(root) if name.endswith("_job")]
 
 
 def test_each_job_runs_the_modules_it_imports_and_no_others():
@@ -122,3 +118,34 @@ def test_clean_fid_statistics_are_the_file_clean_fid_reads(tmp_path, monkeypatch
     monkeypatch.setattr(os.path, "exists", lambda p: seen.append(p) or False)
     test_stats_exists("ffhq_trainval70k_512", "clean")
     assert seen == [path]
+
+
+def test_the_jobs_mapping_names_where_each_job_is_defined():
+    """icm.jobs imports a job's module on first use: the mapping that says where must be
+    right, and every adapter must import a job it names."""
+    import importlib
+
+    import icm.jobs
+
+    for name, module in job_table().items():
+        assert getattr(importlib.import_module(module), name) is getattr(icm.jobs, name)
+    for script in SCRIPTS.glob("*.py"):
+        names = re.findall(r"from icm\.jobs import ([\w, ]+)", script.read_text())
+        assert names, script
+        for name in ",".join(names).replace(" ", "").split(","):
+            assert name in job_table() or name in {"logging_to", "use_threads"}, (script, name)
+
+
+def test_a_job_that_runs_no_model_does_not_import_diffusers():
+    """A table, merge or plot job starts in seconds: it imports neither diffusers nor
+    transformers (they take ~10 s a job on 2 cores)."""
+    import subprocess
+    import sys
+
+    jobs_ = ["collect_table_job", "merge_samples_job", "rank_sites_job", "fit_probes_job",
+             "tradeoff_job", "target_table_job", "plot_grid_job", "merge_probes_job"]
+    code = (f"import sys; from icm.jobs import {', '.join(jobs_)}; "
+            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=ROOT.parent)
+    assert result.stdout.strip() == "[]"

@@ -7,44 +7,55 @@ so every job can also be run (and tested) from Python without Snakemake.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from icm.jobs.calibration import calibrate_variant_job, tradeoff_job
-from icm.jobs.evaluation import (
-    collect_table_job,
-    compute_metrics_job,
-    plot_grid_job,
-    render_reference_job,
-)
-from icm.jobs.generation import (
-    build_model_job,
-    concept_samples,
-    generate_shard_job,
-    merge_samples_job,
-)
-from icm.jobs.head_maps import (
-    capture_head_maps_job,
-    evaluate_head_maps_job,
-    score_head_relevance_job,
-)
-from icm.jobs.head_plots import plot_head_maps_job
-from icm.jobs.probing import fit_probes_job, label_images_job, merge_probes_job, rank_sites_job
-from icm.jobs.steering import steer_shard_job
-from icm.jobs.targets import target_table_job
-from icm.jobs.toy import toy_quality_job, train_toy_features_job, train_toy_job
+# Job function -> the module defining it. A job imports only its own module (``__getattr__``
+# below): a table or plot job need not load diffusers, which costs ~10 s a job on 2 cores.
+# icm.tracking reads this mapping to find the code a job runs.
+JOBS: dict[str, str] = {
+    "build_model_job": "icm.jobs.generation",
+    "calibrate_variant_job": "icm.jobs.calibration",
+    "capture_head_maps_job": "icm.jobs.head_maps",
+    "collect_table_job": "icm.jobs.evaluation",
+    "compute_metrics_job": "icm.jobs.evaluation",
+    "concept_samples": "icm.jobs.generation",
+    "evaluate_head_maps_job": "icm.jobs.head_maps",
+    "fit_probes_job": "icm.jobs.probing",
+    "generate_shard_job": "icm.jobs.generation",
+    "label_images_job": "icm.jobs.probing",
+    "merge_probes_job": "icm.jobs.probing",
+    "merge_samples_job": "icm.jobs.generation",
+    "plot_grid_job": "icm.jobs.evaluation",
+    "plot_head_maps_job": "icm.jobs.head_plots",
+    "rank_sites_job": "icm.jobs.probing",
+    "render_reference_job": "icm.jobs.evaluation",
+    "score_head_relevance_job": "icm.jobs.head_maps",
+    "steer_shard_job": "icm.jobs.steering",
+    "target_table_job": "icm.jobs.targets",
+    "toy_quality_job": "icm.jobs.toy",
+    "tradeoff_job": "icm.jobs.calibration",
+    "train_toy_features_job": "icm.jobs.toy",
+    "train_toy_job": "icm.jobs.toy",
+}
 
-__all__ = [
-    "build_model_job", "calibrate_variant_job", "capture_head_maps_job",
-    "evaluate_head_maps_job", "plot_head_maps_job", "score_head_relevance_job", "collect_table_job", "compute_metrics_job", "concept_samples",
-    "fit_probes_job", "generate_shard_job", "label_images_job", "logging_to",
-    "merge_probes_job", "merge_samples_job", "plot_grid_job", "rank_sites_job", "render_reference_job",
-    "steer_shard_job", "toy_quality_job", "train_toy_features_job", "train_toy_job",
-    "target_table_job", "tradeoff_job", "use_threads",
-]
+__all__ = [*JOBS, "logging_to", "use_threads"]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a job function's module on first use (PEP 562)."""
+    if name in JOBS:
+        return getattr(importlib.import_module(JOBS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def use_threads(threads: int) -> None:

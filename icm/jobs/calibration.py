@@ -22,14 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from icm.generate import SamplerSettings
+from icm.devices import resolve_device
 from icm.jobs.evaluation import image_embedder, score_fd
 from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
-from icm.jobs.steering import plan_steering, steer_batches
 from icm.labels import make_labeler
-from icm.models import ModelSpec, load_pipeline
-from icm.models.loading import resolve_device
 from icm.tables import write_table
 
 log = logging.getLogger("icm")
@@ -62,7 +59,10 @@ def calibrate_variant_job(
     """FD and CLIP-I of one variant at each alpha of ``calibration["alphas"]`` (and 0), on
     ``calibration["samples_per_prompt"]`` calibration-stream samples per evaluation prompt,
     with the variant's sites, start and batch targets as steering uses them."""
+    from icm.generate import SamplerSettings
+    from icm.jobs.steering import plan_steering, steer_batches
     from icm.metrics import paired_cosine
+    from icm.models import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     plan = plan_steering(concept, variant, ranking, pair_ranking, directions, directions_meta,

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from icm.devices import resolve_device
 from icm.jobs.records import write_json
 from icm.labels import label_table, make_labeler
-from icm.models.loading import resolve_device
 from icm.provenance import package_versions
 from icm.tables import write_table
 

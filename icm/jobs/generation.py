@@ -10,9 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icm.generate import SAMPLE_COLUMNS, SamplerSettings, generate_shard
-from icm.models import ModelSpec, load_pipeline, save_tiny_sd15
-from icm.samples import SEED_RULE, Sample, plan_samples, shard_samples
+from icm.samples import SAMPLE_COLUMNS, SEED_RULE, Sample, plan_samples, shard_samples
 from icm.tables import write_table
 
 log = logging.getLogger("icm")
@@ -50,6 +48,9 @@ def generate_shard_job(
 ) -> None:
     """Generate one shard. The model loads first, so missing weights stop the job before
     anything is written."""
+    from icm.generate import SamplerSettings, generate_shard
+    from icm.models import ModelSpec, load_pipeline
+
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     samples = concept_samples(concept, model, generation)
     mine = shard_samples(samples, model["n_shards"], shard, model["batch_size"])
@@ -101,7 +102,7 @@ def build_model_job(builder: str, output: str | Path, seed: int = 0) -> None:
     """Build a model that the workflow makes itself instead of downloading: a tiny
     random-weight replica of a family (``tiny-sd15``, ``tiny-sdxl``, ``tiny-sana``,
     ``tiny-flux``)."""
-    from icm.models.tiny import save_replica
+    from icm.models.tiny import save_replica, save_tiny_sd15
     from icm.models.tiny_flux import build_tiny_flux
     from icm.models.tiny_sana import build_tiny_sana
     from icm.models.tiny_sdxl import build_tiny_sdxl

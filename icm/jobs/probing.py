@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from icm.devices import resolve_device
 from icm.jobs.records import write_json
-from icm.models.loading import resolve_device
 from icm.tables import write_table
 
 log = logging.getLogger("icm")

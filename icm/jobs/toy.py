@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
+from icm.devices import resolve_device
 from icm.generate import SamplerSettings
 from icm.jobs.records import write_json
 from icm.models import ModelSpec, load_pipeline
-from icm.models.loading import resolve_device
 
 log = logging.getLogger("icm")
 

@@ -23,6 +23,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
+from icm.devices import resolve_device  # noqa: F401 (re-exported)
 from icm.schedule import check_scheduler
 
 Family = Literal["sd15", "sdxl", "sana", "flux", "toy"]
@@ -105,13 +106,6 @@ class ModelSpec:
         values["source"] = str(values["source"])
         values["pipeline_arguments"] = dict(values.get("pipeline_arguments") or {})
         return cls(name=name, **values)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` means the GPU when there is one."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _scheduler_class(name: str) -> type[SchedulerMixin]:
