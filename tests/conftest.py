@@ -6,6 +6,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest-xdist runs two workflow tests at once on 2 cores, each job using the threads it is
+# given: OpenMP threads that spin while waiting then starve each other (measured here: a
+# 2-thread torch loop took 8.5 s alone, 60 s beside a second one, 15 s with this). Every
+# subprocess, Snakemake jobs and SLURM jobs included, inherits it; it must be set before
+# torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -64,7 +64,10 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     (workdir / "profiles/test").mkdir(parents=True)
     (workdir / "profiles/test/config.yaml").write_text(yaml.safe_dump(profile))
     gpus = tmp_path / "gpus.yaml"  # make generation, steering and probes ask for a GPU
-    gpus.write_text("models: {toy: {resources: {gpu: 1, mem_mb: 3000, runtime: 30}}}\n")
+    gpus.write_text(  # ... and keep steering small: the jobs' kinds are tested, not sizes
+        "models: {toy: {resources: {gpu: 1, mem_mb: 3000, runtime: 30}}}\n"
+        "concepts: {color: {steering: {samples_per_prompt: 5}}}\n"
+        "steering: {calibration: {alphas: [8], samples_per_prompt: 5, max_doublings: 0}}\n")
     env = {**cluster, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/test",
@@ -74,7 +77,7 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     metrics = json.loads((workdir / "results/toy/color/metrics/icm.json").read_text())
-    assert metrics["n_images"] == 40 and np.isfinite(metrics["FD"])
+    assert metrics["n_images"] == 20 and np.isfinite(metrics["FD"])
     assert job_counts(out).get("calibrate_steering") == 1  # icm's alpha is calibrated
 
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", out)
