@@ -9,6 +9,7 @@ from pathlib import Path
 
 from icm.checks import config_problems
 from icm.families import family_named
+from icm.head_study import has_study
 from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
 
 MODELS = config["models"]
@@ -342,3 +343,48 @@ def metric_settings(wildcards):
         settings.update(clip_model=clip["model"], clip_pretrained=clip["pretrained"],
                         clip_checkpoint_tag=clip.get("checkpoint_tag"))
     return settings
+
+
+# The head-map study (rules/head_maps.smk): its paths, and what each of its jobs reads of
+# `concepts.<c>.head_maps` (and therefore what reruns it).
+HEAD_MAPS = "results/{model}/{concept}/head-maps"
+STUDY_KEYS = ("prompts", "template", "slots", "held_out", "window", "store_dtype")
+TRAIN_KEYS = (*STUDY_KEYS, "train_samples_per_prompt", "hrv_words")
+RELEVANCE_KEYS = (*TRAIN_KEYS, "masks", "relevance", "oracle_tau", "stability_groups",
+                  "exclude", "map_size")
+EVALUATION_KEYS = (*RELEVANCE_KEYS, "held_out_samples_per_prompt", "ks", "taus", "seed",
+                   "curve_points")
+
+
+def study(*keys, masks_if_oracle=False):
+    """Param function: the study keys a job uses (``masks_if_oracle``: the masks only where
+    the oracle is a relevance source, the only relevance that reads them)."""
+
+    def params(wildcards):
+        spec = CONCEPTS[wildcards.concept]["head_maps"]
+        if not has_study(spec):
+            raise ValueError(f"concepts.{wildcards.concept}.head_maps names no prompts: "
+                             "no head-map study to run")
+        chosen = {key: spec[key] for key in keys}
+        if masks_if_oracle and "oracle" not in spec["relevance"]:
+            chosen.pop("masks")
+        return chosen
+
+    return params
+
+
+def split_files(split, name):
+    """Input function: `name` in every shard folder of a split."""
+    return shard_files(f"{HEAD_MAPS}/{split}/shard-{{shard}}/{name}")
+
+
+def mask_files(wildcards):
+    """A mask folder's files are inputs: a redrawn mask reruns what read it."""
+    masks = CONCEPTS[wildcards.concept]["head_maps"]["masks"]
+    return local_files(masks["path"]) if masks["type"] == "folder" else []
+
+
+def oracle_mask_files(wildcards):
+    """The mask files relevance reads: only the oracle source reads masks."""
+    oracle = "oracle" in CONCEPTS[wildcards.concept]["head_maps"]["relevance"]
+    return mask_files(wildcards) if oracle else []
