@@ -265,26 +265,55 @@ def _cg_step(z: torch.Tensor, d: torch.Tensor, grad: torch.Tensor, penalty: torc
 
 def _line_minimum(zp: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                   direction: torch.Tensor, penalty: torch.Tensor,
-                  iterations: int = 6) -> torch.Tensor:
+                  start: float = 1.0, iterations: int = 8, rtol: float = 1e-3) -> torch.Tensor:
     """Step length minimising the objective along ``direction`` per problem, by safeguarded
-    one-dimensional Newton iterations. The logits along the line are ``logits + t * zp``
-    (zp = Z direction), so each trial costs O(N), never a pass over Z."""
+    one-dimensional Newton iterations from ``start`` (1, the quasi-Newton step, is usually
+    close: two or three iterations; 0 for an unscaled first direction), until every step
+    moves t by less than ``rtol`` relative. The logits along the line are
+    ``logits + t * zp`` (zp = Z direction), so each trial costs O(N), never a pass over Z."""
     zp64, base, y64 = zp.double(), logits.double(), y.double()
     wd = (penalty * w * direction).sum(dim=1).double()  # d/dt of the penalty at t = 0
     dd = (penalty * direction * direction).sum(dim=1).double()
-    t = torch.zeros(len(zp), dtype=torch.float64, device=zp.device)
-    low, high = torch.zeros_like(t), torch.full_like(t, float("inf"))
+    t = torch.full((len(zp),), start, dtype=torch.float64, device=zp.device)
+    low, high = torch.zeros_like(t), torch.full_like(t, float("inf"))  # a descent direction
     for _ in range(iterations):
-        p = torch.sigmoid(base + t.unsqueeze(1) * zp64)
-        first = ((p - y64) * zp64).sum(dim=1) + wd + t * dd
-        second = (p * (1 - p) * zp64 * zp64).sum(dim=1) + dd + 1e-12
+        p = torch.sigmoid(torch.addcmul(base, t.unsqueeze(1), zp64))
+        first = torch.linalg.vecdot(p - y64, zp64) + wd + t * dd
+        second = torch.linalg.vecdot(p * (1 - p), zp64 * zp64) + dd + 1e-12
         low = torch.where(first < 0, t, low)
         high = torch.where(first > 0, t, high)
         trial = t - first / second
         outside = (trial <= low) | (trial >= high)
         bisect = torch.where(torch.isinf(high), 2 * low + 1, 0.5 * (low + high))
-        t = torch.where(outside, bisect, trial)
+        trial = torch.where(outside, bisect, trial)
+        moved = (trial - t).abs() > rtol * t.abs().clamp_min(1e-3)
+        t = trial
+        if not bool(moved.any()):
+            break
     return t.to(logits.dtype)
+
+
+def _quasi_newton_direction(grad: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """-H grad for the L-BFGS inverse Hessian H of the pairs ``s``, ``y`` (P, m, C), oldest
+    first, in the compact form of Byrd, Nocedal and Schnabel (1994; Nocedal and Wright, eq.
+    7.24) with H0 = gamma I, gamma = s'y / y'y of the newest pair. It equals the two-loop
+    recursion, in a fixed dozen batched products and two m x m triangular solves instead
+    of 4m small vector operations: on the CPU the recursion's per-operation cost, not its
+    arithmetic, dominated at widths of a few hundred. The m x m algebra is in float64."""
+    g = grad.unsqueeze(-1)
+    sy = torch.bmm(s, y.transpose(1, 2)).double()  # (P, m, m): s_i' y_j
+    yy = torch.bmm(y, y.transpose(1, 2)).double()
+    sg, yg = torch.bmm(s, g).double(), torch.bmm(y, g).double()  # (P, m, 1)
+    upper = torch.triu(sy)
+    diag = torch.diagonal(sy, dim1=1, dim2=2).unsqueeze(-1)  # s_i' y_i > 0: strongly convex
+    gamma = (diag[:, -1] / torch.diagonal(yy, dim1=1, dim2=2)[:, -1:]).unsqueeze(-1)  # (P,1,1)
+    u = torch.linalg.solve_triangular(upper, sg, upper=True)
+    top = torch.linalg.solve_triangular(upper.transpose(1, 2),
+                                        diag * u + gamma * (torch.bmm(yy, u) - yg), upper=False)
+    hg = (gamma.to(g.dtype) * g + torch.bmm(s.transpose(1, 2), top.to(g.dtype))
+          - gamma.to(g.dtype) * torch.bmm(y.transpose(1, 2), u.to(g.dtype))).squeeze(-1)
+    bad = ~torch.isfinite(hg).all(dim=1)  # a degenerate pair (a zero step): steepest descent
+    return -torch.where(bad.unsqueeze(1), grad, hg)
 
 
 def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Tensor,
@@ -312,7 +341,6 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
     grad = gradient(logits, wa, za)
     s_hist = torch.zeros(problems, memory, width, dtype=w.dtype, device=w.device)
     y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros(problems, memory, dtype=w.dtype, device=w.device)
     converged = torch.zeros(problems, dtype=torch.bool, device=w.device)
     for it in range(iterations):
         done = grad.abs().amax(dim=1) <= tol * samples
@@ -324,34 +352,22 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
                 return converged
             active, za, wa, grad, logits = (active[keep], za[keep], wa[keep], grad[keep],
                                             logits[keep])
-            s_hist, y_hist, rho = s_hist[keep], y_hist[keep], rho[keep]
-        # Two-loop recursion, newest pair first (slot (it - 1 - j) % memory).
-        q = grad.clone()
-        order = [(it - 1 - j) % memory for j in range(min(it, memory))]
-        alphas = []
-        for k in order:
-            a = rho[:, k] * (s_hist[:, k] * q).sum(dim=1)
-            q -= a.unsqueeze(1) * y_hist[:, k]
-            alphas.append(a)
-        if order:
-            newest = order[0]
-            yy = (y_hist[:, newest] * y_hist[:, newest]).sum(dim=1)
-            scale = torch.where(rho[:, newest] > 0, 1.0 / (rho[:, newest] * yy).clamp_min(1e-30), 1.0)
-            q *= scale.unsqueeze(1)
-        for k, a in zip(reversed(order), reversed(alphas)):
-            b = rho[:, k] * (y_hist[:, k] * q).sum(dim=1)
-            q += (a - b).unsqueeze(1) * s_hist[:, k]
-        direction = -q
+            s_hist, y_hist = s_hist[keep], y_hist[keep]
+        pairs = min(it, memory)  # the pair of iteration i is in slot i % memory
+        if pairs:
+            slots = [(it - pairs + j) % memory for j in range(pairs)]  # oldest first
+            index = (slice(0, pairs) if slots == list(range(pairs))
+                     else torch.tensor(slots, device=w.device))
+            direction = _quasi_newton_direction(grad, s_hist[:, index], y_hist[:, index])
+        else:
+            direction = -grad
         zp = torch.bmm(za, direction.unsqueeze(-1)).squeeze(-1)
-        t = _line_minimum(zp, logits, y, wa, direction, penalty)
+        t = _line_minimum(zp, logits, y, wa, direction, penalty, start=1.0 if pairs else 0.0)
         step = t.unsqueeze(1) * direction
         wa = wa + step
         logits = logits + t.unsqueeze(1) * zp
         new_grad = gradient(logits, wa, za)
-        k = it % memory
-        s_hist[:, k], y_hist[:, k] = step, new_grad - grad
-        curvature = (step * y_hist[:, k]).sum(dim=1)  # 0 only for a zero step: ignored
-        rho[:, k] = torch.where(curvature > 0, 1.0 / curvature.clamp_min(1e-30), 0.0)
+        s_hist[:, it % memory], y_hist[:, it % memory] = step, new_grad - grad
         grad = new_grad
     w[active] = wa
     return converged
@@ -513,7 +529,7 @@ def fit_torch(
         mean = xt.mean(dim=0)
         xt -= mean
         xt.masked_fill_(constant, 0.0)
-        std = torch.linalg.vector_norm(xt, dim=0) / len(train) ** 0.5
+        std = xt.square().sum(dim=0).sqrt_() / len(train) ** 0.5  # 4x vector_norm's speed here
         scale = torch.where(constant | (std == 0), torch.ones_like(std), std)
         z[..., :channels].copy_((xt / scale).transpose(0, 1))
         gram = None

@@ -165,6 +165,33 @@ def test_lbfgs_reaches_the_newton_optimum_with_prompt_covariates():
     assert choose_solver(800, 3073) == "lbfgs"
 
 
+def test_compact_quasi_newton_direction_equals_the_two_loop_recursion():
+    """The compact L-BFGS form (a few batched products) gives the direction of the textbook
+    two-loop recursion (Nocedal and Wright, algorithm 7.4), written out here in float64."""
+    from icm.probes import _quasi_newton_direction
+
+    rng = np.random.default_rng(7)
+    problems, pairs, width = 3, 5, 9
+    a = rng.standard_normal((problems, width, width))
+    hessians = a @ a.transpose(0, 2, 1) + np.eye(width)  # convex: s'y > 0 for every pair
+    s = rng.standard_normal((problems, pairs, width))
+    y = np.einsum("pij,pkj->pki", hessians, s)
+    grad = rng.standard_normal((problems, width))
+    expected = np.empty_like(grad)
+    for k in range(problems):
+        q, alphas = grad[k].copy(), []
+        for i in reversed(range(pairs)):  # newest first
+            alpha = s[k, i] @ q / (s[k, i] @ y[k, i])
+            q -= alpha * y[k, i]
+            alphas.append(alpha)
+        q *= s[k, -1] @ y[k, -1] / (y[k, -1] @ y[k, -1])
+        for i, alpha in zip(range(pairs), reversed(alphas)):  # oldest first
+            q += (alpha - y[k, i] @ q / (s[k, i] @ y[k, i])) * s[k, i]
+        expected[k] = -q
+    got = _quasi_newton_direction(*(torch.as_tensor(v) for v in (grad, s, y)))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("solver", ["primal", "cg", "lbfgs"])
 def test_warm_starts_survive_a_label_flip_between_steps(solver):
     """Each step starts from the previous step's solution; when the signal reverses sign
