@@ -376,13 +376,15 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
 #: Widths up to this solve the exact (C+1)^2 Newton system (cheap at such widths: on the
 #: toy's 64 channels it beats conjugate gradients 5x on real activations).
 PRIMAL_MAX_WIDTH = 256
+
+
 def choose_solver(samples: int, channels: int, covariates: bool = False) -> str:
     """How a problem shape is solved, from the timings on 2 CPU cores in benchmarks/README.md:
     the exact (C+1)^2 Newton system for narrow features, batched L-BFGS otherwise (two passes
     over the data per iteration, as scikit-learn's lbfgs, in float32 with a free exact line
-    search: 1.9x scikit-learn at 2,400 training samples x 1,280 channels, 2.3x at 2,240
-    channels, 3.5x at 800 x 1,280, where Newton-CG took 4.3x and the dual Newton system 1.6x
-    longer). ``samples`` and ``covariates`` are kept for the dual and CG forms, which remain
+    search: 2.3x to 3.0x scikit-learn at 2,400 training samples x 1,280 channels, 4.6x at
+    800 x 1,280, where Newton-CG and the dual Newton system were slower than L-BFGS).
+    ``samples`` and ``covariates`` are kept for the dual and CG forms, which remain
     selectable by name."""
     del samples, covariates
     if channels <= PRIMAL_MAX_WIDTH:
