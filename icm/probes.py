@@ -355,9 +355,7 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
             s_hist, y_hist = s_hist[keep], y_hist[keep]
         pairs = min(it, memory)  # the pair of iteration i is in slot i % memory
         if pairs:
-            slots = [(it - pairs + j) % memory for j in range(pairs)]  # oldest first
-            index = (slice(0, pairs) if slots == list(range(pairs))
-                     else torch.tensor(slots, device=w.device))
+            index = torch.arange(it - pairs, it, device=w.device) % memory  # oldest first
             direction = _quasi_newton_direction(grad, s_hist[:, index], y_hist[:, index])
         else:
             direction = -grad

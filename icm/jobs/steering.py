@@ -18,7 +18,6 @@ from tqdm import tqdm
 from icm.atomic import atomic_directory
 from icm.debias import batch_target, class_pushes, sites_per_pair, target_probabilities
 from icm.generate import (
-    SAMPLE_COLUMNS,
     SamplerSettings,
     batches,
     generate_images,
@@ -30,7 +29,7 @@ from icm.finite import nonfinite_steps
 from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
-from icm.samples import shard_samples
+from icm.samples import SAMPLE_COLUMNS, shard_samples
 from icm.schedule import pipeline_timesteps, same_timesteps
 from icm.steering import steer_activations
 from icm.tables import write_table
