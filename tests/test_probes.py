@@ -165,6 +165,48 @@ def test_lbfgs_reaches_the_newton_optimum_with_prompt_covariates():
     assert choose_solver(800, 3073) == "lbfgs"
 
 
+def test_steps_solved_together_give_the_answers_of_steps_solved_one_by_one(monkeypatch):
+    """A few narrow sites: L-BFGS solves several steps as one batch (``steps_per_solve``),
+    each warm-started from its site's previous block. At a tight tolerance the answers are
+    those of the step-by-step chain, block boundaries included (5 steps, blocks of 2)."""
+    from icm import probes
+
+    x, y, train, test, covariates = covariate_problem(8)
+    x = np.concatenate([x, x[:, :, ::-1]], axis=2)[:, :, :5]  # 5 steps
+    assert probes.steps_per_solve(2, len(train), 41, 5) == 5  # small: all steps at once
+    assert probes.steps_per_solve(2, 2400, 1281, 10) == 1  # SD-wide: one at a time
+    kwargs = dict(solver="lbfgs", dtype=torch.float64, covariates=covariates, tol=1e-10)
+    monkeypatch.setattr(probes, "steps_per_solve", lambda *args: 2)
+    blocks = fit_torch(x, y, train, test, **kwargs)
+    monkeypatch.setattr(probes, "steps_per_solve", lambda *args: 1)
+    chain = fit_torch(x, y, train, test, **kwargs)
+    np.testing.assert_allclose(blocks[2], chain[2], atol=1e-6)
+    np.testing.assert_array_equal(blocks[1], chain[1])
+    np.testing.assert_allclose(blocks[3], chain[3], rtol=1e-6)
+
+
+def test_lbfgs_stops_near_the_optimum_where_the_gradient_rule_alone_stops_early(monkeypatch):
+    """Weak signal, training rows fewer than channels: the optimum is flat, and the
+    gradient rule alone (scikit-learn's, 1e-4) stops with the direction 1 - cos >= 3e-4
+    off the exact optimum. Also requiring the last step to be 1 % of the weights' norm
+    (``LBFGS_STEP_TOL``) brings it within 2e-4, closer than scikit-learn."""
+    from icm import probes
+
+    rng = np.random.default_rng(0)
+    n, width = 500, 1000
+    y = (rng.random(n) < 0.4).astype(np.int64)
+    x = rng.standard_normal((n, 1, 2, width)).astype(np.float32)
+    x[..., :8] += np.where(y == 1, 0.15, -0.15)[:, None, None, None]
+    train, test = split_indices(y, 0.2, 0)
+    exact = fit_torch(x, y, train, test, solver="lbfgs", dtype=torch.float64, tol=1e-9)[2]
+    default = np.sum(fit_torch(x, y, train, test)[2] * exact, axis=-1).min()
+    monkeypatch.setattr(probes, "LBFGS_STEP_TOL", 0.0)
+    gradient_only = np.sum(fit_torch(x, y, train, test)[2] * exact, axis=-1).min()
+    reference = np.sum(fit_sklearn(x[:, 0], y, train, test)[2] * exact[0], axis=-1).min()
+    assert gradient_only < 0.9997 < 0.9998 < default, (gradient_only, default)
+    assert default > reference
+
+
 def test_compact_quasi_newton_direction_equals_the_two_loop_recursion():
     """The compact L-BFGS form (a few batched products) gives the direction of the textbook
     two-loop recursion (Nocedal and Wright, algorithm 7.4), written out here in float64."""
@@ -193,9 +235,10 @@ def test_compact_quasi_newton_direction_equals_the_two_loop_recursion():
 
 
 @pytest.mark.parametrize("solver", ["primal", "cg", "lbfgs"])
-def test_warm_starts_survive_a_label_flip_between_steps(solver):
+def test_warm_starts_survive_a_label_flip_between_steps(solver, monkeypatch):
     """Each step starts from the previous step's solution; when the signal reverses sign
     between steps that start is far off, and every solver must still reach the optimum."""
+    monkeypatch.setattr("icm.probes.steps_per_solve", lambda *args: 1)  # one step at a time
     rng = np.random.default_rng(4)
     n, width = 200, 12
     y = (rng.random(n) < 0.5).astype(np.int64)
