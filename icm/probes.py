@@ -8,7 +8,7 @@ intercept, on standardised features) solved for all equal-width sites at once by
 batched Newton iterations in torch, on the GPU when present: steps in order, each
 warm-started from the previous step's solution, with converged problems leaving the batch.
 Each shape is solved as it calls for (``choose_solver``): Newton steps on the primal (C x C
-Hessian) system for narrow features, batched L-BFGS with an exact line search for wide ones
+Hessian) system for narrow features, batched L-BFGS with a free line search for wide ones
 (the dual N x N Newton system and truncated conjugate gradients remain selectable). Same problem, same
 split, so the two backends agree to solver tolerance; ``benchmarks/probe_speed.py``
 measures the speed-up.
@@ -392,8 +392,8 @@ PRIMAL_MAX_WIDTH = 256
 def choose_solver(samples: int, channels: int, covariates: bool = False) -> str:
     """How a problem shape is solved, from the timings on 2 CPU cores in benchmarks/README.md:
     the exact (C+1)^2 Newton system for narrow features, batched L-BFGS otherwise (two passes
-    over the data per iteration, as scikit-learn's lbfgs, in float32 with a free exact line
-    search: 2.3x to 3.0x scikit-learn at 2,400 training samples x 1,280 channels, 4.6x at
+    over the data per iteration, as scikit-learn's lbfgs, in float32 with a free line
+    search: 2.8x scikit-learn at 2,400 training samples x 1,280 channels, 5.8x at
     800 x 1,280, where Newton-CG and the dual Newton system were slower than L-BFGS).
     ``samples`` and ``covariates`` are kept for the dual and CG forms, which remain
     selectable by name."""

@@ -196,6 +196,8 @@ def variant_spec(wildcards):
     alpha = alphas.get(wildcards.variant, variant["alpha"])
     spec["alpha"] = alpha if alpha == "auto" else float(alpha)
     spec["alpha_unit"] = config["steering"]["alpha_unit"]
+    if variant.get("direction_steps"):  # only where set: per-step variants keep their params
+        spec["direction_steps"] = variant["direction_steps"]
     if variant["sites"] != "all":
         spec["k"] = config["steering"]["k"]
         spec["sites_per"] = config["steering"]["sites_per"]

@@ -140,6 +140,25 @@ def test_spread_units_scale_each_row_by_its_site_and_step(tmp_path):
         scale_by_spread({"red-green": {"a": unit}}, [("red", "green")], [meta])
 
 
+def test_one_vector_is_the_unit_mean_of_the_window_at_every_step():
+    """Appendix G's option: every row is the normalised mean of the K rows from the start."""
+    from icm.jobs.steering import one_vector
+
+    rows = np.zeros((6, 3), dtype=np.float32)
+    rows[:, 0] = 1.0  # steps 0, 1 point along x; steps 2-3 along y; 4-5 along z
+    rows[2:4] = [0, 1, 0]
+    rows[4:] = [0, 0, 1]
+    one = one_vector(rows, start=1, steps=2, site="a")  # steps 1 (x) and 2 (y)
+    assert one.shape == rows.shape and one.dtype == rows.dtype
+    np.testing.assert_allclose(one, np.tile([2**-0.5, 2**-0.5, 0], (6, 1)), rtol=1e-6)
+    np.testing.assert_allclose(one_vector(rows, 2, 2, "a"), np.tile([0, 1, 0], (6, 1)))
+    with pytest.raises(ValueError, match="a: direction_steps 3 from the start step 4 needs 7"):
+        one_vector(rows, 4, 3, "a")
+    rows[3] = [0, -1, 0]
+    with pytest.raises(ValueError, match="cancel out"):
+        one_vector(rows, 2, 2, "a")
+
+
 def test_nonfinite_or_misshapen_directions_are_refused_naming_pair_site_and_step():
     from icm.jobs.steering import check_vectors
 

@@ -94,8 +94,10 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
                   ranking: str | Path | None, pair_ranking: str | Path | None,
                   directions: Sequence[str | Path], directions_meta: Sequence[str | Path],
                   start: str | Path | None) -> SteeringPlan:
-    """The ``SteeringPlan`` of a resolved variant (``sites``, ``seed``, ``k``, ``alpha_unit``);
-    the original (``sites: none``) reads no probe output. With ``alpha_unit: spread`` each
+    """The ``SteeringPlan`` of a resolved variant (``sites``, ``seed``, ``k``, ``alpha_unit``,
+    ``direction_steps``); the original (``sites: none``) reads no probe output. With
+    ``direction_steps`` K every step gets one vector, the mean of the K steps' directions
+    from the start step (``one_vector``). With ``alpha_unit: spread`` each
     direction row is scaled by its site's spread at that step (``directions.json``), so
     alpha counts within-class standard deviations along the probe axis."""
     classes = list(concept["classes"])
@@ -111,20 +113,39 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
         names, variant["sites"], variant.get("k"), variant["seed"])
     vectors = load_directions(pairs, directions, sites)
     timesteps = probe_step_axis(directions_meta)
-    unit = variant.get("alpha_unit", "absolute")
-    if unit == "spread":
-        vectors = scale_by_spread(vectors, pairs, directions_meta)
-    elif unit != "absolute":
-        raise ValueError(f"alpha_unit {unit!r}: use 'spread' or 'absolute'")
     chosen = json.loads(Path(start).read_text())
     start_step = int(chosen["start_step"])
     if abs(timesteps[start_step] - chosen["start_timestep"]) > 1e-3:
         raise ValueError(f"{start}: start step {start_step} is timestep "
                          f"{chosen['start_timestep']} there but {timesteps[start_step]} "
                          "in the probes; rerun the ranking")
+    unit = variant.get("alpha_unit", "absolute")
+    check_vectors(vectors, timesteps, unit)
+    if variant.get("direction_steps"):
+        vectors = {pair: {site: one_vector(v, start_step, variant["direction_steps"], site)
+                          for site, v in per_site.items()} for pair, per_site in vectors.items()}
+    if unit == "spread":
+        vectors = scale_by_spread(vectors, pairs, directions_meta)
+    elif unit != "absolute":
+        raise ValueError(f"alpha_unit {unit!r}: use 'spread' or 'absolute'")
     check_vectors(vectors, timesteps, unit)
     return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
                         chosen["start_rule"], unit)
+
+
+def one_vector(rows: np.ndarray, start: int, steps: int, site: str) -> np.ndarray:
+    """One direction for every step (the paper's appendix G: a single vector from five
+    steps): the unit mean of the unit direction rows ``start`` .. ``start + steps - 1``,
+    repeated over the step axis so steering (and spread units) index it as before."""
+    if start + steps > len(rows):
+        raise ValueError(f"{site}: direction_steps {steps} from the start step {start} needs "
+                         f"{start + steps} steps, the probes have {len(rows)}")
+    mean = rows[start:start + steps].astype(np.float64).mean(axis=0)
+    norm = np.linalg.norm(mean)
+    if norm < 1e-6:
+        raise ValueError(f"{site}: the directions of steps {start}-{start + steps - 1} cancel "
+                         "out (their mean is 0): use per-step directions")
+    return np.broadcast_to((mean / norm).astype(rows.dtype), rows.shape).copy()
 
 
 def check_vectors(vectors: Mapping[str, Mapping[str, np.ndarray]], timesteps: np.ndarray,
@@ -264,6 +285,7 @@ def steer_shard_job(
         "alpha": alpha,
         "alpha_rule": alpha_rule,
         "alpha_unit": plan.alpha_unit,
+        "direction_steps": variant.get("direction_steps"),
         "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],
