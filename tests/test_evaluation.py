@@ -51,6 +51,18 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
     assert icm["n_images"] == 4 and 0 <= icm["FD"] <= math.sqrt(0.5) + 1e-9
     assert -1 <= icm["CLIP-I"] < 0.9999 and -1 <= icm["CLIP-T"] <= 1  # different images
     assert "ViT-S-32-alt" in icm["backends"]["CLIP-T"] and math.isnan(icm["FID"])
+    # The paper's conventions beside: (cos + 1) / 2, and FD from hard labels as well as
+    # from mean probabilities, which this CLIP labeler does not give (FairFace does).
+    assert np.isclose(icm["CLIP-I_paper"], (icm["CLIP-I"] + 1) / 2)
+    assert np.isclose(icm["CLIP-T_paper"], (icm["CLIP-T"] + 1) / 2)
+    assert math.isnan(icm["FD_probabilities"]) and icm["FD_labels"] == icm["FD"]
+    assert "no class probabilities" in icm["backends"]["FD_probabilities"]
+    labelled = read_labels(tmp_path / "icm.labels.csv")
+    per_prompt = []
+    for _, group in labelled[labelled["label"] != ""].groupby("prompt"):
+        shares = group["label"].value_counts(normalize=True)
+        per_prompt.append(math.hypot(*(shares.get(c, 0.0) - 0.5 for c in ("woman", "man"))))
+    assert np.isclose(icm["FD_labels"], np.mean(per_prompt))  # labelled shares vs uniform
     assert math.isnan(json.loads(outputs["original"].read_text())["CLIP-I"])
     per_image = read_labels(tmp_path / "icm.labels.csv")
     assert len(per_image) == 4 and np.allclose(per_image[["p_woman", "p_man"]].sum(axis=1), 1)
@@ -67,6 +79,8 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
     assert list(written["variant"]) == ["original", "icm"] == list(table["variant"])
     assert written.loc[1, "layers"] == "a.attn1;b.attn1" and written.loc[1, "alpha"] == 8.0
     assert "ViT-S-32-alt" in written.loc[1, "CLIP-I_backend"]
+    assert "(CLIP-T + 1) / 2" in written.loc[1, "CLIP-T_paper_backend"]
+    assert np.isclose(written.loc[1, "FD_labels"], icm["FD_labels"])
     plot_grid_job({"original": [original], "icm": [steered]}, 3, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 1000
     assert (tmp_path / "metrics.png").stat().st_size > 1000

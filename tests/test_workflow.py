@@ -124,6 +124,10 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert (table["n_images"] == 40).all() and table["FD"].notna().all()
     assert np.isnan(table.loc["original", "CLIP-I"]) and table.loc["icm", "CLIP-I"] <= 1
     assert "toy features" in table.loc["icm", "FID_backend"]
+    # The oracle labels only: FD is the labels' FD; the paper's (cos + 1) / 2 for CLIP-I.
+    assert (table["FD_labels"] == table["FD"]).all() and table["FD_probabilities"].isna().all()
+    assert np.isclose(table.loc["icm", "CLIP-I_paper"], (table.loc["icm", "CLIP-I"] + 1) / 2)
+    assert table["CLIP-T_paper"].isna().all()
     # Each steering variant's alpha came from its calibration sweep, on seeds of its own.
     tradeoff = pd.read_csv(base / "calibration/tradeoff.csv")
     assert set(tradeoff["variant"]) == {"icm", "cross", "all", "random", "worst"}
@@ -234,6 +238,12 @@ def check_what_reruns(workdir, tmp_path):
     assert plan("steering: {calibration: {clip_i_floor: 0.5}}\n") == recalibrated | {
         "total": 21}
     assert plan("steering: {alpha_unit: absolute}\n") == recalibrated | {"total": 21}
+    # A new variant (one vector of 5 steps, appendix G) plans only its own jobs and the
+    # tables beside them: icm, with the same sites, keeps its params.
+    assert plan("steering: {variants: {icm-mean5: {sites: top, alpha: auto, "
+                "direction_steps: 5}}}\n") == {
+        "calibrate_steering": 1, "plot_tradeoff": 1, "steer_images": 1, "compute_metrics": 1,
+        "plot_grid": 1, "collect_table": 1, "tabulate_target": 3, "total": 9}
     # Which targets are tabulated: the table asks for another set, nothing is steered.
     assert plan("concepts: {color: {steering: {targets: [green]}}}\n") == {
         "collect_table": 1, "total": 1}

@@ -28,8 +28,20 @@ from icm.tables import write_table
 
 log = logging.getLogger("icm")
 
-TABLE_COLUMNS = ["variant", "FD", "FID", "CLIP-I", "CLIP-T", "n_images", "alpha", "selection",
-                 "layers", "FD_backend", "FID_backend", "CLIP-I_backend", "CLIP-T_backend"]
+#: Metric columns: the main ones, then the same numbers in the other convention the paper's
+#: evaluation uses or its text implies (each column's convention in its ``*_backend``).
+METRIC_COLUMNS = ["FD", "FID", "CLIP-I", "CLIP-T", "FD_labels", "FD_probabilities",
+                  "CLIP-I_paper", "CLIP-T_paper"]
+TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "n_images", "alpha", "selection", "layers",
+                 *METRIC_COLUMNS[4:], *(f"{m}_backend" for m in METRIC_COLUMNS)]
+
+
+FD_FROM_PROBABILITIES = "mean class probabilities of every image"
+
+
+def paper_scale(cosine: float) -> float:
+    """A mean cosine as the paper reports CLIP-I and CLIP-T: (cos + 1) / 2, in [0, 1]."""
+    return (cosine + 1) / 2
 
 
 def read_shards(tables: Sequence[str | Path]) -> pd.DataFrame:
@@ -126,7 +138,7 @@ def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image
     if probabilities is not None:
         fd, per_prompt = fairness_discrepancy_from_probabilities(probabilities, list(prompts),
                                                                  classes, reference)
-        return fd, per_prompt, "mean class probabilities of every image", labelled
+        return fd, per_prompt, FD_FROM_PROBABILITIES, labelled
     fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
     return fd, per_prompt, "shares of labelled images", labelled
 
@@ -148,7 +160,7 @@ def compute_metrics_job(
     CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
     variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
     the original itself."""
-    from icm.metrics import clip_t, paired_cosines, prompt_agreement
+    from icm.metrics import clip_t, fairness_discrepancy, paired_cosines, prompt_agreement
 
     device = str(resolve_device(evaluation["device"]))
     classes = list(concept["classes"])
@@ -180,15 +192,28 @@ def compute_metrics_job(
         fid_backend = ("clean-fid, toy features" if toy else "clean-fid, Inception") + \
             f" vs {fid_reference}"
     counts = labels[labels != ""].value_counts().to_dict()
+    fd_labels, _ = fairness_discrepancy(list(labels), list(rows["prompt"]), classes,
+                                        concept.get("reference"))
+    from_probabilities = fd_from == FD_FROM_PROBABILITIES
     result = {
         "variant": variant, "n_images": len(rows), "FD": fd, "FD_per_prompt": fd_per_prompt,
         "FID": fid, "CLIP-I": clip_i, "CLIP-T": text_alignment, "label_counts": counts,
+        "FD_labels": fd_labels, "FD_probabilities": fd if from_probabilities else math.nan,
+        "CLIP-I_paper": paper_scale(clip_i),
+        "CLIP-T_paper": math.nan if toy else paper_scale(text_alignment),
         "targets": rows["target"].value_counts().to_dict(),
         "steered_images": int(rows["steered"].astype(str).eq("True").sum()),
         "FD_from": fd_from, "unlabelled_images": int((labels == "").sum()),
         "backends": {"FD": f"{labeler.name}, {fd_from}", "FID": fid_backend,
                      "CLIP-I": f"{embedder.name} cosine (steered vs original, same seed)",
-                     "CLIP-T": text_backend},
+                     "CLIP-T": text_backend,
+                     "FD_labels": f"{labeler.name}, shares of labelled images",
+                     "FD_probabilities": f"{labeler.name}, mean class probabilities of every "
+                     "image (the paper's evaluation)" if from_probabilities
+                     else f"none ({labeler.name} gives no class probabilities)",
+                     "CLIP-I_paper": "(CLIP-I + 1) / 2, as the paper reports it",
+                     "CLIP-T_paper": "none (the toy's CLIP-T is no cosine)" if toy
+                     else "(CLIP-T + 1) / 2, as the paper reports it"},
         "versions": package_versions(),
     }
     write_json(output, result)
@@ -208,8 +233,7 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
         result = json.loads(Path(metrics_path).read_text())
         record = json.loads(Path(record_path).read_text())
         rows.append({
-            "variant": result["variant"], "FD": result["FD"], "FID": result["FID"],
-            "CLIP-I": result["CLIP-I"], "CLIP-T": result["CLIP-T"],
+            "variant": result["variant"], **{m: result[m] for m in METRIC_COLUMNS},
             "n_images": result["n_images"], "alpha": record["alpha"],
             "selection": record["selection"], "layers": layers_text(record["sites"]),
             **{f"{k}_backend": v for k, v in result["backends"].items()},
