@@ -115,7 +115,8 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
             yield f"concepts.{name}.head_maps.masks.path", str(masks["path"]), "folder"
         reference = evaluation.get("fid_reference")
         if reference and reference != "toy-world" and not reference.startswith("stats:"):
-            yield f"concepts.{name}.evaluation.fid_reference", str(reference), "folder"
+            yield (f"concepts.{name}.evaluation.fid_reference", str(reference),
+                   "file" if reference.endswith(".npz") else "folder")  # .npz: statistics
     pretrained = (config.get("evaluation") or {}).get("clip_pretrained")
     if pretrained:
         yield "evaluation.clip_pretrained", str(pretrained), "weights"

@@ -21,6 +21,7 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -338,6 +339,67 @@ def _stats_name(reference: str | Path, backend: str) -> str:
     return name
 
 
+#: Where clean-fid's precomputed reference statistics are published (FFHQ, CIFAR, ...).
+CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
+
+
+def _feature_model(backend: str, toy_features: str | Path | None, device: str):
+    """clean-fid's options for a backend: its feature extractor and resize (or none)."""
+    if backend == "toy":
+        if toy_features is None:
+            raise ValueError("backend 'toy' needs `toy_features`, the toy feature net's path")
+        net = _load_toy_net(toy_features, device)
+        return {"custom_feat_extractor": _ToyFidExtractor(net),
+                "custom_fn_resize": _toy_resizer(_toy_size(net))}
+    _ensure_inception_weights()
+    return {}
+
+
+def _folder_features(folder: Path, options: Mapping[str, Any], device: str,
+                     batch_size: int, num_workers: int) -> np.ndarray:
+    from cleanfid import fid
+
+    model = options.get("custom_feat_extractor") or fid.build_feature_extractor(
+        "clean", torch.device(device), use_dataparallel=False)
+    return fid.get_folder_features(str(folder), model, num_workers=num_workers,
+                                   batch_size=batch_size, device=torch.device(device),
+                                   mode="clean", custom_fn_resize=options.get("custom_fn_resize"),
+                                   verbose=False)
+
+
+def read_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a clean-fid statistics file (``.npz`` with ``mu`` and ``sigma``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"FID statistics {path} not found. clean-fid's precomputed ones are published at "
+            f"{CLEANFID_STATS_URL} (FFHQ at 1024 px in clean mode: "
+            "ffhq_clean_trainval70k_1024.npz): download the file on a machine with internet "
+            "and give its local path; or write statistics of a folder with "
+            "icm.metrics.write_fid_statistics")
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} holds {sorted(data)}, not clean-fid statistics (mu, sigma)")
+        mu, sigma = data["mu"], data["sigma"]
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not match")
+    return mu, sigma
+
+
+def write_fid_statistics(folder: str | Path, output: str | Path, *, backend: str = "inception",
+                         toy_features: str | Path | None = None, device: str = "cpu",
+                         batch_size: int = 64, num_workers: int = 0) -> Path:
+    """Write the (mu, sigma) of ``folder``'s features as a clean-fid statistics file, so that
+    later FIDs against it read no reference image."""
+    folder = Path(folder)
+    _check_image_set(folder, "image folder")
+    features = _folder_features(folder, _feature_model(backend, toy_features, device), device,
+                                batch_size, num_workers)
+    output = Path(output)
+    np.savez(output, mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False))
+    return output
+
+
 def compute_fid(
     folder: str | Path,
     reference: str | Path,
@@ -350,7 +412,9 @@ def compute_fid(
 ) -> float:
     """FID of the images in ``folder`` against ``reference``, computed by clean-fid.
 
-    ``reference`` is a folder (or .zip) of images, or the name of clean-fid custom statistics
+    ``reference`` is a folder (or .zip) of images, a statistics file (``.npz`` with ``mu`` and
+    ``sigma`` of the backend's features: clean-fid's precomputed FFHQ statistics, or
+    ``write_fid_statistics``), or the name of clean-fid custom statistics
     (``cleanfid.fid.make_custom_stats``; Inception backend only). Everything is checked before
     any image is read: folders, statistics and weights.
 
@@ -367,20 +431,23 @@ def compute_fid(
         raise ValueError(f"unknown FID backend {backend!r}; known: {FID_BACKENDS}")
     folder = Path(folder)
     _check_image_set(folder, "image folder")
+    if str(reference).endswith(".npz"):  # precomputed statistics, e.g. clean-fid's FFHQ
+        mu, sigma = read_fid_statistics(reference)
+        features = _folder_features(folder, _feature_model(backend, toy_features, device),
+                                    device, batch_size, num_workers)
+        if features.shape[1] != len(mu):
+            raise ValueError(f"{reference} holds statistics of {len(mu)} features, but backend "
+                             f"{backend!r} gives {features.shape[1]}")
+        from cleanfid import fid
+
+        return float(fid.frechet_distance(features.mean(axis=0),
+                                          np.cov(features, rowvar=False), mu, sigma))
     if _is_image_set(Path(reference)):
         _check_image_set(Path(reference), "reference folder")
         reference_folder, stats = str(reference), None
     else:
         reference_folder, stats = None, _stats_name(reference, backend)
-    options: dict = {}
-    if backend == "toy":
-        if toy_features is None:
-            raise ValueError("backend 'toy' needs `toy_features`, the toy feature net's path")
-        net = _load_toy_net(toy_features, device)
-        options = {"custom_feat_extractor": _ToyFidExtractor(net),
-                   "custom_fn_resize": _toy_resizer(_toy_size(net))}
-    else:
-        _ensure_inception_weights()
+    options = _feature_model(backend, toy_features, device)
     from cleanfid import fid
 
     score = fid.compute_fid(

@@ -53,6 +53,7 @@ def test_missing_local_paths_are_refused_with_the_key(config, tmp_path):
     cfg["models"]["sd15"]["source"] = "models/my sd15"          # not a hub id's shape
     cfg["models"]["sdxl"]["source"] = "someone/some-model"      # a hub id: loaded from cache
     cfg["concepts"]["color"]["evaluation"]["fid_reference"] = "data/real-images"
+    cfg["concepts"]["gender"]["evaluation"]["fid_reference"] = "stats/ffhq_clean.npz"
     cfg["concepts"]["gender"]["evaluation"]["labeler"] = {
         "type": "fairface", "attribute": "gender", "weights": "ckpt/fairface.pt"}
     cfg["evaluation"]["clip_pretrained"] = "ckpt/ViT-L-14.pt"
@@ -62,6 +63,7 @@ def test_missing_local_paths_are_refused_with_the_key(config, tmp_path):
         "models.toy.source: 'resources/models/gone' is neither a folder nor a hub id "
         "(owner/name)",
         "concepts.gender.evaluation.labeler.weights: no file 'ckpt/fairface.pt'",
+        "concepts.gender.evaluation.fid_reference: no file 'stats/ffhq_clean.npz'",
         "concepts.color.evaluation.fid_reference: no folder 'data/real-images'",
         "evaluation.clip_pretrained: no checkpoint file 'ckpt/ViT-L-14.pt' (a tag such as "
         "openai, or a local file)",

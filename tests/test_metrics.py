@@ -219,6 +219,22 @@ def test_toy_fid_sees_the_images_as_rendered(fid_folders):
     assert toy_fid(fid_folders["a"], fid_folders["b"]) == pytest.approx(expected, rel=1e-4)
 
 
+def test_fid_against_a_statistics_file_equals_fid_against_its_folder(fid_folders, tmp_path):
+    """A local .npz of (mu, sigma), as clean-fid publishes for FFHQ, stands for the reference
+    folder it was computed from; a missing file says where such statistics come from."""
+    from icm.metrics import write_fid_statistics
+
+    stats = write_fid_statistics(fid_folders["b"], tmp_path / "b.npz", backend="toy",
+                                 toy_features=TOY_FEATURES)
+    assert toy_fid(fid_folders["a"], stats) == pytest.approx(
+        toy_fid(fid_folders["a"], fid_folders["b"]), rel=1e-6)
+    with pytest.raises(FileNotFoundError, match="ffhq_clean_trainval70k_1024.npz"):
+        toy_fid(fid_folders["a"], tmp_path / "ffhq.npz")
+    np.savez(tmp_path / "narrow.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(ValueError, match="statistics of 3 features, but backend 'toy' gives 64"):
+        toy_fid(fid_folders["a"], tmp_path / "narrow.npz")
+
+
 def test_fid_checks_inputs_before_work(fid_folders, tmp_path):
     with pytest.raises(ValueError, match="backend"):
         compute_fid(fid_folders["a"], fid_folders["b"], backend="clip")
