@@ -335,7 +335,9 @@ def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, penalty: torch.Ten
     affine in the step length (``_line_minimum``). A warm start that is worse than zero is
     dropped (steps of unrelated problems). The objective is strongly convex, so every
     curvature pair has s'y >= ||s||^2_penalty > 0 and none needs skipping. Converged
-    problems leave the batch. Returns a mask of the problems that met ``tol``.
+    problems leave the batch: those whose gradient meets ``tol`` and, with ``step_tol``,
+    whose last step moved the penalised weights by at most that fraction of their norm.
+    Returns a mask of the problems that met both.
     """
     problems, samples, width = z.shape
     active = torch.arange(problems, device=w.device)
