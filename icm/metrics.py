@@ -21,8 +21,8 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -343,7 +343,8 @@ def _stats_name(reference: str | Path, backend: str) -> str:
 CLEANFID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/"
 
 
-def _feature_model(backend: str, toy_features: str | Path | None, device: str):
+def _clean_fid_options(backend: str, toy_features: str | Path | None,
+                       device: str) -> dict[str, Any]:
     """clean-fid's options for a backend: its feature extractor and resize (or none)."""
     if backend == "toy":
         if toy_features is None:
@@ -355,16 +356,21 @@ def _feature_model(backend: str, toy_features: str | Path | None, device: str):
     return {}
 
 
-def _folder_features(folder: Path, options: Mapping[str, Any], device: str,
-                     batch_size: int, num_workers: int) -> np.ndarray:
+def _folder_statistics(folder: Path, backend: str, toy_features: str | Path | None,
+                       device: str, batch_size: int,
+                       num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the backend's features of the images in ``folder``, as clean-fid
+    computes them for a reference."""
     from cleanfid import fid
 
+    options = _clean_fid_options(backend, toy_features, device)
     model = options.get("custom_feat_extractor") or fid.build_feature_extractor(
         "clean", torch.device(device), use_dataparallel=False)
-    return fid.get_folder_features(str(folder), model, num_workers=num_workers,
-                                   batch_size=batch_size, device=torch.device(device),
-                                   mode="clean", custom_fn_resize=options.get("custom_fn_resize"),
-                                   verbose=False)
+    features = fid.get_folder_features(
+        str(folder), model, num_workers=num_workers, batch_size=batch_size,
+        device=torch.device(device), mode="clean",
+        custom_fn_resize=options.get("custom_fn_resize"), verbose=False)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
 def read_fid_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -393,10 +399,10 @@ def write_fid_statistics(folder: str | Path, output: str | Path, *, backend: str
     later FIDs against it read no reference image."""
     folder = Path(folder)
     _check_image_set(folder, "image folder")
-    features = _folder_features(folder, _feature_model(backend, toy_features, device), device,
-                                batch_size, num_workers)
+    mu, sigma = _folder_statistics(folder, backend, toy_features, device, batch_size,
+                                   num_workers)
     output = Path(output)
-    np.savez(output, mu=features.mean(axis=0), sigma=np.cov(features, rowvar=False))
+    np.savez(output, mu=mu, sigma=sigma)
     return output
 
 
@@ -433,21 +439,20 @@ def compute_fid(
     _check_image_set(folder, "image folder")
     if str(reference).endswith(".npz"):  # precomputed statistics, e.g. clean-fid's FFHQ
         mu, sigma = read_fid_statistics(reference)
-        features = _folder_features(folder, _feature_model(backend, toy_features, device),
-                                    device, batch_size, num_workers)
-        if features.shape[1] != len(mu):
+        own_mu, own_sigma = _folder_statistics(folder, backend, toy_features, device,
+                                               batch_size, num_workers)
+        if len(own_mu) != len(mu):
             raise ValueError(f"{reference} holds statistics of {len(mu)} features, but backend "
-                             f"{backend!r} gives {features.shape[1]}")
+                             f"{backend!r} gives {len(own_mu)}")
         from cleanfid import fid
 
-        return float(fid.frechet_distance(features.mean(axis=0),
-                                          np.cov(features, rowvar=False), mu, sigma))
+        return float(fid.frechet_distance(own_mu, own_sigma, mu, sigma))
     if _is_image_set(Path(reference)):
         _check_image_set(Path(reference), "reference folder")
         reference_folder, stats = str(reference), None
     else:
         reference_folder, stats = None, _stats_name(reference, backend)
-    options = _feature_model(backend, toy_features, device)
+    options = _clean_fid_options(backend, toy_features, device)
     from cleanfid import fid
 
     score = fid.compute_fid(

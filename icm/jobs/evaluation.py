@@ -36,7 +36,9 @@ TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "n_images", "alpha", "selection
                  *METRIC_COLUMNS[4:], *(f"{m}_backend" for m in METRIC_COLUMNS)]
 
 
+#: How an FD was computed (``score_fd``): the paper's evaluation, or hard labels.
 FD_FROM_PROBABILITIES = "mean class probabilities of every image"
+FD_FROM_LABELS = "shares of labelled images"
 
 
 def paper_scale(cosine: float) -> float:
@@ -140,7 +142,7 @@ def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image
                                                                  classes, reference)
         return fd, per_prompt, FD_FROM_PROBABILITIES, labelled
     fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
-    return fd, per_prompt, "shares of labelled images", labelled
+    return fd, per_prompt, FD_FROM_LABELS, labelled
 
 
 def compute_metrics_job(
@@ -207,7 +209,7 @@ def compute_metrics_job(
         "backends": {"FD": f"{labeler.name}, {fd_from}", "FID": fid_backend,
                      "CLIP-I": f"{embedder.name} cosine (steered vs original, same seed)",
                      "CLIP-T": text_backend,
-                     "FD_labels": f"{labeler.name}, shares of labelled images",
+                     "FD_labels": f"{labeler.name}, {FD_FROM_LABELS}",
                      "FD_probabilities": f"{labeler.name}, mean class probabilities of every "
                      "image (the paper's evaluation)" if from_probabilities
                      else f"none ({labeler.name} gives no class probabilities)",
