@@ -19,6 +19,7 @@ include: "rules/labels.smk"
 include: "rules/probes.smk"
 include: "rules/calibrate.smk"
 include: "rules/steer.smk"
+include: "rules/inject.smk"
 include: "rules/evaluate.smk"
 include: "rules/head_maps.smk"
 

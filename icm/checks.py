@@ -51,7 +51,16 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
             elif pair[0] == pair[1]:
                 problems.append(f"{key}.pairs: {list(pair)} pairs a class with itself")
         steering = spec.get("steering") or {}
+        specific = spec.get("specific_prompts") or {}
+        seen: dict[str, str] = {}
+        for name_, prompts in specific.items():
+            for prompt in prompts:
+                if seen.setdefault(prompt, name_) != name_:
+                    problems.append(f"{key}.specific_prompts: {prompt!r} is listed under both "
+                                    f"{seen[prompt]} and {name_}")
         for sub, values in (("reference", spec.get("reference")),
+                            ("specific_prompts", specific),
+                            ("injection.injected", (spec.get("injection") or {}).get("injected")),
                             ("steering.target_probs", steering.get("target_probs")),
                             ("steering.targets", steering.get("targets"))):
             unknown = sorted(set(values or []) - set(classes))
@@ -63,6 +72,14 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
             if unknown:
                 problems.append(f"{key}.{sub}: {unknown} are not steering.variants "
                                 f"{list(variants)}")
+        # Listed by the concept: it must have the prompts (unlisted, run_variants skips it).
+        needs = [v for v in steering.get("variants") or []
+                 if (variants.get(v) or {}).get("directions") == "specific"]
+        pairs = spec.get("pairs") or [[classes[0], c] for c in classes[1:]] if classes else []
+        missing = sorted({c for pair in pairs for c in pair} - set(specific))
+        if needs and missing:
+            problems.append(f"{key}.steering.variants: {needs} steer with directions from "
+                            f"specific prompts, but specific_prompts has none for {missing}")
     return problems
 
 

@@ -140,6 +140,9 @@ class SiteHooks:
     #: Subclasses that read a module's inputs (head maps: the queries and the text keys)
     #: set this; they then implement :meth:`on_call` instead of :meth:`on_output`.
     reads_inputs: bool = False
+    #: Subclasses that replace a module's inputs before it runs (prompt injection: the text
+    #: states of one cross-attention site) set this and implement :meth:`on_inputs`.
+    replaces_inputs: bool = False
 
     def __init__(self, pipe: Any, sites: Sequence[str], cfg: CFGMode = "auto") -> None:
         if cfg not in ("auto", "cond_half", "all"):
@@ -188,7 +191,10 @@ class SiteHooks:
             self.clock = clock.acquire()
             stack.callback(clock.release)
             for site, module in self.modules.items():
-                if self.reads_inputs:
+                if self.replaces_inputs:
+                    handle = module.register_forward_pre_hook(
+                        functools.partial(self._pre_hook, site), with_kwargs=True)
+                elif self.reads_inputs:
                     handle = module.register_forward_hook(
                         functools.partial(self._hook_with_inputs, site), with_kwargs=True)
                 else:
@@ -224,7 +230,16 @@ class SiteHooks:
         step = self._step(site)
         return None if step is None else self.on_call(site, step, module, args, kwargs, output)
 
+    def _pre_hook(self, site: str, module: nn.Module, args: tuple,
+                  kwargs: dict) -> tuple[tuple, dict] | None:
+        step = self._step(site)
+        return None if step is None else self.on_inputs(site, step, args, kwargs)
+
     def on_output(self, site: str, step: int, output: Any) -> Any:  # pragma: no cover
+        raise NotImplementedError
+
+    def on_inputs(self, site: str, step: int, args: tuple,
+                  kwargs: dict) -> tuple[tuple, dict] | None:  # pragma: no cover
         raise NotImplementedError
 
     def on_call(self, site: str, step: int, module: nn.Module, args: tuple, kwargs: dict,

@@ -42,19 +42,27 @@ SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation
                                 "head-maps": 3}
 # The columns of a shard's samples.csv (icm.generate writes them; merging needs no model).
 SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
+#: Prompt sets by name: the tag a set's seeds mix in (0, the general prompts: none).
+PROMPT_SETS: dict[str, int] = {"general": 0, "specific": 1, "injection": 2}
 SEED_RULE = ("stream << 30 | low 30 bits of numpy SeedSequence([base_seed, stream, "
-             "prompt_index, repeat]).generate_state(1, uint32); streams " +
-             ", ".join(f"{k} {v}" for k, v in SEED_STREAMS.items()))
+             "prompt_index, repeat] + ([set tag] for a prompt set other than the general "
+             "prompts)).generate_state(1, uint32); streams " +
+             ", ".join(f"{k} {v}" for k, v in SEED_STREAMS.items()) + "; set tags " +
+             ", ".join(f"{k} {v}" for k, v in PROMPT_SETS.items()))
 
 
 def sample_seed(base_seed: int, prompt_index: int, repeat: int,
-                stream: str = "localization") -> int:
-    """A well-mixed 32-bit seed of (base seed, stream, prompt index, repeat) via numpy's
-    SeedSequence, its top two bits naming the stream."""
+                stream: str = "localization", prompt_set: str = "general") -> int:
+    """A well-mixed 32-bit seed of (base seed, stream, prompt index, repeat[, prompt set])
+    via numpy's SeedSequence, its top two bits naming the stream."""
     if stream not in SEED_STREAMS:
         raise ValueError(f"unknown seed stream {stream!r}; known: {list(SEED_STREAMS)}")
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; known: {list(PROMPT_SETS)}")
     code = SEED_STREAMS[stream]
     entropy = [int(base_seed), code, int(prompt_index), int(repeat)]
+    if PROMPT_SETS[prompt_set]:  # the general prompts keep the seeds they always had
+        entropy.append(PROMPT_SETS[prompt_set])
     if min(entropy) < 0:
         raise ValueError(f"seeds and indices must be non-negative, got {entropy}")
     low = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint32)[0])
@@ -62,14 +70,15 @@ def sample_seed(base_seed: int, prompt_index: int, repeat: int,
 
 
 def plan_samples(prompts: Sequence[str], samples_per_prompt: int, base_seed: int,
-                 stream: str = "localization") -> list[Sample]:
+                 stream: str = "localization", prompt_set: str = "general") -> list[Sample]:
     """All samples of a generation, prompt-major: prompt 0's repeats first."""
     if samples_per_prompt < 1:
         raise ValueError("samples_per_prompt must be at least 1")
     if not prompts:
         raise ValueError("a generation needs at least one prompt")
     return [
-        Sample(p * samples_per_prompt + r, p, r, prompt, sample_seed(base_seed, p, r, stream))
+        Sample(p * samples_per_prompt + r, p, r, prompt,
+               sample_seed(base_seed, p, r, stream, prompt_set))
         for p, prompt in enumerate(prompts)
         for r in range(samples_per_prompt)
     ]

@@ -198,6 +198,8 @@ def variant_spec(wildcards):
     spec["alpha_unit"] = config["steering"]["alpha_unit"]
     if variant.get("direction_steps"):  # only where set: per-step variants keep their params
         spec["direction_steps"] = variant["direction_steps"]
+    if variant.get("directions", "general") != "general":  # likewise
+        spec["directions"] = variant["directions"]
     if variant["sites"] != "all":
         spec["k"] = config["steering"]["k"]
         spec["sites_per"] = config["steering"]["sites_per"]
@@ -226,7 +228,8 @@ def target_classes(wildcards):
 def run_variants(wildcards):
     """The steering variants of a (model, concept): the concept's `steering.variants` (null:
     all; the original always), less those whose layer selection the model's family lacks (FLUX has no
-    cross-attention, so no `cross` variant)."""
+    cross-attention, so no `cross` variant) and, for a concept without `specific_prompts`,
+    those steering with directions from specific prompts."""
     chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -235,7 +238,9 @@ def run_variants(wildcards):
     if ORIGINAL and ORIGINAL not in chosen:
         chosen = [ORIGINAL, *chosen]  # CLIP-I and the target tables compare with it
     family = family_named(MODELS[wildcards.model]["family"])
-    return [v for v in chosen if family.selects(VARIANTS[v]["sites"])]
+    specific = bool(CONCEPTS[wildcards.concept].get("specific_prompts"))
+    return [v for v in chosen if family.selects(VARIANTS[v]["sites"])
+            and (specific or VARIANTS[v].get("directions", "general") == "general")]
 
 
 def variant_files(pattern):
@@ -248,6 +253,10 @@ def calibrated_variants(wildcards):
     return [v for v in run_variants(wildcards) if alpha_is_auto(wildcards.concept, v)]
 
 
+#: Where each `directions` source's probes are, under results/{model}/{concept}.
+PROBE_DIRS = {"general": "probes", "specific": "specific/probes"}
+
+
 def steer_inputs(wildcards):
     """What a variant reads of the probes: nothing for the original; the directions, their
     step axis and the ranking (per pair unless `steering.sites_per: concept`) otherwise."""
@@ -255,9 +264,12 @@ def steer_inputs(wildcards):
         return {}
     base = f"results/{wildcards.model}/{wildcards.concept}"
     names = pair_names(wildcards.concept)
+    # `directions: specific`: the probes of the class-specific prompts' generations; the
+    # sites and the start still come from the general prompts' ranking.
+    probes = f"{base}/{PROBE_DIRS[VARIANTS[wildcards.variant].get('directions', 'general')]}"
     inputs = {
-        "directions": [f"{base}/probes/{p}/directions.safetensors" for p in names],
-        "directions_meta": [f"{base}/probes/{p}/directions.json" for p in names],
+        "directions": [f"{probes}/{p}/directions.safetensors" for p in names],
+        "directions_meta": [f"{probes}/{p}/directions.json" for p in names],
         "start": f"{base}/ranking.json",  # the steering start the ranking chose
     }
     if alpha_is_auto(wildcards.concept, wildcards.variant):
@@ -281,6 +293,13 @@ def steer_concept(wildcards):
                      if k not in ("alpha", "targets", "variants")},  # none changes an image
         "evaluation_prompts": spec["evaluation"]["prompts"],
     }
+
+
+def injection_concept(wildcards):
+    """What injection reads of the concept: its prompts, classes, `injection` block and the
+    specific prompts it falls back on."""
+    spec = CONCEPTS[wildcards.concept]
+    return {k: spec[k] for k in ("prompts", "classes", "specific_prompts", "injection")}
 
 
 ORIGINAL = next((name for name, v in VARIANTS.items() if v["sites"] == "none"), None)

@@ -119,3 +119,66 @@ rule rank_sites:
         "../envs/generation.yaml"
     script:
         "../workflow_scripts/rank_sites.py"
+
+
+# The class-specific prompts (rules/generate.smk): probes of class c's prompts against
+# class c''s (labels from the prompts, no prompt control: the prompt is the class), the
+# directions of `directions: specific` steering (the paper's Table 4).
+rule fit_specific_probes:
+    input:
+        labels="results/{model}/{concept}/specific/labels.csv",
+        stores=shard_files(
+            "results/{model}/{concept}/specific/generation/shard-{shard}/activations.zarr"),
+    output:
+        scores="results/{model}/{concept}/specific/probes/{pair}/scores.csv",
+        directions="results/{model}/{concept}/specific/probes/{pair}/directions.safetensors",
+        meta="results/{model}/{concept}/specific/probes/{pair}/directions.json",
+        heatmap="results/{model}/{concept}/specific/probes/{pair}/heatmap.png",
+    log:
+        "logs/{model}/{concept}/specific/probes/{pair}.log",
+    params:
+        concept=concept_params("classes", "specific_prompts"),
+        pair=pair_of,
+        probes=FIT_PARAMS["probes"] | {"control": "none"},
+        group=None,
+        by_prompt=True,
+        code=job_code("fit_probes_job"),
+    threads: model_threads
+    resources:
+        **FIT_RESOURCES,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/fit_probes.py"
+
+
+# Implicit or explicit (the paper's Table 3): per specific prompt of class c, probes telling
+# its images (labelled c) from the general prompts' images labelled c, in equal numbers.
+rule compare_explicit_implicit:
+    input:
+        labels="results/{model}/{concept}/labels.csv",
+        stores=shard_files(
+            "results/{model}/{concept}/generation/shard-{shard}/activations.zarr"),
+        specific_labels="results/{model}/{concept}/specific/labels.csv",
+        specific_stores=shard_files(
+            "results/{model}/{concept}/specific/generation/shard-{shard}/activations.zarr"),
+    output:
+        table="results/{model}/{concept}/explicit_vs_implicit.csv",
+        record="results/{model}/{concept}/explicit_vs_implicit.json",
+        scores="results/{model}/{concept}/explicit-vs-implicit/scores.csv",
+        heatmap=report("results/{model}/{concept}/explicit-vs-implicit/heatmap.png",
+                       category="probes",
+                       caption="../docs/report/explicit_vs_implicit.rst"),
+    log:
+        "logs/{model}/{concept}/explicit_vs_implicit.log",
+    params:
+        concept=concept_params("classes", "specific_prompts"),
+        probes=FIT_PARAMS["probes"] | {"control": "none"},
+        code=job_code("explicit_vs_implicit_job"),
+    threads: model_threads
+    resources:
+        **FIT_RESOURCES,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/compare_explicit_implicit.py"

@@ -21,10 +21,13 @@ def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir, model, shards):
     out = result.stdout + result.stderr
     jobs = job_counts(out)
     assert jobs["generate_images"] == shards  # the model's n_shards
-    for stage in ("merge_samples", "label_images", "fit_probes", "rank_sites", "collect_table"):
+    for stage in ("merge_samples", "label_images", "fit_probes", "rank_sites", "collect_table",
+                  "label_specific_images", "fit_specific_probes"):
         assert jobs[stage] == 1
-    generation = out.split("rule generate_images:")[1].split("rule ")[0]
-    assert "gpu=1" in generation
+    assert jobs["generate_specific_images"] == shards  # for icm-specific's directions
+    for rule in ("generate_images", "generate_specific_images"):
+        generation = out.split(f"rule {rule}:")[1].split("rule ")[0]
+        assert "gpu=1" in generation
 
 
 @pytest.mark.parametrize(("model", "hub_id"), [
@@ -195,6 +198,69 @@ def test_toy_color_through_the_table(workdir, tmp_path):
                     "total": 8}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
     check_what_reruns(workdir, tmp_path)
+    check_specific_prompts(workdir, tmp_path)
+
+
+def check_specific_prompts(workdir, tmp_path):
+    """On the finished toy table: the class-specific prompts' generation, Table 3's
+    explicit-vs-implicit probes and Table 4's variant steered with their directions."""
+    import pandas as pd
+
+    base = workdir / "results/toy/color"
+    overlay = tmp_path / "specific.yaml"
+    overlay.write_text("concepts: {color: {steering: {variants: [original, icm, icm-specific], "
+                       "alpha: {icm-specific: 4}}}}\n")
+    targets = ["results/toy/color/explicit_vs_implicit.csv",
+               "results/toy/color/metrics/icm-specific.json",
+               "results/toy/color/injection/ranking.csv"]
+    plan = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
+                     "-n", *targets)
+    assert job_counts(plan.stdout + plan.stderr) == {
+        "generate_specific_images": 1, "merge_specific_samples": 1, "label_specific_images": 1,
+        "fit_specific_probes": 2, "compare_explicit_implicit": 1, "steer_images": 1,
+        "compute_metrics": 1, "inject_prompts": 1, "label_injected_images": 1,
+        "rank_injection": 1, "total": 11}, (plan.stdout + plan.stderr)[-2000:]
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
+                       *targets)
+    assert result.returncode == 0, result.stderr[-3000:]
+    general = pd.read_csv(base / "generation/samples.csv")
+    specific = pd.read_csv(base / "specific/generation/samples.csv")
+    assert len(specific) == 12 * 10 and not set(specific["seed"]) & set(general["seed"])
+    labels = pd.read_csv(base / "specific/labels.csv", keep_default_na=False)
+    assert set(labels["prompt_class"]) == {"red", "green", "blue"}
+    # The toy model paints the colour it is asked for: the oracle agrees on most images.
+    assert (labels["label"] == labels["prompt_class"]).mean() > 0.8
+    table = pd.read_csv(base / "explicit_vs_implicit.csv")
+    assert len(table) == 12 and (table["n_explicit"] == table["n_implicit"]).all()
+    assert table["test_acc"].between(0, 1).all() and (table["chance"] == 0.5).all()
+    assert (base / "explicit-vs-implicit/heatmap.png").exists()
+    record = json.loads((base / "steer/icm-specific/shard-000/steering.json").read_text())
+    general_icm = json.loads((base / "steer/icm/shard-000/steering.json").read_text())
+    assert record["sites"] == general_icm["sites"]  # the same selection and start ...
+    assert record["start_step"] == general_icm["start_step"]
+    assert record["directions"] == "specific"  # ... with other directions
+    metrics = json.loads((base / "metrics/icm-specific.json").read_text())
+    assert metrics["n_images"] == 40
+    # Injection: the toy's 7 cross-attention sites x 3 classes on 4 prompts x 1 seed, plus
+    # each seed uninjected; at some site the injected "a red shape" (green, blue) flips most.
+    injected = pd.read_csv(base / "injection/samples.csv", keep_default_na=False)
+    assert len(injected) == 4 * (1 + 7 * 3)
+    flips = pd.read_csv(base / "injection/flips.csv")
+    assert len(flips) == 21 and flips.groupby("site")["flip_rate"].mean().max() > 0.5
+    ranking = pd.read_csv(base / "injection/ranking.csv")
+    assert list(ranking["injection_rank"]) == list(range(1, 8))
+    assert set(ranking["site"]) == {s for s in pd.read_csv(base / "ranking.csv")["site"]
+                                    if s.endswith("attn2")}
+    assert "spearman_rho" in json.loads((base / "injection/correlation.json").read_text())
+    # More specific images rerun what reads them, never the general prompts' stages.
+    more = tmp_path / "more.yaml"
+    more.write_text("concepts: {color: {specific_samples_per_prompt: 12}}\n")
+    plan = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), str(more),
+                     "--cores", "2", "-n", *targets)
+    assert job_counts(plan.stdout + plan.stderr) == {
+        "generate_specific_images": 1, "merge_specific_samples": 1, "label_specific_images": 1,
+        "fit_specific_probes": 2, "compare_explicit_implicit": 1, "steer_images": 1,
+        "compute_metrics": 1, "total": 8}
 
 
 def check_what_reruns(workdir, tmp_path):
@@ -298,7 +364,8 @@ def test_a_family_without_cross_attention_plans_no_cross_variant(workdir, model,
     assert (f"results/{model}/gender/metrics/cross.json" in out) == cross
     assert f"results/{model}/gender/metrics/worst.json" in out
     jobs = job_counts(out)
-    assert jobs["steer_images"] == 6 - (not cross)  # the model has one shard per variant
+    # One shard per variant: six and icm-specific (gender has specific prompts).
+    assert jobs["steer_images"] == 7 - (not cross)
 
 
 @pytest.mark.slow

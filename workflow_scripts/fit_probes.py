@@ -1,4 +1,4 @@
-"""Snakemake adapter for rules fit_probes and fit_probe_group."""
+"""Snakemake adapter for rules fit_probes, fit_probe_group and fit_specific_probes."""
 
 from icm.jobs import fit_probes_job, logging_to, use_threads
 
@@ -9,4 +9,4 @@ with logging_to(sm.log[0]):
                    list(sm.input.stores), sm.output.scores, sm.output.directions,
                    sm.output.meta, sm.output.get("heatmap"),
                    memory_mb=0.5 * sm.resources.get("mem_mb", 4000),  # half the job's
-                   group=sm.params.group)
+                   group=sm.params.group, by_prompt=sm.params.get("by_prompt", False))

@@ -1,4 +1,4 @@
-"""Snakemake adapter for rule generate_images."""
+"""Snakemake adapter for rules generate_images and generate_specific_images."""
 
 from icm.jobs import generate_shard_job, logging_to, use_threads
 
@@ -16,4 +16,5 @@ with logging_to(sm.log[0]):
         images_dir=sm.output.images,
         table=sm.output.samples,
         store=sm.output.store,
+        prompt_set=sm.params.get("prompt_set", "general"),
     )

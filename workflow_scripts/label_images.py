@@ -1,4 +1,4 @@
-"""Snakemake adapter for rule label_images."""
+"""Snakemake adapter for rules label_images, label_specific_images and label_injected_images."""
 
 from icm.jobs import label_images_job, logging_to, use_threads
 

@@ -16,10 +16,23 @@ from icm.tables import write_table
 log = logging.getLogger("icm")
 
 
+def specific_prompts(concept: Mapping[str, Any]) -> dict[str, str]:
+    """Each class-specific prompt of a concept with its class, class-major as configured
+    (``concepts.<c>.specific_prompts``): the prompt order numbers the samples and seeds. A
+    prompt under two classes is an error: its images' class would be ambiguous."""
+    classes: dict[str, str] = {}
+    for name, prompts in (concept.get("specific_prompts") or {}).items():
+        for prompt in prompts:
+            if classes.setdefault(prompt, name) != name:
+                raise ValueError(f"specific prompt {prompt!r} is listed under both "
+                                 f"{classes[prompt]} and {name}")
+    return classes
+
+
 def concept_samples(
     concept: Mapping[str, Any], model: Mapping[str, Any], generation: Mapping[str, Any],
     per_prompt: int | None = None, stream: str = "localization",
-    prompts: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None, prompt_set: str = "general",
 ) -> list[Sample]:
     """The sample plan of a (model, concept) run: ``prompts`` (default: the concept's
     general prompts), ``per_prompt`` repeats and the seed rule of ``stream``, so sample
@@ -27,10 +40,18 @@ def concept_samples(
 
     The repeats: ``per_prompt`` when given (steering passes its own
     ``steering.samples_per_prompt``, which wins), else the model's ``samples_per_prompt``
-    (a smaller localization run for that model), else the concept's."""
+    (a smaller localization run for that model), else the concept's. The ``specific``
+    prompt set is the concept's class-specific prompts (``specific_prompts``) with
+    ``specific_samples_per_prompt`` repeats, seeded apart from the general prompts."""
+    if prompt_set == "specific":
+        prompts = prompts or list(specific_prompts(concept))
+        if not prompts:
+            raise ValueError("the concept has no specific_prompts")
+        per_prompt = (per_prompt or model.get("samples_per_prompt")
+                      or concept["specific_samples_per_prompt"])
     per_prompt = per_prompt or model.get("samples_per_prompt") or concept["samples_per_prompt"]
     return plan_samples(prompts or concept["prompts"], per_prompt, generation["base_seed"],
-                        stream)
+                        stream, prompt_set)
 
 
 def generate_shard_job(
@@ -45,14 +66,17 @@ def generate_shard_job(
     images_dir: str | Path,
     table: str | Path,
     store: str | Path,
+    prompt_set: str = "general",
 ) -> None:
-    """Generate one shard. The model loads first, so missing weights stop the job before
-    anything is written."""
+    """Generate one shard of the concept's general prompts or (``prompt_set="specific"``)
+    of its class-specific prompts. The model loads first, so missing weights stop the job
+    before anything is written."""
     from icm.generate import SamplerSettings, generate_shard
     from icm.models import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
-    samples = concept_samples(concept, model, generation)
+    samples = concept_samples(concept, model, generation, prompt_set=prompt_set)
+    prompts = list(dict.fromkeys(s.prompt for s in samples))
     mine = shard_samples(samples, model["n_shards"], shard, model["batch_size"])
     log.info("%s/%s shard %d: samples %d..%d of %d", model_name, concept_name, shard,
              mine[0].sample, mine[-1].sample, len(samples))
@@ -61,14 +85,17 @@ def generate_shard_job(
         "model": {"name": model_name, "family": spec.family, "source": source,
                   "dtype": spec.dtype, "scheduler": type(pipe.scheduler).__name__},
         "concept": concept_name,
-        "prompts": list(concept["prompts"]),
-        "samples_per_prompt": len(samples) // len(concept["prompts"]),
+        "prompts": prompts,
+        "prompt_set": prompt_set,
+        "samples_per_prompt": len(samples) // len(prompts),
         "base_seed": generation["base_seed"],
         "seed_stream": "localization",
         "seed_rule": SEED_RULE,
         "shard": shard,
         "n_shards": model["n_shards"],
     }
+    if prompt_set == "specific":
+        attrs["prompt_classes"] = specific_prompts(concept)
     generate_shard(
         pipe,
         mine,

@@ -19,7 +19,9 @@ def label_images_job(
     concept: Mapping[str, Any], samples_csv: str | Path, output: str | Path,
     sidecar: str | Path, device: str = "auto",
 ) -> None:
-    """Label every generated image; the labeler loads (and fails) before any work."""
+    """Label every generated image; the labeler loads (and fails) before any work. Images
+    of class-specific prompts (``concept["specific_prompts"]``) also get the class their
+    prompt names (column ``prompt_class``) beside the labeler's."""
     import pandas as pd
 
     from icm.labels import label_images, make_labeler
@@ -30,6 +32,20 @@ def label_images_job(
     samples = pd.read_csv(samples_csv)
     table = label_images(samples, Path(samples_csv).parent, labeler,
                          margin=concept["labeler"]["margin"])
+    extra = {}
+    if concept.get("specific_prompts"):
+        from icm.jobs.generation import specific_prompts
+
+        named = specific_prompts(concept)
+        table["prompt_class"] = samples["prompt"].map(named).to_numpy()
+        if table["prompt_class"].isna().any():
+            raise ValueError(f"{samples_csv}: prompts that are not specific prompts of the "
+                             "concept; regenerate (rule generate_specific_images)")
+        agree = table["label"] == table["prompt_class"]
+        extra["agreement"] = {"meaning": "share of each class's specific-prompt images the "
+                              "labeler gives that class",
+                              **{c: float(agree[table["prompt_class"] == c].mean())
+                                 for c in dict.fromkeys(named.values())}}
     write_table(output, table.to_dict("records"), columns=list(table.columns))
     counts = table.loc[table["kept"], "label"].value_counts().to_dict()
     unscored = table["margin"].isna()
@@ -38,7 +54,7 @@ def label_images_job(
     write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
                           "margin": concept["labeler"]["margin"], "counts": counts,
                           "dropped": int((~table["kept"]).sum()), "dropped_by_reason": dropped,
-                          "versions": package_versions()})
+                          **extra, "versions": package_versions()})
     log.info("labelled %d images: %s; dropped %s", len(table), counts, dropped)
 
 
@@ -53,35 +69,72 @@ def group_sites(sites: Sequence[str], groups: int, group: int) -> list[str]:
     return list(sites[start:start + size + (group < extra)])
 
 
+def fit_stored(stores: Sequence[str | Path], widths: Mapping[str, int], rows: Any, y: Any,
+               target: Any, probes: Mapping[str, Any], memory_mb: float,
+               groups: Any = None, control: bool = False) -> list[Any]:
+    """``icm.probes.fit_pair`` over the sites ``widths`` names, read from ``stores`` (their
+    samples concatenated; ``rows`` picks and orders them, aligned with the labels ``y``).
+    The torch backend reads each width group step by step, in batches of sites sized to
+    ``memory_mb``; the scikit-learn reference holds a batch's sites in memory."""
+    from icm.probes import fit_pair, sites_per_fit
+    from icm.store import StepStack, read_sites
+
+    device = str(resolve_device(probes["device"]))
+    batches = []  # (sites of one width, fitted together)
+    for width in dict.fromkeys(widths.values()):
+        sites = [s for s, w in widths.items() if w == width]
+        size = sites_per_fit(len(rows), width, memory_mb) if probes["backend"] == "torch" \
+            else len(sites)
+        batches += [sites[i:i + size] for i in range(0, len(sites), size)]
+    log.info("%d sites in %d batched fits", len(widths), len(batches))
+    results = []
+    for sites in batches:
+        if probes["backend"] == "torch":  # read step by step: memory of one step
+            activations = StepStack(list(stores), sites, rows=rows)
+        else:
+            activations = {s: a[rows] for s, a in read_sites(list(stores), sites)[1].items()}
+        results += fit_pair(activations, y, target,
+                            backend=probes["backend"], test_size=probes["test_size"],
+                            seed=probes["seed"], min_per_class=probes["min_per_class"],
+                            device=device, groups=groups, control=control)
+    return results
+
+
 def fit_probes_job(
     concept: Mapping[str, Any], probes: Mapping[str, Any], pair: tuple[str, str],
     labels_csv: str | Path, stores: Sequence[str | Path], output_scores: str | Path,
     output_directions: str | Path, output_meta: str | Path,
     output_heatmap: str | Path | None = None, memory_mb: float = 2000,
-    group: tuple[int, int] | None = None,
+    group: tuple[int, int] | None = None, by_prompt: bool = False,
 ) -> None:
     """Fit one class pair's probes for every (site, step); write scores, directions, and
     (a whole pair, not a group) the heatmap. ``group`` (index, count): only that share of
     the sites (``group_sites``), for ``merge_probes_job`` to join. The torch backend reads
     each width group step by step, in batches of sites sized to ``memory_mb`` (the job's
-    memory, not a setting: results do not depend on it)."""
+    memory, not a setting: results do not depend on it). ``by_prompt``: each sample's class
+    is the one its class-specific prompt names (``prompt_class``), not the labeler's."""
     import numpy as np
     import pandas as pd
 
     from icm.finite import nonfinite_steps
     from icm.label_table import read_labels
-    from icm.probes import Pair, fit_pair, sites_per_fit
+    from icm.probes import Pair
     from icm.sites import site_kind
-    from icm.store import StepStack, open_store, read_sites, site_widths
+    from icm.store import open_store, site_widths
 
     target = Pair(negative=pair[0], positive=pair[1])
     samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
     labels, label_counts = read_labels(labels_csv, samples, concept["classes"])
+    if by_prompt:
+        if "prompt_class" not in labels:
+            raise ValueError(f"{labels_csv}: no prompt_class column; it labels no specific "
+                             "prompts' images")
+        labels["label"] = labels["prompt_class"].astype(str)
+        label_counts["label_source"] = "prompt_class"
     labels = labels[labels["label"] != ""].set_index("sample")
     label_counts["other_classes"] = int((~labels["label"].isin(pair)).sum())
     label_counts["used"] = int(labels["label"].isin(pair).sum())
     control = probes["control"] == "prompt"
-    device = str(resolve_device(probes["device"]))
     widths = site_widths(stores[0])
     if group is not None:
         mine = set(group_sites(list(widths), group[1], group[0]))
@@ -93,35 +146,21 @@ def fit_probes_job(
     keep = np.flatnonzero(np.isin(samples, labels.index))
     y = labels.loc[samples[keep], "label"].to_numpy()
     prompts = labels.loc[samples[keep], "prompt_index"].to_numpy()
-    batches = []  # (sites of one width, fitted together)
-    for width in dict.fromkeys(widths.values()):
-        sites = [s for s, w in widths.items() if w == width]
-        size = sites_per_fit(len(keep), width, memory_mb) if probes["backend"] == "torch" \
-            else len(sites)
-        batches += [sites[i:i + size] for i in range(0, len(sites), size)]
-    log.info("%d sites in %d batched fits", len(widths), len(batches))
-    for sites in batches:
-        if probes["backend"] == "torch":  # read step by step: memory of one step
-            activations = StepStack(list(stores), sites, rows=keep)
-        else:  # the scikit-learn reference: the sites in memory
-            activations = {s: a[keep] for s, a in read_sites(list(stores), sites)[1].items()}
-        results = fit_pair(activations, y, target,
-                           backend=probes["backend"], test_size=probes["test_size"],
-                           seed=probes["seed"], min_per_class=probes["min_per_class"],
-                           device=device, groups=prompts, control=control)
-        for r in results:
-            directions[r.site] = r.directions.astype(np.float32)
-            for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc)):
-                rows.append({"site": r.site, "kind": site_kind(r.site), "step": step,
-                             "timestep": float(timesteps[step]),
-                             "num_train_timesteps": train_timesteps, "pair": target.name,
-                             "negative": target.negative, "positive": target.positive,
-                             "train_acc": float(tr), "test_acc": float(te),
-                             "prompt_acc": r.prompt_acc, "gain": float(te) - r.prompt_acc,
-                             "spread": float(r.spread[step]),
-                             "control": probes["control"], "n_train": r.n_train,
-                             "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
-                             f"n_{target.positive}": r.counts[target.positive]})
+    results = fit_stored(list(stores), widths, keep, y, target, probes, memory_mb,
+                         groups=prompts, control=control)
+    for r in results:
+        directions[r.site] = r.directions.astype(np.float32)
+        for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc)):
+            rows.append({"site": r.site, "kind": site_kind(r.site), "step": step,
+                         "timestep": float(timesteps[step]),
+                         "num_train_timesteps": train_timesteps, "pair": target.name,
+                         "negative": target.negative, "positive": target.positive,
+                         "train_acc": float(tr), "test_acc": float(te),
+                         "prompt_acc": r.prompt_acc, "gain": float(te) - r.prompt_acc,
+                         "spread": float(r.spread[step]),
+                         "control": probes["control"], "n_train": r.n_train,
+                         "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
+                         f"n_{target.positive}": r.counts[target.positive]})
     for site, v in directions.items():
         bad = nonfinite_steps(v, 0)
         if bad:
@@ -137,7 +176,8 @@ def fit_probes_job(
                    "toward the positive class",
         "backend": probes["backend"], "test_size": probes["test_size"], "seed": probes["seed"],
         "control": probes["control"],
-        "concept": {k: concept[k] for k in ("prompts", "classes")},
+        "concept": {k: concept[k] for k in ("prompts", "classes", "specific_prompts")
+                    if k in concept},
         "labels": {**label_counts, "meaning": "samples of labels.csv: labelled, unlabelled "
                    "(no class or below the margin), labelled with a class outside this pair, "
                    "and used by these probes (before min_per_class)"},

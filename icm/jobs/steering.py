@@ -286,6 +286,7 @@ def steer_shard_job(
         "alpha_rule": alpha_rule,
         "alpha_unit": plan.alpha_unit,
         "direction_steps": variant.get("direction_steps"),
+        "directions": None if unsteered else variant.get("directions", "general"),
         "k": variant.get("k"),
         "batch_size": batch_size,
         "seed": variant["seed"],
