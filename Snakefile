@@ -20,6 +20,7 @@ include: "rules/probes.smk"
 include: "rules/calibrate.smk"
 include: "rules/steer.smk"
 include: "rules/inject.smk"
+include: "rules/finetune.smk"
 include: "rules/evaluate.smk"
 include: "rules/head_maps.smk"
 

@@ -81,6 +81,11 @@ class Family:
     schedule: str = "scheduler"  # how the pipeline sets timesteps (icm.schedule.pipeline_timesteps)
     text_encoding: str = "padded"  # which token is at each text position (icm.text_tokens)
     text_projection: tuple[str, ...] = ()  # denoiser modules the text states pass before attn2
+    # What LoRA finetuning (icm.finetune) trains the denoiser to predict: "noise", the
+    # scheduler's prediction type on noised latents (epsilon or v); "flow" (rectified flow,
+    # SANA and FLUX) is not built yet. And the projections of a site it adapts.
+    objective: str = "noise"
+    lora_projections: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def selects(self, selection: str) -> bool:
         """Whether a layer selection exists in this family: ``cross`` needs cross-attention
@@ -97,10 +102,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            ("down_blocks", "mid_block", "up_blocks")),
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
            "batched", text_encoding="sana",
-           text_projection=("caption_projection", "caption_norm")),
+           text_projection=("caption_projection", "caption_norm"), objective="flow"),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
-           timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux"),
+           timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux",
+           objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v")),
 )}
 
 

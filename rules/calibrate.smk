@@ -31,7 +31,7 @@ rule calibrate_steering:
         floor=config["steering"]["calibration"]["clip_i_floor"],
         code=job_code("calibrate_variant_job"),
     wildcard_constraints:
-        variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+        variant=variant_pattern(STEER_VARIANTS),
     threads: model_threads
     resources:
         gpu=gpu_resources,

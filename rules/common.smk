@@ -182,6 +182,15 @@ def metrics_gpu(wildcards):
 # -- steering and evaluation (stages 4-5) ----------------------------------------------
 
 VARIANTS = config["steering"]["variants"]
+#: Variants by method: steering variants generate through steer_images, LoRA variants
+#: (`method: lora`) through finetune_lora and generate_finetuned_images.
+LORA_VARIANTS = [v for v, spec in VARIANTS.items() if spec.get("method") == "lora"]
+STEER_VARIANTS = [v for v in VARIANTS if v not in LORA_VARIANTS]
+
+
+def variant_pattern(names):
+    """A `{variant}` wildcard constraint matching exactly ``names``."""
+    return "|".join(map(re.escape, names)) or "NO_VARIANTS"
 
 
 def variant_spec(wildcards):
@@ -191,6 +200,9 @@ def variant_spec(wildcards):
     variant = VARIANTS[wildcards.variant]
     alphas = CONCEPTS[wildcards.concept]["steering"]["alpha"]
     spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
+    if variant.get("method") == "lora":  # no alpha, no directions: the adapter's sites
+        return {**spec, "method": "lora"} | (
+            {"k": config["steering"]["k"]} if variant["sites"] != "all" else {})
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
     alpha = alphas.get(wildcards.variant, variant["alpha"])
@@ -210,7 +222,8 @@ def alpha_is_auto(concept, variant):
     """Whether a steering variant's alpha, for this concept, is chosen by calibration."""
     alphas = CONCEPTS[concept]["steering"]["alpha"]
     spec = VARIANTS[variant]
-    return spec["sites"] != "none" and alphas.get(variant, spec["alpha"]) == "auto"
+    return (spec["sites"] != "none" and spec.get("method") != "lora"
+            and alphas.get(variant, spec["alpha"]) == "auto")
 
 
 def target_classes(wildcards):
@@ -228,8 +241,9 @@ def target_classes(wildcards):
 def run_variants(wildcards):
     """The steering variants of a (model, concept): the concept's `steering.variants` (null:
     all; the original always), less those whose layer selection the model's family lacks (FLUX has no
-    cross-attention, so no `cross` variant) and, for a concept without `specific_prompts`,
-    those steering with directions from specific prompts."""
+    cross-attention, so no `cross` variant), for a concept without `specific_prompts` those
+    steering with directions from specific prompts or finetuned on their images, and LoRA
+    variants on families whose training objective is not built (`Family.objective`)."""
     chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -239,13 +253,34 @@ def run_variants(wildcards):
         chosen = [ORIGINAL, *chosen]  # CLIP-I and the target tables compare with it
     family = family_named(MODELS[wildcards.model]["family"])
     specific = bool(CONCEPTS[wildcards.concept].get("specific_prompts"))
+
+    def needs_specific(spec):
+        return spec.get("directions", "general") != "general" or spec.get("method") == "lora"
+
     return [v for v in chosen if family.selects(VARIANTS[v]["sites"])
-            and (specific or VARIANTS[v].get("directions", "general") == "general")]
+            and (specific or not needs_specific(VARIANTS[v]))
+            and (VARIANTS[v].get("method") != "lora" or family.objective == "noise")]
+
+
+def target_variants(wildcards):
+    """The run's variants that push batches toward a target (the one-target tables): not
+    the LoRA variants, whose adapter shifts every image alike."""
+    return [v for v in run_variants(wildcards) if v not in LORA_VARIANTS]
+
+
+def finetune_settings(wildcards):
+    """`finetuning` with the model's own keys over it."""
+    return config["finetuning"] | MODELS[wildcards.model].get("finetuning", {})
 
 
 def variant_files(pattern):
     """Input function: `pattern` once per variant the (model, concept) runs."""
     return expand_over(pattern, "variant", run_variants)
+
+
+def target_variant_files(pattern):
+    """Input function: `pattern` once per variant of the one-target tables."""
+    return expand_over(pattern, "variant", target_variants)
 
 
 def calibrated_variants(wildcards):

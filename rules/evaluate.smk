@@ -77,9 +77,9 @@ rule collect_table:
 
 rule tabulate_target:
     input:
-        labels=variant_files("results/{model}/{concept}/metrics/{variant}.labels.csv"),
-        metrics=variant_files("results/{model}/{concept}/metrics/{variant}.json"),
-        records=variant_files(
+        labels=target_variant_files("results/{model}/{concept}/metrics/{variant}.labels.csv"),
+        metrics=target_variant_files("results/{model}/{concept}/metrics/{variant}.json"),
+        records=target_variant_files(
             "results/{model}/{concept}/steer/{variant}/shard-000/steering.json"),
     output:
         "results/{model}/{concept}/target-{target}/table.csv",
@@ -87,7 +87,7 @@ rule tabulate_target:
         "logs/{model}/{concept}/target-{target}.log",
     params:
         original=ORIGINAL,
-        variants=run_variants,
+        variants=target_variants,
         code=job_code("target_table_job"),
     localrule: True
     conda:

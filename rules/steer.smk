@@ -21,7 +21,7 @@ rule steer_images:
         variant=variant_spec,
         code=job_code("steer_shard_job"),
     wildcard_constraints:
-        variant="|".join(map(re.escape, VARIANTS)) or "NO_VARIANTS",
+        variant=variant_pattern(STEER_VARIANTS),
     threads: model_threads
     resources:
         gpu=gpu_resources,

@@ -208,18 +208,20 @@ def check_specific_prompts(workdir, tmp_path):
 
     base = workdir / "results/toy/color"
     overlay = tmp_path / "specific.yaml"
-    overlay.write_text("concepts: {color: {steering: {variants: [original, icm, icm-specific], "
-                       "alpha: {icm-specific: 4}}}}\n")
+    overlay.write_text("concepts: {color: {steering: {variants: [original, icm, icm-specific, "
+                       "lora-top], alpha: {icm-specific: 4}}}}\n")
     targets = ["results/toy/color/explicit_vs_implicit.csv",
                "results/toy/color/metrics/icm-specific.json",
-               "results/toy/color/injection/ranking.csv"]
+               "results/toy/color/injection/ranking.csv",
+               "results/toy/color/metrics/lora-top.json"]
     plan = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
                      "-n", *targets)
     assert job_counts(plan.stdout + plan.stderr) == {
         "generate_specific_images": 1, "merge_specific_samples": 1, "label_specific_images": 1,
         "fit_specific_probes": 2, "compare_explicit_implicit": 1, "steer_images": 1,
-        "compute_metrics": 1, "inject_prompts": 1, "label_injected_images": 1,
-        "rank_injection": 1, "total": 11}, (plan.stdout + plan.stderr)[-2000:]
+        "compute_metrics": 2, "inject_prompts": 1, "label_injected_images": 1,
+        "rank_injection": 1, "finetune_lora": 1, "generate_finetuned_images": 1,
+        "total": 14}, (plan.stdout + plan.stderr)[-2000:]
     result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
                        *targets)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -252,6 +254,19 @@ def check_specific_prompts(workdir, tmp_path):
     assert set(ranking["site"]) == {s for s in pd.read_csv(base / "ranking.csv")["site"]
                                     if s.endswith("attn2")}
     assert "spearman_rho" in json.loads((base / "injection/correlation.json").read_text())
+    # LoRA on the three best attn1 sites, from the specific images, classes balanced.
+    trained = json.loads((base / "finetune/lora-top/training.json").read_text())
+    assert trained["sites"] == list(pd.read_csv(base / "ranking.csv").query(
+        "kind == 'attn1'")["site"][:3])
+    per_class = trained["training_set"]["per_class"]
+    assert set(per_class) == {"red", "green", "blue"} and len(set(per_class.values())) == 1
+    assert trained["training_set"]["prompt_pairing"]["a red circle"] == "a circle"
+    lora = json.loads((base / "steer/lora-top/shard-000/steering.json").read_text())
+    assert lora["method"] == "lora" and lora["sites"] == trained["sites"]
+    assert json.loads((base / "metrics/lora-top.json").read_text())["n_images"] == 40
+    lora_seeds = pd.read_csv(base / "steer/lora-top/shard-000/samples.csv")["seed"]
+    assert list(lora_seeds) == list(pd.read_csv(
+        base / "steer/original/shard-000/samples.csv")["seed"])  # the same evaluation seeds
     # More specific images rerun what reads them, never the general prompts' stages.
     more = tmp_path / "more.yaml"
     more.write_text("concepts: {color: {specific_samples_per_prompt: 12}}\n")
@@ -260,7 +275,7 @@ def check_specific_prompts(workdir, tmp_path):
     assert job_counts(plan.stdout + plan.stderr) == {
         "generate_specific_images": 1, "merge_specific_samples": 1, "label_specific_images": 1,
         "fit_specific_probes": 2, "compare_explicit_implicit": 1, "steer_images": 1,
-        "compute_metrics": 1, "total": 8}
+        "finetune_lora": 1, "generate_finetuned_images": 1, "compute_metrics": 2, "total": 11}
 
 
 def check_what_reruns(workdir, tmp_path):

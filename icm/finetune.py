@@ -1,0 +1,298 @@
+"""ICM finetuning: LoRA (peft) on the attention projections of chosen sites only (the
+paper's section 3.2 and appendix C; LoRA: arXiv:2106.09685, "LoRA: Low-Rank Adaptation of
+Large Language Models").
+
+The training set pairs images generated from class-specific prompts ("a photo of a woman")
+with a general prompt ("a photo of a person"), classes mixed per the target distribution, so
+the adapted model answers the general prompt with that mix. The loss is the standard one of
+the model's own scheduler: noise the image's latents (the VAE's, or the pixels of a
+pixel-space model) at a uniform timestep and regress the scheduler's prediction type
+(epsilon or v) with the mean squared error.
+
+The denoiser's conditioning is whatever the pipeline passes it for the general prompt
+(``denoiser_conditions``: text states, and SDXL's pooled text and size ids), recorded from a
+one-step run of the pipeline itself, conditional rows only, so no family needs its own text
+encoding code here. Families trained by rectified flow (SANA, FLUX: ``Family.objective``)
+are refused with a clear error.
+
+Adapters are saved as peft writes them: ``adapter_model.safetensors`` (the LoRA weights,
+peft's key names) and ``adapter_config.json`` (the ``LoraConfig``, target modules listed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from icm.families import family_of
+from icm.sites import denoiser_of
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """``finetuning`` in config.yaml (a model's own block overrides keys of it)."""
+
+    rank: int = 32
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    learning_rate: float = 1e-4
+    steps: int = 1000
+    batch_size: int = 2
+    gradient_accumulation: int = 4
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # on a GPU; the CPU trains in float32
+    gradient_checkpointing: bool = True  # on a GPU
+    random_flip: bool = True
+    seed: int = 0
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> TrainSettings:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown finetuning settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def target_modules(pipe: Any, sites: Sequence[str]) -> list[str]:
+    """The module paths LoRA adapts: the family's projections of each site."""
+    family = family_of(denoiser_of(pipe))
+    if family.objective != "noise":
+        raise NotImplementedError(f"LoRA finetuning of {family.name} ({family.objective} "
+                                  "objective) is not built: only noise-prediction UNets")
+    denoiser = denoiser_of(pipe)
+    names = [f"{site}.{p}" for site in sites for p in family.lora_projections]
+    for name in names:
+        denoiser.get_submodule(name)  # an error naming the path if it does not exist
+    return names
+
+
+def general_prompt_for(specific: str, general: Sequence[str]) -> str:
+    """The general prompt a specific prompt's images are reported under: the one sharing
+    the most words with it, less the words it adds ("a red circle" -> "a circle", "a photo
+    of a woman" -> "a photo of a person"); ties go to the first."""
+    words = set(specific.lower().split())
+
+    def score(prompt: str) -> int:
+        mine = set(prompt.lower().split())
+        return len(mine & words) - len(mine - words)
+
+    return max(general, key=score)  # max keeps the first of equal scores
+
+
+def denoiser_conditions(pipe: Any, prompts: Sequence[str],
+                        call: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per prompt, the keyword inputs the pipeline gives its denoiser for that prompt's
+    conditional branch (every tensor cut to the conditional row), from a one-step run."""
+    denoiser = denoiser_of(pipe)
+    family = family_of(denoiser)
+    seen: dict[str, Any] = {}
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if "kwargs" not in seen:
+            seen["kwargs"] = kwargs
+
+    out = {}
+    for prompt in prompts:
+        seen.clear()
+        handle = denoiser.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            pipe(prompt=[prompt], num_inference_steps=1,
+                 **{k: v for k, v in call.items() if k != "num_inference_steps"})
+        finally:
+            handle.remove()
+        guided = (family.guidance == "batched"
+                  and bool(getattr(pipe, "do_classifier_free_guidance", False)))
+        out[prompt] = {k: _cond_rows(v, guided) for k, v in seen["kwargs"].items()
+                       if k not in ("timestep", "return_dict", "hidden_states", "sample")}
+    return out
+
+
+def _cond_rows(value: Any, guided: bool) -> Any:
+    """The conditional row of a recorded input ([uncond, cond] when guided)."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value[-1:].detach().clone() if guided else value[:1].detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _cond_rows(v, guided) for k, v in value.items()}
+    return value
+
+
+def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], resized so the short side is ``resolution``, centre-cropped."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    if scale != 1:
+        size = (max(resolution, round(image.width * scale)),
+                max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def to_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """What the denoiser works on: the VAE's scaled latents, or the pixels of a pixel-space
+    model (the toy)."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return pixels
+    with torch.no_grad():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
+
+
+def train_lora(
+    pipe: Any, sites: Sequence[str], images: Sequence[Image.Image], prompts: Sequence[str],
+    settings: TrainSettings, resolution: int, call: Mapping[str, Any],
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]]:
+    """Train a LoRA on ``sites`` of ``pipe``'s denoiser: image i is reported under prompt i.
+    Returns the adapter's weights (peft state dict), its ``LoraConfig`` as a dict and the
+    loss of every optimizer step. The pipeline is left as it was (the adapter removed)."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    if len(images) != len(prompts) or not images:
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    denoiser = denoiser_of(pipe)
+    device = next(denoiser.parameters()).device
+    targets = target_modules(pipe, sites)
+    conditions = denoiser_conditions(pipe, sorted(set(prompts)), call)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = noise_scheduler.config.prediction_type
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
+    pixels = torch.stack([image_tensor(im, resolution) for im in images])
+    latents = torch.cat([to_latents(pipe, pixels[i:i + 16]) for i in range(0, len(pixels), 16)])
+    latents = latents.to(device, torch.float32)
+
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha or settings.rank,
+                        target_modules=targets, init_lora_weights="gaussian")
+    was_training, dtype = denoiser.training, next(denoiser.parameters()).dtype
+    denoiser.requires_grad_(False)
+    if dtype != torch.float32:
+        denoiser.to(torch.float32)  # trainable weights and their optimizer in float32
+    denoiser.add_adapter(config)
+    cuda = device.type == "cuda"
+    if cuda and settings.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=cuda and settings.mixed_precision == "bf16")
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
+    schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
+    losses: list[float] = []
+    denoiser.train()
+    try:
+        for step in range(settings.steps):
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(settings.gradient_accumulation):
+                index = torch.randint(len(latents), (settings.batch_size,), generator=generator)
+                x0 = latents[index]
+                if settings.random_flip:
+                    flip = torch.rand(len(index), generator=generator) < 0.5
+                    x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
+                noise = torch.randn(x0.shape, generator=generator).to(device)
+                t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),),
+                                  generator=generator).to(device)
+                noisy = noise_scheduler.add_noise(x0, noise, t)
+                target = noise if prediction == "epsilon" else \
+                    noise_scheduler.get_velocity(x0, noise, t)
+                batch = _batched([conditions[prompts[i]] for i in index.tolist()], device)
+                with autocast:
+                    predicted = denoiser(noisy, t, **batch, return_dict=False)[0]
+                loss = torch.nn.functional.mse_loss(predicted.float(), target.float())
+                (loss / settings.gradient_accumulation).backward()
+                total += loss.item() / settings.gradient_accumulation
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"the LoRA loss is {total} at step {step}: lower "
+                                         "finetuning.learning_rate")
+            losses.append(total)
+            if progress:
+                progress(step, total)
+        weights = {k: v.detach().cpu().contiguous()
+                   for k, v in get_peft_model_state_dict(denoiser).items()}
+    finally:
+        denoiser.delete_adapters(denoiser.active_adapters())
+        if dtype != torch.float32:
+            denoiser.to(dtype)
+        denoiser.train(was_training)
+        if cuda and settings.gradient_checkpointing:
+            denoiser.disable_gradient_checkpointing()
+    record = config.to_dict()
+    record["target_modules"] = sorted(record["target_modules"])
+    record["peft_type"] = str(record["peft_type"].value if hasattr(record["peft_type"], "value")
+                              else record["peft_type"])
+    record["task_type"] = record.get("task_type") and str(record["task_type"])
+    return weights, _jsonable(record), losses
+
+
+def _batched(rows: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Recorded single-row conditions stacked into one batch."""
+    out: dict[str, Any] = {}
+    for key, first in rows[0].items():
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat([r[key] for r in rows]).to(device)
+        elif isinstance(first, Mapping):
+            out[key] = _batched([r[key] for r in rows], device)
+        else:
+            out[key] = first
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_adapter(folder: str | Path, weights: Mapping[str, torch.Tensor],
+                 config: Mapping[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(dict(weights), str(folder / ADAPTER_WEIGHTS))
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def load_adapter(pipe: Any, folder: str | Path) -> list[str]:
+    """Add the saved adapter to ``pipe``'s denoiser (in place); returns its target modules.
+    A missing or partial folder is an error naming it."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: retrain the adapter "
+                                    "(rule finetune_lora)")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    keys = {"r", "lora_alpha", "target_modules", "init_lora_weights", "lora_dropout", "bias"}
+    denoiser = denoiser_of(pipe)
+    denoiser.add_adapter(LoraConfig(**{k: v for k, v in config.items() if k in keys}))
+    result = set_peft_model_state_dict(denoiser, load_file(str(folder / ADAPTER_WEIGHTS)))
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"{folder}: weights {unexpected[:5]} fit no module of this model")
+    return list(config["target_modules"])

@@ -1,0 +1,122 @@
+"""ICM finetuning: a LoRA on chosen sites only, which learns what it is shown and leaves
+the pipeline as it was."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from icm.finetune import (
+    TrainSettings,
+    general_prompt_for,
+    load_adapter,
+    save_adapter,
+    target_modules,
+    train_lora,
+)
+from icm.sites import denoiser_of, list_sites
+
+CALL = {"num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 7.5}
+QUICK = TrainSettings(rank=4, learning_rate=1e-2, steps=3, batch_size=2,
+                      gradient_accumulation=2, warmup_steps=1)
+
+
+def run(pipe, prompt="a person", seed=0):
+    return pipe([prompt], generator=[torch.Generator("cpu").manual_seed(seed)],
+                output_type="np", **CALL).images
+
+
+def test_the_adapter_covers_only_the_chosen_sites_and_the_pipeline_is_restored(tiny_pipe,
+                                                                               tmp_path):
+    sites = [s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn1")][:2]
+    images = tiny_pipe(["a red car"] * 2, output_type="pil",
+                       generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                       **CALL).images
+    plain = run(tiny_pipe)
+    weights, config, losses = train_lora(tiny_pipe, sites, images, ["a person"] * 2, QUICK,
+                                         32, CALL)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert config["target_modules"] == sorted(target_modules(tiny_pipe, sites))
+    assert {k.split(".lora_")[0] for k in weights} == set(config["target_modules"])
+    np.testing.assert_array_equal(run(tiny_pipe), plain)  # the adapter came off again
+    save_adapter(tmp_path, weights, config)
+    try:
+        assert sorted(load_adapter(tiny_pipe, tmp_path)) == config["target_modules"]
+        assert np.abs(run(tiny_pipe) - plain).max() > 0  # trained B != 0: it acts
+    finally:
+        denoiser_of(tiny_pipe).delete_adapters(denoiser_of(tiny_pipe).active_adapters())
+    np.testing.assert_array_equal(run(tiny_pipe), plain)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        load_adapter(tiny_pipe, tmp_path)
+
+
+def test_settings_and_prompt_pairing_are_checked():
+    with pytest.raises(ValueError, match=r"unknown finetuning settings \['epochs'\]"):
+        TrainSettings.of({"epochs": 3})
+    general = ["a circle", "a square", "a shape"]
+    assert general_prompt_for("a red circle", general) == "a circle"
+    assert general_prompt_for("a green shape", general) == "a shape"
+    people = ["a portrait photo of a person", "a photo of a person"]
+    assert general_prompt_for("a photo of a woman", people) == "a photo of a person"
+
+
+def test_the_training_set_mixes_classes_as_the_reference_and_drops_misread_images(tmp_path):
+    from icm.jobs.finetuning import training_set
+
+    n = {"red": 30, "blue": 12}
+    prompts = ["a red circle"] * n["red"] + ["a blue circle"] * n["blue"]
+    named = ["red"] * n["red"] + ["blue"] * n["blue"]
+    read = list(named)
+    read[0] = read[1] = "blue"  # two red-prompt images the labeler reads as blue
+    pd.DataFrame({"sample": range(42), "prompt": prompts,
+                  "image": [f"i{i}.png" for i in range(42)]}).to_csv(tmp_path / "s.csv",
+                                                                     index=False)
+    pd.DataFrame({"sample": range(42), "label": read, "prompt_class": named}).to_csv(
+        tmp_path / "l.csv", index=False)
+    concept = {"classes": ["red", "blue"], "prompts": ["a circle", "a square"]}
+    chosen, summary = training_set(concept, tmp_path / "s.csv", tmp_path / "l.csv", seed=0)
+    assert summary["per_class"] == {"red": 12, "blue": 12} and summary["misread_left_out"] == 2
+    assert set(chosen["general_prompt"]) == {"a circle"}
+    skewed, _ = training_set({**concept, "reference": {"red": 0.25, "blue": 0.75}},
+                             tmp_path / "s.csv", tmp_path / "l.csv", seed=0)
+    assert skewed["prompt_class"].value_counts().to_dict() == {"blue": 12, "red": 4}
+
+
+def test_a_lora_on_three_self_attention_sites_learns_the_colour_it_is_shown():
+    """The toy answers "a circle" mostly in red; shown blue squares under that prompt, a
+    LoRA on three attn1 sites turns its circles blue (the model's own other sites frozen)."""
+    from icm.generate import SamplerSettings, generate_images
+    from icm.models import ModelSpec, load_pipeline
+    from icm.samples import plan_samples
+    from icm.toy.oracle import oracle_label
+
+    spec = ModelSpec.from_config("toy", {"family": "toy", "source": "resources/models/toy",
+                                         "dtype": "float32", "steps": 20,
+                                         "guidance_scale": 1.5, "resolution": 16})
+    pipe = load_pipeline(spec, device="cpu")
+    settings = SamplerSettings.of(spec)
+    shown = generate_images(pipe, plan_samples(["a blue square"], 32, 7), settings)
+    probe = plan_samples(["a circle"], 40, 3)
+
+    def blue_share():
+        images = generate_images(pipe, probe, settings)
+        return np.mean([oracle_label(np.asarray(im)).color == "blue" for im in images])
+
+    before = blue_share()
+    sites = [f"up_blocks.1.attentions.{i}.transformer_blocks.0.attn1" for i in (0, 1)] + [
+        "mid_block.attentions.0.transformer_blocks.0.attn1"]
+    weights, config, losses = train_lora(
+        pipe, sites, shown, ["a circle"] * len(shown),
+        TrainSettings(rank=8, learning_rate=2e-3, steps=60, batch_size=16,
+                      gradient_accumulation=1, warmup_steps=6), 16,
+        settings.pipeline_kwargs())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_adapter(folder, weights, config)
+        load_adapter(pipe, folder)
+        after = blue_share()
+    assert before < 0.2 and after > before + 0.3, (before, after)
