@@ -122,6 +122,8 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
         for key, labeler in labelers:
             if labeler.get("weights"):
                 yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
+            if (labeler.get("face") or {}).get("model"):
+                yield f"concepts.{name}.{key}.face.model", str(labeler["face"]["model"]), "file"
             if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":
                 yield f"concepts.{name}.{key}.pretrained", str(labeler["pretrained"]), "weights"
         if (evaluation.get("clip") or {}).get("pretrained"):

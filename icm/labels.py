@@ -200,7 +200,7 @@ class FairFaceLabeler(Labeler):
     """
 
     def __init__(self, attribute: str, classes: Sequence[str], weights: str | None,
-                 device: str = "cpu", batch_size: int = 64) -> None:
+                 device: str = "cpu", batch_size: int = 64, faces: Any = None) -> None:
         import torchvision
 
         if attribute not in FAIRFACE_GROUPS:
@@ -217,6 +217,12 @@ class FairFaceLabeler(Labeler):
         self.attribute, self.classes, self.groups = attribute, list(classes), groups
         self.device, self.batch_size = device, batch_size
         self.name = f"FairFace ResNet-34 ({attribute})"
+        # icm.faces.FaceCropper: each image's largest face, aligned, is what FairFace sees;
+        # None: the whole image. ``last_faces``: whether each image of the last call had one.
+        self.faces = faces
+        self.last_faces: np.ndarray | None = None
+        if faces is not None:
+            self.name += f" on face crops ({faces.name})"
         net = torchvision.models.resnet34(weights=None)
         net.fc = torch.nn.Linear(net.fc.in_features, 18)
         net.load_state_dict(load_state_dict(weights))
@@ -243,7 +249,25 @@ class FairFaceLabeler(Labeler):
         return {name: probs[:, k] for k, name in enumerate(names)}
 
     def _grouped(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities of the classes (N, K) and of the outside groups (N, G)."""
+        """Probabilities of the classes (N, K) and of the outside groups (N, G); NaN rows
+        for images in which the face detector found no face."""
+        found = np.ones(len(images), dtype=bool)
+        if self.faces is not None:
+            crops = [self.faces.crop(im) for im in images]
+            found = np.array([c is not None for c in crops], dtype=bool)
+            images = [c for c in crops if c is not None]
+        self.last_faces = found
+        if not len(images):
+            return np.full((len(found), len(self.classes)), np.nan), np.zeros((len(found), 0))
+        inside, outside = self._grouped_crops(images)
+        if found.all():
+            return inside, outside
+        full_in = np.full((len(found), inside.shape[1]), np.nan)
+        full_out = np.full((len(found), outside.shape[1]), np.nan)
+        full_in[found], full_out[found] = inside, outside
+        return full_in, full_out
+
+    def _grouped_crops(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         probs = self.raw_probabilities(images)
         inside = np.stack([sum(probs[n] for n in self.groups[c]) for c in self.classes], axis=1)
         outside_groups = [members for name, members in FAIRFACE_GROUPS[self.attribute].items()
@@ -258,7 +282,8 @@ class FairFaceLabeler(Labeler):
         inside, outside = self._grouped(images)
         out = inside.copy()
         if outside.shape[1]:
-            out[outside.max(axis=1) > inside.max(axis=1)] = np.nan
+            with np.errstate(invalid="ignore"):
+                out[outside.max(axis=1) > inside.max(axis=1)] = np.nan
         return out
 
     def class_probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -288,8 +313,10 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
                            spec.get("pretrained", "openai"), device=device,
                            checkpoint_tag=spec.get("checkpoint_tag"))
     if kind == "fairface":
+        from icm.faces import make_cropper
+
         return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
-                               device=device)
+                               device=device, faces=make_cropper(spec.get("face")))
     raise ValueError(f"unknown labeler type {kind!r}")
 
 
@@ -299,13 +326,17 @@ def label_images(
 ) -> pd.DataFrame:
     """``labels.csv`` rows: sample, per-class scores, label, margin, kept."""
     root = Path(image_root)
-    scores = []
+    scores, faces = [], []
     for start in range(0, len(samples), batch_size):
         paths = samples["image"].iloc[start:start + batch_size]
         images = [Image.open(root / p) for p in paths]
         scores.append(labeler.scores(images))
+        faces.append(getattr(labeler, "last_faces", None))
     matrix = np.concatenate(scores) if scores else np.empty((0, len(labeler.classes)))
-    return label_table(samples, matrix, labeler, margin)
+    table = label_table(samples, matrix, labeler, margin)
+    if getattr(labeler, "faces", None) is not None and scores:
+        table["face"] = np.concatenate(faces)  # False: no face found, so no label
+    return table
 
 
 def label_table(samples: pd.DataFrame, matrix: np.ndarray, labeler: Labeler,

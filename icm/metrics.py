@@ -123,7 +123,9 @@ def fairness_discrepancy_from_probabilities(
 ) -> tuple[float, dict[str, float]]:
     """FD as the paper's evaluation computes it: per prompt, ||mean class probability -
     reference||_2 over every image (none dropped), then the mean over prompts. The class
-    probabilities are used as they are (FairFace race: they need not sum to 1)."""
+    probabilities are used as they are (FairFace race: they need not sum to 1). A NaN row
+    (an image in which no face was found) has no probabilities and is left out; a prompt
+    with none left has NaN FD and is left out of the mean (counted by the callers)."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.shape != (len(prompts), len(classes)):
         raise ValueError(f"probabilities of shape {probabilities.shape}, expected "
@@ -131,9 +133,14 @@ def fairness_discrepancy_from_probabilities(
     target = _reference_vector(classes, reference)
     order = list(dict.fromkeys(prompts))
     prompts = np.asarray(prompts, dtype=object)
-    per_prompt = {p: float(np.linalg.norm(probabilities[prompts == p].mean(axis=0) - target))
-                  for p in order}
-    return float(np.mean(list(per_prompt.values()))), per_prompt
+    scored = ~np.isnan(probabilities).any(axis=1)
+    per_prompt = {}
+    for p in order:
+        rows = probabilities[(prompts == p) & scored]
+        per_prompt[p] = float(np.linalg.norm(rows.mean(axis=0) - target)) if len(rows) \
+            else float("nan")
+    values = [v for v in per_prompt.values() if not np.isnan(v)]
+    return (float(np.mean(values)) if values else float("nan")), per_prompt
 
 
 # --- similarity ----------------------------------------------------------------------------

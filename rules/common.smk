@@ -60,10 +60,12 @@ def model_input(wildcards):
 
 
 def labeler_files(spec):
-    """Local checkpoint files a labeler config names (FairFace weights, a CLIP file)."""
+    """Local checkpoint files a labeler config names (FairFace weights and its face
+    detector's model, a CLIP file)."""
     if not spec:
         return []
-    return local_files(spec.get("weights")) + local_files(spec.get("pretrained"))
+    return (local_files(spec.get("weights")) + local_files(spec.get("pretrained"))
+            + local_files((spec.get("face") or {}).get("model")))
 
 
 def concept_params(*keys):

@@ -206,6 +206,9 @@ def compute_metrics_job(
         "targets": rows["target"].value_counts().to_dict(),
         "steered_images": int(rows["steered"].astype(str).eq("True").sum()),
         "FD_from": fd_from, "unlabelled_images": int((labels == "").sum()),
+        # FairFace on face crops: images without a face (no label, left out of FD).
+        "no_face_images": int((~faces).sum()) if (faces := getattr(labeler, "last_faces",
+                                                                   None)) is not None else 0,
         "backends": {"FD": f"{labeler.name}, {fd_from}", "FID": fid_backend,
                      "CLIP-I": f"{embedder.name} cosine (steered vs original, same seed)",
                      "CLIP-T": text_backend,

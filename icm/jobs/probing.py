@@ -49,8 +49,11 @@ def label_images_job(
     write_table(output, table.to_dict("records"), columns=list(table.columns))
     counts = table.loc[table["kept"], "label"].value_counts().to_dict()
     unscored = table["margin"].isna()
-    dropped = {"no class": int(unscored.sum()),
+    faceless = ~table["face"] if "face" in table else pd.Series(False, index=table.index)
+    dropped = {"no class": int((unscored & ~faceless).sum()),
                "below margin": int((~table["kept"] & ~unscored).sum())}
+    if "face" in table:  # FairFace on face crops: no face found, no label
+        dropped["no face"] = int(faceless.sum())
     write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
                           "margin": concept["labeler"]["margin"], "counts": counts,
                           "dropped": int((~table["kept"]).sum()), "dropped_by_reason": dropped,
