@@ -25,9 +25,26 @@ def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir, model, shards):
                   "label_specific_images", "fit_specific_probes"):
         assert jobs[stage] == 1
     assert jobs["generate_specific_images"] == shards  # for icm-specific's directions
-    for rule in ("generate_images", "generate_specific_images"):
+    # LoRA variants train where the family's objective is built (not SANA's, FLUX's flow).
+    assert jobs.get("finetune_lora", 0) == (4 if model in ("sd15", "sdxl") else 0)
+    rules = ["generate_images", "generate_specific_images"] + (
+        ["finetune_lora", "generate_finetuned_images"] if jobs.get("finetune_lora") else [])
+    for rule in rules:
         generation = out.split(f"rule {rule}:")[1].split("rule ")[0]
-        assert "gpu=1" in generation
+        assert "gpu=1" in generation, rule
+
+
+def test_the_paper_evidence_targets_plan_gpu_jobs_for_sd15(workdir):
+    """Table 3 (explicit vs implicit) and appendix H (prompt injection) for SD1.5's gender:
+    the class-specific and injected generations are GPU jobs."""
+    result = snakemake(workdir, "-n", "results/sd15/gender/explicit_vs_implicit.csv",
+                       "results/sd15/gender/injection/ranking.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    jobs = job_counts(out)
+    assert jobs["inject_prompts"] == 1 and jobs["compare_explicit_implicit"] == 1
+    for rule in ("generate_specific_images", "inject_prompts"):
+        assert "gpu=1" in out.split(f"rule {rule}:")[1].split("rule ")[0], rule
 
 
 @pytest.mark.parametrize(("model", "hub_id"), [
