@@ -339,7 +339,9 @@ def check_what_reruns(workdir, tmp_path):
     # A new variant (one vector of 5 steps, appendix G) plans only its own jobs and the
     # tables beside them: icm, with the same sites, keeps its params.
     assert plan("steering: {variants: {icm-mean5: {sites: top, alpha: auto, "
-                "direction_steps: 5}}}\n") == {
+                "direction_steps: 5}}}\n"
+                "concepts: {color: {steering: {variants: [original, icm, cross, all, random, "
+                "worst, icm-mean5]}}}\n") == {
         "calibrate_steering": 1, "plot_tradeoff": 1, "steer_images": 1, "compute_metrics": 1,
         "plot_grid": 1, "collect_table": 1, "tabulate_target": 3, "total": 9}
     # Which targets are tabulated: the table asks for another set, nothing is steered.
