@@ -214,8 +214,8 @@ def test_toy_color_through_the_table(workdir, tmp_path):
                     "collect_table": 1, "plot_tradeoff": 1, "tabulate_target": 3,
                     "total": 8}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
+    check_specific_prompts(workdir, tmp_path)  # first: check_what_reruns replaces weights
     check_what_reruns(workdir, tmp_path)
-    check_specific_prompts(workdir, tmp_path)
 
 
 def check_specific_prompts(workdir, tmp_path):
