@@ -244,7 +244,7 @@ def check_specific_prompts(workdir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     general = pd.read_csv(base / "generation/samples.csv")
     specific = pd.read_csv(base / "specific/generation/samples.csv")
-    assert len(specific) == 12 * 10 and not set(specific["seed"]) & set(general["seed"])
+    assert len(specific) == 12 * 14 and not set(specific["seed"]) & set(general["seed"])
     labels = pd.read_csv(base / "specific/labels.csv", keep_default_na=False)
     assert set(labels["prompt_class"]) == {"red", "green", "blue"}
     # The toy model paints the colour it is asked for: the oracle agrees on most images.
@@ -286,7 +286,7 @@ def check_specific_prompts(workdir, tmp_path):
         base / "steer/original/shard-000/samples.csv")["seed"])  # the same evaluation seeds
     # More specific images rerun what reads them, never the general prompts' stages.
     more = tmp_path / "more.yaml"
-    more.write_text("concepts: {color: {specific_samples_per_prompt: 12}}\n")
+    more.write_text("concepts: {color: {specific_samples_per_prompt: 16}}\n")
     plan = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), str(more),
                      "--cores", "2", "-n", *targets)
     assert job_counts(plan.stdout + plan.stderr) == {
