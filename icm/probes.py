@@ -613,6 +613,33 @@ def fit_torch(
     return train_acc, test_acc, directions, spread
 
 
+class SiteStack:
+    """Equal-width in-memory sites as one lazy (samples, sites, steps, channels) array, read
+    as ``stack[rows, :, step]`` like ``icm.store.StepStack``: each read gathers one step of
+    the sites into a new array (a caller may keep several) and checks it for NaN and inf.
+    Stacking every step at once instead cost more than the toy's whole probe fit in a fresh
+    process (0.17 s of page faults for 72 MB, against 0.11 s of solving)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.sites = list(arrays)
+        self.arrays = [np.asarray(arrays[s]) for s in self.sites]
+        samples, steps, channels = self.arrays[0].shape
+        self.shape = (samples, len(self.sites), steps, channels)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        rows, sites, step = key
+        if sites != slice(None) or not isinstance(step, (int, np.integer)):
+            raise IndexError("a SiteStack is read as stack[rows, :, step]")
+        rows = np.arange(self.shape[0])[rows]
+        out = np.empty((len(rows), len(self.sites), self.shape[-1]),
+                       dtype=np.result_type(*self.arrays))
+        for k, (site, values) in enumerate(zip(self.sites, self.arrays)):
+            np.take(values[:, step], rows, axis=0, out=out[:, k])
+            if not np.isfinite(out[:, k]).all():  # would reach the solver as NaN
+                raise ValueError(f"site {site}: NaN or inf activations at step {step}")
+        return out
+
+
 def fit_pair(
     activations: Mapping[str, np.ndarray],
     labels: Sequence[str],
@@ -644,15 +671,14 @@ def fit_pair(
         if control:
             covariates = prompt_covariates(groups)
 
-    if not hasattr(activations, "sites"):  # a StepStack checks each step as it reads it
-        for site, x in activations.items():
-            bad = nonfinite_steps(x, 1)
-            if bad:  # a NaN would reach the solver (LinAlgError, or worse, NaN)
-                raise ValueError(f"site {site}: NaN or inf activations at steps {bad}")
     results: list[ProbeResult] = []
     if backend == "sklearn":
         if hasattr(activations, "sites"):
             raise ValueError("the scikit-learn reference fits in-memory arrays, not a StepStack")
+        for site, x in activations.items():
+            bad = nonfinite_steps(x, 1)
+            if bad:  # a NaN would reach the solver (LinAlgError, or worse, NaN)
+                raise ValueError(f"site {site}: NaN or inf activations at step {bad[0]}")
         for site, x in activations.items():
             tr_acc, te_acc, dirs = fit_sklearn(np.asarray(x), y, train, test,
                                                covariates=covariates)
@@ -662,15 +688,16 @@ def fit_pair(
         return results
     if backend != "torch":
         raise ValueError(f"unknown probe backend {backend!r}; use 'torch' or 'sklearn'")
-    # Group equal-width sites so each group is one batched solve over (site, step) problems;
-    # a lazily read group (``icm.store.StepStack``, with ``sites``) is one group already.
+    # Group equal-width sites so each group is one batched solve over (site, step) problems,
+    # read a step at a time (a StepStack, with ``sites``, is one group already); each read
+    # checks its step for NaN and inf, so a bad value stops the fit at the step it is in.
     if hasattr(activations, "sites"):
         width_groups = [(list(activations.sites), activations)]
     else:
         by_width: dict[int, list[str]] = {}
         for site, x in activations.items():
             by_width.setdefault(np.shape(x)[-1], []).append(site)
-        width_groups = [(sites, np.stack([np.asarray(activations[s]) for s in sites], axis=1))
+        width_groups = [(sites, SiteStack({s: activations[s] for s in sites}))
                         for sites in by_width.values()]
     for sites, stacked in width_groups:
         tr_acc, te_acc, dirs, spread = fit_torch(stacked, y, train, test, device=device,
