@@ -82,10 +82,14 @@ class Family:
     text_encoding: str = "padded"  # which token is at each text position (icm.text_tokens)
     text_projection: tuple[str, ...] = ()  # denoiser modules the text states pass before attn2
     # What LoRA finetuning (icm.finetune) trains the denoiser to predict: "noise", the
-    # scheduler's prediction type on noised latents (epsilon or v); "flow" (rectified flow,
-    # SANA and FLUX) is not built yet. And the projections of a site it adapts.
+    # scheduler's prediction type on noised latents (epsilon or v); "flow", the velocity
+    # noise - x0 of rectified flow (SANA, FLUX). The projections of a site it adapts; how
+    # the denoiser takes latents ("grid": (B, C, H, W); "packed": FLUX's 2 x 2 patch
+    # tokens); and the inputs shared by every row (FLUX's 2-d position ids).
     objective: str = "noise"
     lora_projections: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    latent_layout: str = "grid"
+    shared_inputs: tuple[str, ...] = ()
 
     def selects(self, selection: str) -> bool:
         """Whether a layer selection exists in this family: ``cross`` needs cross-attention
@@ -106,7 +110,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
            timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux",
-           objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v")),
+           objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v"),
+           latent_layout="packed", shared_inputs=("txt_ids", "img_ids")),
 )}
 
 

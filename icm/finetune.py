@@ -6,14 +6,18 @@ The training set pairs images generated from class-specific prompts ("a photo of
 with a general prompt ("a photo of a person"), classes mixed per the target distribution, so
 the adapted model answers the general prompt with that mix. The loss is the standard one of
 the model's own scheduler: noise the image's latents (the VAE's, or the pixels of a
-pixel-space model) at a uniform timestep and regress the scheduler's prediction type
-(epsilon or v) with the mean squared error.
+pixel-space model) and regress, with the mean squared error, what the family's denoiser
+predicts (``Family.objective``): for UNets the scheduler's prediction type (epsilon or v)
+at a uniform training timestep; for the rectified-flow transformers (SANA, FLUX) the
+velocity ``noise - x0`` at ``x_sigma = (1 - sigma) x0 + sigma noise``, sigma drawn as the
+pipeline spaces its own steps (a uniform draw through its shift, ``icm.schedule.flow_shift``)
+and given to the denoiser on the pipeline's timestep scale (SANA: ``1000 sigma``; FLUX:
+``sigma``).
 
 The denoiser's conditioning is whatever the pipeline passes it for the general prompt
 (``denoiser_conditions``: text states, and SDXL's pooled text and size ids), recorded from a
 one-step run of the pipeline itself, conditional rows only, so no family needs its own text
-encoding code here. Families trained by rectified flow (SANA, FLUX: ``Family.objective``)
-are refused with a clear error.
+encoding code here.
 
 Adapters are saved as peft writes them: ``adapter_model.safetensors`` (the LoRA weights,
 peft's key names) and ``adapter_config.json`` (the ``LoraConfig``, target modules listed).
@@ -21,6 +25,8 @@ peft's key names) and ``adapter_config.json`` (the ``LoraConfig``, target module
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,8 +38,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from icm.families import family_of
+from icm.families import Family, family_of
+from icm.schedule import flow_shift
 from icm.sites import denoiser_of
+
+#: What each ``Family.objective`` regresses, as a training record states it.
+OBJECTIVES = {
+    "noise": "MSE to the scheduler's prediction type (epsilon or v) on DDPM-noised latents",
+    "flow": "MSE to the velocity noise - x0 at (1 - sigma) x0 + sigma noise, sigma through "
+            "the pipeline's shift",
+}
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,11 +81,8 @@ class TrainSettings:
 
 def target_modules(pipe: Any, sites: Sequence[str]) -> list[str]:
     """The module paths LoRA adapts: the family's projections of each site."""
-    family = family_of(denoiser_of(pipe))
-    if family.objective != "noise":
-        raise NotImplementedError(f"LoRA finetuning of {family.name} ({family.objective} "
-                                  "objective) is not built: only noise-prediction UNets")
     denoiser = denoiser_of(pipe)
+    family = family_of(denoiser)
     names = [f"{site}.{p}" for site in sites for p in family.lora_projections]
     for name in names:
         denoiser.get_submodule(name)  # an error naming the path if it does not exist
@@ -114,7 +125,8 @@ def denoiser_conditions(pipe: Any, prompts: Sequence[str],
             handle.remove()
         guided = (family.guidance == "batched"
                   and bool(getattr(pipe, "do_classifier_free_guidance", False)))
-        out[prompt] = {k: _cond_rows(v, guided) for k, v in seen["kwargs"].items()
+        out[prompt] = {k: v if k in family.shared_inputs else _cond_rows(v, guided)
+                       for k, v in seen["kwargs"].items()
                        if k not in ("timestep", "return_dict", "hidden_states", "sample")}
     return out
 
@@ -142,15 +154,69 @@ def image_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
-def to_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
-    """What the denoiser works on: the VAE's scaled latents, or the pixels of a pixel-space
-    model (the toy)."""
+def to_latents(pipe: Any, pixels: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """What the denoiser works on, on a (B, C, H, W) grid: the VAE's latents as the pipeline
+    decodes them (less ``shift_factor``, FLUX's, times ``scaling_factor``; a Gaussian VAE's
+    drawn from its posterior, a deep-compression one's as they are), or the pixels of a
+    pixel-space model (the toy)."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return pixels
     with torch.no_grad():
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample()
-    return latents * vae.config.scaling_factor
+        encoded = vae.encode(pixels.to(vae.device, vae.dtype))
+        latents = (encoded.latent_dist.sample(generator) if hasattr(encoded, "latent_dist")
+                   else encoded.latent)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels ``s u / (1 + (s - 1) u)``: uniform ``u`` through a pipeline's shift."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_timestep(pipe: Any, sigma: torch.Tensor) -> torch.Tensor:
+    """The timestep a flow pipeline gives its denoiser at noise level ``sigma``: the
+    scheduler's ``sigma T`` (T its training timesteps), times the transformer's
+    ``timestep_scale`` (SANA's config), on the family's scale (FLUX's pipeline divides by
+    1000)."""
+    denoiser = denoiser_of(pipe)
+    steps = pipe.scheduler.config.get("num_train_timesteps", 1000)
+    scale = getattr(denoiser.config, "timestep_scale", 1.0) or 1.0
+    return sigma * steps * scale / family_of(denoiser).timestep_scale
+
+
+def to_denoiser_layout(pipe: Any, family: Family, latents: torch.Tensor) -> torch.Tensor:
+    """Grid latents in the layout the denoiser takes (FLUX: packed 2 x 2 patch tokens)."""
+    if family.latent_layout == "grid":
+        return latents
+    if family.latent_layout == "packed":
+        b, c, h, w = latents.shape
+        return type(pipe)._pack_latents(latents, b, c, h, w)
+    raise ValueError(f"unknown latent layout {family.latent_layout!r}")
+
+
+def _noise_training_pair(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
+                         generator: torch.Generator, pipe: Any
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy, timestep, target) of the noise objective: DDPM noising at a uniform step."""
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),),
+                      generator=generator).to(x0.device)
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = noise if scheduler.config.prediction_type == "epsilon" else \
+        scheduler.get_velocity(x0, noise, t)
+    return noisy, t, target
+
+
+def _flow_training_pair(shift: float, x0: torch.Tensor, noise: torch.Tensor,
+                        generator: torch.Generator, pipe: Any
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy, timestep, target) of rectified flow: the straight path from x0 to noise,
+    the velocity along it as the target (what the pipelines' schedulers step with)."""
+    sigma = flow_sigmas(torch.rand(len(x0), generator=generator), shift).to(x0.device)
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise, flow_timestep(pipe, sigma), noise - x0
 
 
 def train_lora(
@@ -168,19 +234,30 @@ def train_lora(
     if len(images) != len(prompts) or not images:
         raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
     denoiser = denoiser_of(pipe)
+    family = family_of(denoiser)
     device = next(denoiser.parameters()).device
     targets = target_modules(pipe, sites)
     conditions = denoiser_conditions(pipe, sorted(set(prompts)), call)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = noise_scheduler.config.prediction_type
+    if family.objective == "noise":
+        training_pair = functools.partial(_noise_training_pair,
+                                          DDPMScheduler.from_config(pipe.scheduler.config))
+    elif family.objective == "flow":
+        training_pair = functools.partial(_flow_training_pair, flow_shift(pipe, resolution))
+    else:
+        raise ValueError(f"{family.name}: unknown training objective {family.objective!r}; "
+                         f"known: {sorted(OBJECTIVES)}")
+    latent_input = next(iter(inspect.signature(denoiser.forward).parameters))
     generator = torch.Generator("cpu").manual_seed(settings.seed)
     pixels = torch.stack([image_tensor(im, resolution) for im in images])
-    latents = torch.cat([to_latents(pipe, pixels[i:i + 16]) for i in range(0, len(pixels), 16)])
+    latents = torch.cat([to_latents(pipe, pixels[i:i + 16], generator)
+                         for i in range(0, len(pixels), 16)])
     latents = latents.to(device, torch.float32)
 
     config = LoraConfig(r=settings.rank, lora_alpha=settings.lora_alpha or settings.rank,
                         target_modules=targets, init_lora_weights="gaussian")
     was_training, dtype = denoiser.training, next(denoiser.parameters()).dtype
+    # Restored after: some kernels (SANA's) take another path for parameters needing grad.
+    needs_grad = [(p, p.requires_grad) for p in denoiser.parameters()]  # peft rewraps names
     denoiser.requires_grad_(False)
     if dtype != torch.float32:
         denoiser.to(torch.float32)  # trainable weights and their optimizer in float32
@@ -206,14 +283,15 @@ def train_lora(
                     flip = torch.rand(len(index), generator=generator) < 0.5
                     x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
                 noise = torch.randn(x0.shape, generator=generator).to(device)
-                t = torch.randint(noise_scheduler.config.num_train_timesteps, (len(index),),
-                                  generator=generator).to(device)
-                noisy = noise_scheduler.add_noise(x0, noise, t)
-                target = noise if prediction == "epsilon" else \
-                    noise_scheduler.get_velocity(x0, noise, t)
-                batch = _batched([conditions[prompts[i]] for i in index.tolist()], device)
+                noisy, t, target = training_pair(x0, noise, generator, pipe)
+                batch = _batched([conditions[prompts[i]] for i in index.tolist()], device,
+                                 family.shared_inputs)
                 with autocast:
-                    predicted = denoiser(noisy, t, **batch, return_dict=False)[0]
+                    predicted = denoiser(**{latent_input: to_denoiser_layout(pipe, family, noisy)},
+                                         timestep=t, **batch, return_dict=False)[0]
+                if predicted.shape[-3] == 2 * x0.shape[-3] and family.latent_layout == "grid":
+                    predicted = predicted[:, :x0.shape[-3]]  # a learned variance's half dropped
+                target = to_denoiser_layout(pipe, family, target)
                 loss = torch.nn.functional.mse_loss(predicted.float(), target.float())
                 (loss / settings.gradient_accumulation).backward()
                 total += loss.item() / settings.gradient_accumulation
@@ -230,6 +308,8 @@ def train_lora(
                    for k, v in get_peft_model_state_dict(denoiser).items()}
     finally:
         denoiser.delete_adapters(denoiser.active_adapters())
+        for p, flag in needs_grad:
+            p.requires_grad_(flag)
         if dtype != torch.float32:
             denoiser.to(dtype)
         denoiser.train(was_training)
@@ -243,12 +323,14 @@ def train_lora(
     return weights, _jsonable(record), losses
 
 
-def _batched(rows: Sequence[Mapping[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Recorded single-row conditions stacked into one batch."""
+def _batched(rows: Sequence[Mapping[str, Any]], device: torch.device,
+             shared: Sequence[str] = ()) -> dict[str, Any]:
+    """Recorded single-row conditions stacked into one batch (``shared`` inputs, the same
+    for every row, passed once)."""
     out: dict[str, Any] = {}
     for key, first in rows[0].items():
         if isinstance(first, torch.Tensor):
-            out[key] = torch.cat([r[key] for r in rows]).to(device)
+            out[key] = (first if key in shared else torch.cat([r[key] for r in rows])).to(device)
         elif isinstance(first, Mapping):
             out[key] = _batched([r[key] for r in rows], device)
         else:

@@ -71,17 +71,43 @@ def pipeline_timesteps(pipe: Any, steps: int, resolution: int) -> np.ndarray:
 
     if family_of(denoiser_of(pipe)).schedule != "flux":
         return denoising_timesteps(pipe.scheduler, steps)
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     config = pipe.scheduler.config
-    tokens = (resolution // (pipe.vae_scale_factor * 2)) ** 2  # 2 x 2 latent patches
-    mu = calculate_shift(tokens, config.get("base_image_seq_len", 256),
-                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                         config.get("max_shift", 1.15))
+    mu = flux_mu(pipe, resolution)
     if config.get("use_flow_sigmas"):
         return denoising_timesteps(pipe.scheduler, steps, mu=mu)
     return denoising_timesteps(pipe.scheduler, steps,
                                sigmas=list(np.linspace(1.0, 1 / steps, steps)), mu=mu)
+
+
+def flux_mu(pipe: Any, resolution: int) -> float:
+    """FLUX's time shift ``mu`` at ``resolution``: it grows with the packed image's token
+    count (2 x 2 latent patches), as ``FluxPipeline`` computes it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = pipe.scheduler.config
+    tokens = (resolution // (pipe.vae_scale_factor * 2)) ** 2
+    return float(calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15)))
+
+
+def flow_shift(pipe: Any, resolution: int) -> float:
+    """The shift ``s`` of a flow-matching pipeline's noise levels at ``resolution``: its
+    sigmas are ``s u / (1 + (s - 1) u)`` of an evenly spaced ``u``. SANA's DPM-Solver names
+    it ``flow_shift``, a static flow-match scheduler ``shift``; FLUX's dynamic shift is
+    ``exp(mu)`` (the exponential time shift is the same map)."""
+    from icm.families import family_of
+    from icm.sites import denoiser_of
+
+    config = pipe.scheduler.config
+    if family_of(denoiser_of(pipe)).schedule == "flux" and config.get("use_dynamic_shifting"):
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(f"time_shift_type {config['time_shift_type']!r}: only FLUX's "
+                             "exponential time shift is a static shift")
+        return float(np.exp(flux_mu(pipe, resolution)))
+    if config.get("use_flow_sigmas"):
+        return float(config.get("flow_shift", 1.0))
+    return float(config.get("shift", 1.0))
 
 
 def start_step(timesteps: Sequence[float], num_train_timesteps: int, start_of_50: int) -> int:

@@ -244,8 +244,7 @@ def run_variants(wildcards):
     """The steering variants of a (model, concept): the concept's `steering.variants` (null:
     all; the original always), less those whose layer selection the model's family lacks (FLUX has no
     cross-attention, so no `cross` variant), for a concept without `specific_prompts` those
-    steering with directions from specific prompts or finetuned on their images, and LoRA
-    variants on families whose training objective is not built (`Family.objective`)."""
+    steering with directions from specific prompts or finetuned on their images."""
     chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -260,8 +259,7 @@ def run_variants(wildcards):
         return spec.get("directions", "general") != "general" or spec.get("method") == "lora"
 
     return [v for v in chosen if family.selects(VARIANTS[v]["sites"])
-            and (specific or not needs_specific(VARIANTS[v]))
-            and (VARIANTS[v].get("method") != "lora" or family.objective == "noise")]
+            and (specific or not needs_specific(VARIANTS[v]))]
 
 
 def target_variants(wildcards):

@@ -16,6 +16,7 @@ from icm.finetune import (
     target_modules,
     train_lora,
 )
+from icm.families import family_of
 from icm.sites import denoiser_of, list_sites
 
 CALL = {"num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 7.5}
@@ -120,3 +121,93 @@ def test_a_lora_on_three_self_attention_sites_learns_the_colour_it_is_shown():
         load_adapter(pipe, folder)
         after = blue_share()
     assert before < 0.2 and after > before + 0.3, (before, after)
+
+
+SANA_CALL = {"num_inference_steps": 4, "height": 32, "width": 32, "guidance_scale": 4.5,
+             "use_resolution_binning": False}
+FLUX_CALL = {"num_inference_steps": 4, "height": 16, "width": 16, "guidance_scale": 3.5}
+
+
+def _flow_pipe(name):
+    if name == "sana":
+        from icm.models.tiny_sana import build_tiny_sana
+
+        return build_tiny_sana(), SANA_CALL
+    from icm.models.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(), FLUX_CALL
+
+
+@pytest.mark.parametrize("name", ["sana", "flux"])
+def test_flow_training_sees_what_the_pipeline_gives_its_denoiser(name):
+    """Rectified flow as the pipeline runs it: the timestep the denoiser is given at a noise
+    level, the spread of noise levels, and the sign of the velocity the scheduler steps."""
+    import copy
+
+    from icm.finetune import flow_sigmas, flow_timestep
+    from icm.schedule import flow_shift, pipeline_timesteps
+
+    pipe, call = _flow_pipe(name)
+    denoiser, seen = denoiser_of(pipe), []
+    handle = denoiser.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    try:
+        pipe(["a person"], generator=torch.Generator().manual_seed(0), output_type="np", **call)
+    finally:
+        handle.remove()
+    sigmas = pipe.scheduler.sigmas[:call["num_inference_steps"]].float()
+    scale = family_of(denoiser).timestep_scale  # in scheduler units, where DPM-Solver rounds
+    for step, sigma in enumerate(sigmas):  # every step, not just the first
+        given = seen[step].float() * scale
+        assert (given == given[0]).all() and abs(flow_timestep(pipe, sigma) * scale - given[0]) < 1
+
+    # Training noise levels spread as the pipeline's steps do (its shift, applied to u).
+    shift, resolution = flow_shift(pipe, call["height"]), call["height"]
+    assert shift > 1  # SANA's flow_shift 3; FLUX's exp(mu) at this token count
+    steps = pipeline_timesteps(pipe, 400, resolution) / 1000
+    drawn = flow_sigmas(torch.rand(20000, generator=torch.Generator().manual_seed(1)), shift)
+    np.testing.assert_allclose(np.quantile(drawn.numpy(), [0.1, 0.25, 0.5, 0.75, 0.9]),
+                               np.quantile(steps, [0.1, 0.25, 0.5, 0.75, 0.9]), atol=0.02)
+
+    # The scheduler, stepped with the target velocity noise - x0 from x_sigma, lands on x0.
+    gen = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(1, 4, 4, 4, generator=gen), torch.randn(1, 4, 4, 4, generator=gen)
+    scheduler = copy.deepcopy(pipe.scheduler)
+    if name == "sana":
+        scheduler.set_timesteps(6)
+    else:
+        scheduler.set_timesteps(sigmas=list(np.linspace(1, 1 / 6, 6)), mu=np.log(shift))
+    sample = (1 - scheduler.sigmas[0]) * x0 + scheduler.sigmas[0] * noise
+    for t in scheduler.timesteps:
+        sample = scheduler.step(noise - x0, t, sample, return_dict=False)[0]
+    torch.testing.assert_close(sample, x0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sana", "flux"])
+def test_a_flow_lora_covers_only_the_chosen_sites_lowers_its_loss_and_comes_off(name, tmp_path):
+    pipe, call = _flow_pipe(name)
+    sites = list_sites(denoiser_of(pipe))[:2]
+
+    def draw(seed=0):
+        return pipe(["a person"], generator=[torch.Generator().manual_seed(seed)],
+                    output_type="np", **call).images
+
+    images = pipe(["a red car"] * 4, output_type="pil",
+                  generator=[torch.Generator().manual_seed(i) for i in range(4)], **call).images
+    plain = draw()
+    weights, config, losses = train_lora(
+        pipe, sites, images, ["a person"] * 4,
+        TrainSettings(rank=4, learning_rate=1e-2, steps=30, batch_size=4,
+                      gradient_accumulation=1, warmup_steps=2), call["height"], call)
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), losses
+    assert {k.split(".lora_")[0] for k in weights} == set(config["target_modules"]) \
+        == set(target_modules(pipe, sites))
+    assert all(m.startswith(tuple(f"{s}." for s in sites)) for m in config["target_modules"])
+    np.testing.assert_array_equal(draw(), plain)  # the adapter came off again
+    save_adapter(tmp_path, weights, config)
+    try:
+        load_adapter(pipe, tmp_path)
+        assert np.abs(draw() - plain).max() > 0
+    finally:
+        denoiser_of(pipe).delete_adapters(denoiser_of(pipe).active_adapters())
+    np.testing.assert_array_equal(draw(), plain)

@@ -25,8 +25,8 @@ def test_dry_run_plans_the_whole_dag_with_gpu_jobs(workdir, model, shards):
                   "label_specific_images", "fit_specific_probes"):
         assert jobs[stage] == 1
     assert jobs["generate_specific_images"] == shards  # for icm-specific's directions
-    # LoRA variants train where the family's objective is built (not SANA's, FLUX's flow).
-    assert jobs.get("finetune_lora", 0) == (4 if model in ("sd15", "sdxl") else 0)
+    # Every family trains the four LoRA variants but FLUX, which has no `cross` selection.
+    assert jobs.get("finetune_lora", 0) == (3 if model == "flux" else 4)
     rules = ["generate_images", "generate_specific_images"] + (
         ["finetune_lora", "generate_finetuned_images"] if jobs.get("finetune_lora") else [])
     for rule in rules:

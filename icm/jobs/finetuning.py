@@ -78,7 +78,8 @@ def finetune_lora_job(
 
     from icm.atomic import atomic_directory
     from icm.debias import select_sites
-    from icm.finetune import TrainSettings, save_adapter, target_modules, train_lora
+    from icm.families import family_of
+    from icm.finetune import OBJECTIVES, TrainSettings, save_adapter, target_modules, train_lora
     from icm.generate import SamplerSettings
     from icm.models import ModelSpec, load_pipeline
     from icm.provenance import package_versions
@@ -89,7 +90,7 @@ def finetune_lora_job(
     pipe = load_pipeline(spec, device=generation["device"])
     sites = select_sites(pd.read_csv(ranking), variant["sites"], variant.get("k"),
                          variant["seed"])
-    targets = target_modules(pipe, sites)  # refuses families it cannot train, before work
+    targets = target_modules(pipe, sites)  # a path the model lacks stops here, before work
     chosen, summary = training_set(concept, samples_csv, labels_csv, settings.seed)
     root = Path(samples_csv).parent
     images = [Image.open(root / path).convert("RGB") for path in chosen["image"]]
@@ -111,7 +112,7 @@ def finetune_lora_job(
         "target_modules": targets, "settings": settings.__dict__,
         "device": str(next(denoiser_of(pipe).parameters()).device),
         "training_set": summary, "loss_first": losses[0], "loss_last": losses[-1],
-        "objective": "MSE to the scheduler's prediction type on noised latents",
+        "objective": OBJECTIVES[family_of(denoiser_of(pipe)).objective],
         "versions": package_versions()})
 
 
