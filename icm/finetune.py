@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from icm.families import Family, family_of
-from icm.schedule import flow_shift
+from icm.schedule import flow_shift, train_timesteps
 from icm.sites import denoiser_of
 
 #: What each ``Family.objective`` regresses, as a training record states it.
@@ -182,9 +182,8 @@ def flow_timestep(pipe: Any, sigma: torch.Tensor) -> torch.Tensor:
     ``timestep_scale`` (SANA's config), on the family's scale (FLUX's pipeline divides by
     1000)."""
     denoiser = denoiser_of(pipe)
-    steps = pipe.scheduler.config.get("num_train_timesteps", 1000)
     scale = getattr(denoiser.config, "timestep_scale", 1.0) or 1.0
-    return sigma * steps * scale / family_of(denoiser).timestep_scale
+    return sigma * train_timesteps(pipe.scheduler) * scale / family_of(denoiser).timestep_scale
 
 
 def to_denoiser_layout(pipe: Any, family: Family, latents: torch.Tensor) -> torch.Tensor:
@@ -198,7 +197,7 @@ def to_denoiser_layout(pipe: Any, family: Family, latents: torch.Tensor) -> torc
 
 
 def _noise_training_pair(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
-                         generator: torch.Generator, pipe: Any
+                         generator: torch.Generator
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy, timestep, target) of the noise objective: DDPM noising at a uniform step."""
     t = torch.randint(scheduler.config.num_train_timesteps, (len(x0),),
@@ -209,8 +208,8 @@ def _noise_training_pair(scheduler: Any, x0: torch.Tensor, noise: torch.Tensor,
     return noisy, t, target
 
 
-def _flow_training_pair(shift: float, x0: torch.Tensor, noise: torch.Tensor,
-                        generator: torch.Generator, pipe: Any
+def _flow_training_pair(shift: float, pipe: Any, x0: torch.Tensor, noise: torch.Tensor,
+                        generator: torch.Generator
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(noisy, timestep, target) of rectified flow: the straight path from x0 to noise,
     the velocity along it as the target (what the pipelines' schedulers step with)."""
@@ -242,7 +241,8 @@ def train_lora(
         training_pair = functools.partial(_noise_training_pair,
                                           DDPMScheduler.from_config(pipe.scheduler.config))
     elif family.objective == "flow":
-        training_pair = functools.partial(_flow_training_pair, flow_shift(pipe, resolution))
+        training_pair = functools.partial(_flow_training_pair, flow_shift(pipe, resolution),
+                                          pipe)
     else:
         raise ValueError(f"{family.name}: unknown training objective {family.objective!r}; "
                          f"known: {sorted(OBJECTIVES)}")
@@ -283,7 +283,7 @@ def train_lora(
                     flip = torch.rand(len(index), generator=generator) < 0.5
                     x0 = torch.where(flip.to(device)[:, None, None, None], x0.flip(-1), x0)
                 noise = torch.randn(x0.shape, generator=generator).to(device)
-                noisy, t, target = training_pair(x0, noise, generator, pipe)
+                noisy, t, target = training_pair(x0, noise, generator)
                 batch = _batched([conditions[prompts[i]] for i in index.tolist()], device,
                                  family.shared_inputs)
                 with autocast:
@@ -332,7 +332,7 @@ def _batched(rows: Sequence[Mapping[str, Any]], device: torch.device,
         if isinstance(first, torch.Tensor):
             out[key] = (first if key in shared else torch.cat([r[key] for r in rows])).to(device)
         elif isinstance(first, Mapping):
-            out[key] = _batched([r[key] for r in rows], device)
+            out[key] = _batched([r[key] for r in rows], device, shared)
         else:
             out[key] = first
     return out
