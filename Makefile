@@ -10,16 +10,32 @@ TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvi
 DEMO_TARGET ?= results/toy/color/table.csv results/toy/objects/head-maps/curve.png
 PYTEST_FLAGS ?= -n 2 --durations=15
 
-.PHONY: install demo test check lint bench clean toy-model toy-quality
+.PHONY: install lock demo test check lint bench clean toy-model toy-quality
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions of everything but the torch stack, which follows TORCH_PIN (or pip's
+# choice for this machine); `make lock` regenerates it from pyproject.toml's ranges.
+LOCK := requirements.lock
+TORCH_STACK := ^(torch|torchvision|triton|nvidia-|cuda-)
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/python -m pip install --quiet $(TORCH_PIN))
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
+
+lock: install  ## re-resolve pyproject.toml's ranges into requirements.lock (docs/development.md)
+	$(BIN)/python -m pip install --quiet pip-tools
+	printf '%s\n' $(TORCH_PIN) > $(VENV)/torch-constraints.txt
+	$(BIN)/pip-compile --quiet --extra test --strip-extras --no-emit-index-url \
+		--no-emit-find-links --constraint $(VENV)/torch-constraints.txt \
+		--output-file $(LOCK) pyproject.toml
+	awk '/^[^ #]/ {skip = ($$0 ~ /$(TORCH_STACK)/)} !skip' $(LOCK) > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) pinned packages (the torch stack left to TORCH_PIN)"
 
 demo: install  ## run the main job on the embedded default model
 	$(BIN)/snakemake --cores $(CORES) $(DEMO_TARGET)

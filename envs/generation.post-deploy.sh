@@ -8,4 +8,7 @@ if ! grep -qs '^name = "icm"' pyproject.toml; then
     echo "run snakemake from the ICM repository (no icm pyproject.toml in $PWD)" >&2
     exit 1
 fi
-python -m pip install --editable .
+# The locked versions (requirements.lock, `make lock`), torch as pip chooses for this
+# machine's platform; then the package itself, its dependencies already in place.
+python -m pip install -r requirements.lock
+python -m pip install --no-deps --editable .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from icm.capture import capture_activations
 from icm.generate import generate_images, generate_shard
 from icm.samples import plan_samples
 from icm.sites import denoiser_of, list_sites
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shard_outputs_agree(tmp_path, tiny_pipe, tiny_settings):
@@ -29,6 +32,13 @@ def test_shard_outputs_agree(tmp_path, tiny_pipe, tiny_settings):
     assert sorted(ds.data_vars) == sorted(sites)
     assert ds[sites[0]].shape[:2] == (6, tiny_settings.steps)
     assert ds.attrs["concept"] == "test" and ds.attrs["versions"]["torch"]
+    # The versions recorded are the locked set's (requirements.lock; torch follows TORCH_PIN).
+    locked = dict(line.split("==") for line in (ROOT / "requirements.lock").read_text()
+                  .splitlines() if "==" in line and not line.startswith((" ", "#")))
+    recorded = {k: v for k, v in ds.attrs["versions"].items() if k not in ("python", "icm")}
+    assert set(recorded) - set(locked) == {"torch"}, "a tracked package is not locked"
+    assert {k: v for k, v in recorded.items() if k in locked} == {
+        k: locked[k] for k in recorded if k in locked}, "run `make install` after `make lock`"
     # Regenerating the last batch (samples 4, 5) reproduces its images and activations.
     with capture_activations(tiny_pipe) as cap:
         again = generate_images(tiny_pipe, samples[4:], tiny_settings)
