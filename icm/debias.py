@@ -2,8 +2,10 @@
 
 * Sites per layer-selection variant, from a site ranking: ``top`` (the ICM choice: the k
   best self-attention sites), ``cross`` (the cross-attention sites of those same blocks),
-  ``all``, ``random`` (k seeded self-attention sites), ``worst`` (the k lowest-ranked
-  self-attention sites), ``none`` (the original, unsteered model). By default each pair's
+  ``all`` (every attention site), ``random`` (k seeded self-attention sites), ``worst`` (the
+  k lowest-ranked self-attention sites), ``h-space`` (the UNet bottleneck, the mid-block
+  output: a baseline row), ``none`` (the original, unsteered model). A variant may instead
+  name its sites and strengths per target (``explicit``, see ``explicit_pushes``). By default each pair's
   direction steers the sites of that pair's own ranking (paper Table 6 selects layers per
   direction); ``steering.sites_per: concept`` uses one ranking of the concept for all.
 * Which direction pushes toward each class: a pair's positive class is reached with +v, the
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from icm.families import FAMILIES
+from icm.families import FAMILIES, KINDS
 from icm.probes import Pair
 
 #: The site kinds ``top``, ``worst`` and ``random`` choose among, over every family.
@@ -33,7 +35,10 @@ STEERED_KINDS = frozenset(k for family in FAMILIES.values() for k in family.stee
 #: The kinds ``cross`` steers, over every family (cross-attention; FLUX has none).
 CROSS_KINDS = frozenset(f.cross_kind for f in FAMILIES.values() if f.cross_kind)
 
-SELECTIONS = ("none", "top", "cross", "all", "random", "worst")
+#: Baseline kinds (the UNet bottleneck, ``h-space``): only their own selection steers them.
+BASELINE_KINDS = frozenset(name for name, kind in KINDS.items() if kind.baseline)
+
+SELECTIONS = ("none", "top", "cross", "all", "random", "worst", "h-space")
 
 
 @dataclass(frozen=True)
@@ -105,8 +110,14 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
     self_attention = ranked[ranked["kind"].isin(STEERED_KINDS)]
     if selection == "none":
         return []
-    if selection == "all":
-        return list(ranked["site"])
+    if selection == "all":  # every attention (or block) site; the bottleneck is a baseline
+        return list(ranked["site"][~ranked["kind"].isin(BASELINE_KINDS)])
+    if selection == "h-space":
+        bottleneck = list(ranked["site"][ranked["kind"] == "h-space"])
+        if not bottleneck:
+            raise ValueError("selection 'h-space' needs the UNet bottleneck (mid_block) in the "
+                             "ranking; this model has none (SANA and FLUX are transformers)")
+        return bottleneck
     if k is None:
         raise ValueError(f"selection {selection!r} needs k, the number of sites")
     if k > len(self_attention):
@@ -146,4 +157,49 @@ def sites_per_pair(concept_ranking: pd.DataFrame | None, pair_ranking: pd.DataFr
         if rows.empty:
             raise ValueError(f"the per-pair ranking has no rows for pair {pair!r}")
         out[pair] = select_sites(rows, selection, k, [seed, index])
+    return out
+
+
+@dataclass(frozen=True)
+class ExplicitPush:
+    """A hand-picked push (the paper's Table 6): ``strength`` times the unit direction of
+    ``pair`` at ``sites``; the strength is signed along the pair (positive toward its
+    second, positive class), as the paper writes it (woman -10, man 10 on woman-man)."""
+
+    pair: str
+    sites: tuple[str, ...]
+    strength: float
+
+
+def explicit_pushes(classes: Sequence[str], pairs: Sequence[tuple[str, str]],
+                    targets: Mapping[str, Mapping]) -> dict[str, ExplicitPush | None]:
+    """Per class its explicit push (None: not listed, so batches toward it stay unsteered,
+    as the paper leaves adult and white). A listed class must have a direction, and its
+    strength's sign must reach it: a sign that pushes away from the target is a typo."""
+    unknown = sorted(set(targets) - set(classes))
+    if unknown:
+        raise ValueError(f"explicit targets {unknown} are not classes of the concept "
+                         f"{list(classes)}")
+    pushes = class_pushes(classes, pairs)
+    out: dict[str, ExplicitPush | None] = {}
+    for cls in classes:
+        entry = targets.get(cls)
+        if entry is None:
+            out[cls] = None
+            continue
+        push = pushes[cls]
+        if push is None:
+            raise ValueError(f"explicit target {cls!r} has no direction: it is the positive class "
+                             f"of no pair and the negative class of several or none {list(pairs)}")
+        strength = float(entry["alpha"])
+        if strength == 0 or np.sign(strength) != push.sign:
+            side = "positive" if push.sign > 0 else "negative"
+            raise ValueError(f"explicit target {cls!r}: strength {strength:g} does not push toward "
+                             f"it; it is the {side} class of {push.pair}, so its strength must "
+                             f"be {side}")
+        sites = tuple(entry["sites"])
+        if not sites or len(set(sites)) != len(sites):
+            raise ValueError(f"explicit target {cls!r}: sites must be distinct and at least one, "
+                             f"got {list(sites)}")
+        out[cls] = ExplicitPush(push.pair, sites, strength)
     return out

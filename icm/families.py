@@ -6,7 +6,8 @@ listing read one table instead of branching on the family name:
 * **site kinds**: which modules are sites (a pattern on the diffusers module path), what to
   call them, and where the image stream is in their output (the tensor itself, or one
   element of a tuple: FLUX's blocks return ``(text, image)``, joint attention returns
-  ``(image, text)``);
+  ``(image, text)``); the UNets' bottleneck (``mid_block``, kind ``h-space``) is a baseline
+  kind, steered only by its own selection;
 * **families**: the denoiser attribute and class, the kinds it has, the kinds the layer
   selections steer (``top``, ``random``, ``worst``: self-attention for UNets and SANA, the
   block outputs for FLUX, as the ICM paper's appendix F), the forward order of top-level
@@ -47,7 +48,10 @@ class SiteKind:
     label: str
     pattern: str
     image: int = 0
-    width: str = "to_out.0"  # the submodule whose out_features is the site's width
+    width: str = "to_out.0"  # the submodule whose out_features (out_channels) is the width
+    # A baseline kind (the UNet bottleneck) is captured, probed and ranked like any site,
+    # but only its own selection steers it: not `top`, `random`, `worst` nor `all`.
+    baseline: bool = False
 
     def matches(self, path: str) -> bool:
         return re.fullmatch(self.pattern, path) is not None
@@ -61,6 +65,10 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
              width="proj_out"),
     SiteKind("double", "double-stream block", r"transformer_blocks\.\d+", image=1,
              width="ff.net.2"),
+    # The UNet bottleneck, the mid-block output (B, C, H, W) that h-space methods edit
+    # (arXiv:2210.10960, Asyrp): pooled over positions and steered at every position.
+    SiteKind("h-space", "bottleneck (mid-block output)", r"mid_block", width="resnets.1.conv2",
+             baseline=True),
 )}
 
 
@@ -93,16 +101,23 @@ class Family:
 
     def selects(self, selection: str) -> bool:
         """Whether a layer selection exists in this family: ``cross`` needs cross-attention
-        sites, which FLUX's joint attention has none of."""
-        return selection != "cross" or self.cross_kind is not None
+        sites, which FLUX's joint attention has none of; ``h-space`` a UNet bottleneck."""
+        if selection == "cross":
+            return self.cross_kind is not None
+        if selection == "h-space":
+            return "h-space" in self.kinds
+        return True
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd15", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+    Family("sd15", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
+           ("attn1",), "batched",
            ("down_blocks", "mid_block", "up_blocks")),
-    Family("sdxl", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+    Family("sdxl", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
+           ("attn1",), "batched",
            ("down_blocks", "mid_block", "up_blocks")),
-    Family("toy", "unet", "UNet2DConditionModel", ("attn1", "attn2"), ("attn1",), "batched",
+    Family("toy", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
+           ("attn1",), "batched",
            ("down_blocks", "mid_block", "up_blocks")),
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
            "batched", text_encoding="sana",
@@ -147,7 +162,7 @@ def site_width(denoiser: nn.Module, site: str) -> int:
     """Channels of a site's image stream, read off the module (no forward pass: works on
     the meta device)."""
     module = denoiser.get_submodule(site).get_submodule(kind_of(site).width)
-    return int(module.out_features)
+    return int(getattr(module, "out_features", None) or module.out_channels)
 
 
 def image_stream(site: str, output: Any) -> torch.Tensor:

@@ -35,7 +35,8 @@ def site_kind(site: str) -> str:
 def list_sites(denoiser: nn.Module, kinds: Iterable[str] | None = None) -> list[str]:
     """All sites of the given kinds (default: every kind of the denoiser's family), in
     forward order: registration order within a top-level group, groups in the family's
-    forward order (UNets register ``mid_block`` after ``up_blocks``)."""
+    forward order (UNets register ``mid_block`` after ``up_blocks``), a site that holds
+    others after them."""
     family = family_of(denoiser)
     wanted = tuple(family.kinds if kinds is None else kinds)
     unknown = set(wanted) - set(family.kinds)
@@ -45,7 +46,13 @@ def list_sites(denoiser: nn.Module, kinds: Iterable[str] | None = None) -> list[
     rank = {group: i for i, group in enumerate(family.order)}
     names = [name for name, _ in denoiser.named_modules()
              if name and any(KINDS[k].matches(name) for k in wanted)]
-    return sorted(names, key=lambda name: rank.get(name.split(".", 1)[0], 1))
+    # A site holding other sites (the bottleneck ``mid_block`` around its attention) returns
+    # after them: it goes after its last descendant, as its forward hook fires.
+    position = {}
+    for i, name in enumerate(names):
+        inner = [j for j, other in enumerate(names) if other.startswith(name + ".")]
+        position[name] = max(inner) + 0.5 if inner else i
+    return sorted(names, key=lambda name: (rank.get(name.split(".", 1)[0], 1), position[name]))
 
 
 def resolve_sites(denoiser: nn.Module, sites: Sequence[str]) -> dict[str, nn.Module]:

@@ -204,9 +204,11 @@ def variant_spec(wildcards):
     spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
     if variant.get("method") == "lora":  # no alpha, no directions: the adapter's sites
         return {**spec, "method": "lora"} | (
-            {"k": config["steering"]["k"]} if variant["sites"] != "all" else {})
+            {"k": steering_k(wildcards.concept)} if variant["sites"] != "all" else {})
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
+    if variant["sites"] == "explicit":  # the concept's hand-picked sites for this model
+        return {**spec, "explicit": explicit_sites(wildcards), "alpha_unit": "absolute"}
     alpha = alphas.get(wildcards.variant, variant["alpha"])
     spec["alpha"] = alpha if alpha == "auto" else float(alpha)
     spec["alpha_unit"] = config["steering"]["alpha_unit"]
@@ -215,16 +217,32 @@ def variant_spec(wildcards):
     if variant.get("directions", "general") != "general":  # likewise
         spec["directions"] = variant["directions"]
     if variant["sites"] != "all":
-        spec["k"] = config["steering"]["k"]
+        spec["k"] = steering_k(wildcards.concept)
         spec["sites_per"] = config["steering"]["sites_per"]
     return spec
+
+
+def steering_k(concept):
+    """How many sites `top`, `random`, `worst` and `cross` steer for a concept: its own
+    `steering.k` (SDXL's president: 20 of 70), else `steering.k`."""
+    return CONCEPTS[concept]["steering"].get("k") or config["steering"]["k"]
+
+
+def explicit_sites(wildcards):
+    """`concepts.<c>.steering.explicit.<model>`: the hand-picked sites and signed strengths
+    per target (the paper's Table 6) a `sites: explicit` variant steers with."""
+    chosen = CONCEPTS[wildcards.concept]["steering"]["explicit"].get(wildcards.model)
+    if chosen is None:
+        raise ValueError(f"variant {wildcards.variant}: concepts.{wildcards.concept}.steering."
+                         f"explicit has no entry for model {wildcards.model}")
+    return chosen
 
 
 def alpha_is_auto(concept, variant):
     """Whether a steering variant's alpha, for this concept, is chosen by calibration."""
     alphas = CONCEPTS[concept]["steering"]["alpha"]
     spec = VARIANTS[variant]
-    return (spec["sites"] != "none" and spec.get("method") != "lora"
+    return (spec["sites"] not in ("none", "explicit") and spec.get("method") != "lora"
             and alphas.get(variant, spec["alpha"]) == "auto")
 
 
@@ -243,8 +261,10 @@ def target_classes(wildcards):
 def run_variants(wildcards):
     """The steering variants of a (model, concept): the concept's `steering.variants` (null:
     all; the original always), less those whose layer selection the model's family lacks (FLUX has no
-    cross-attention, so no `cross` variant), for a concept without `specific_prompts` those
-    steering with directions from specific prompts or finetuned on their images."""
+    cross-attention, so no `cross` variant; SANA and FLUX no `h-space` bottleneck), for a
+    concept without `specific_prompts` those steering with directions from specific prompts
+    or finetuned on their images, and `explicit` variants where the concept names no sites
+    for the model."""
     chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
@@ -258,8 +278,10 @@ def run_variants(wildcards):
     def needs_specific(spec):
         return spec.get("directions", "general") != "general" or spec.get("method") == "lora"
 
+    explicit = CONCEPTS[wildcards.concept]["steering"]["explicit"]
     return [v for v in chosen if family.selects(VARIANTS[v]["sites"])
-            and (specific or not needs_specific(VARIANTS[v]))]
+            and (specific or not needs_specific(VARIANTS[v]))
+            and (VARIANTS[v]["sites"] != "explicit" or wildcards.model in explicit)]
 
 
 def target_variants(wildcards):
@@ -305,8 +327,10 @@ def steer_inputs(wildcards):
     inputs = {
         "directions": [f"{probes}/{p}/directions.safetensors" for p in names],
         "directions_meta": [f"{probes}/{p}/directions.json" for p in names],
-        "start": f"{base}/ranking.json",  # the steering start the ranking chose
     }
+    if VARIANTS[wildcards.variant]["sites"] == "explicit":  # its own sites and start
+        return inputs
+    inputs["start"] = f"{base}/ranking.json"  # the steering start the ranking chose
     if alpha_is_auto(wildcards.concept, wildcards.variant):
         inputs["alphas"] = f"{base}/calibration/{wildcards.variant}.alpha.json"
     selects = VARIANTS[wildcards.variant]["sites"] != "all"
@@ -324,8 +348,9 @@ def steer_concept(wildcards):
         "prompts": spec["prompts"],
         "classes": spec["classes"],
         "pairs": [list(p) for p in concept_pairs(wildcards.concept)],
-        "steering": {k: v for k, v in spec["steering"].items()
-                     if k not in ("alpha", "targets", "variants")},  # none changes an image
+        "steering": {k: v for k, v in spec["steering"].items()  # none changes an image,
+                     if k not in ("alpha", "targets", "variants", "k", "explicit")},  # or in
+        # the variant's own spec (variant_spec: k, the explicit sites)
         "evaluation_prompts": spec["evaluation"]["prompts"],
     }
 

@@ -112,7 +112,7 @@ rule rank_sites:
             {"sites_per": config["steering"]["sites_per"]}
             if config["probes"]["steer_start"] == "auto" else {}),
         # the sites whose probes decide an automatic start (unused by a fixed one)
-        k=config["steering"]["k"] if config["probes"]["steer_start"] == "auto" else None,
+        k=lambda w: steering_k(w.concept) if config["probes"]["steer_start"] == "auto" else None,
         code=job_code("rank_sites_job"),
     localrule: True
     conda:

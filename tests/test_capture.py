@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icm.capture import capture_activations
+from icm.capture import capture_activations, token_mean
 from icm.hooks import DoubleHookError
 from icm.sites import denoiser_of, list_sites
 
@@ -46,8 +46,8 @@ def test_means_equal_direct_computation(tiny_pipe, guidance):
         assert len(outputs) == 4  # one call per step
         # With guidance the batch is [uncond x4, cond x4]; the conditional half comes second.
         cond = [o.chunk(2)[1] if guidance > 1 else o for o in outputs]
-        expected = torch.stack([c.mean(dim=1) for c in cond], dim=1).cpu().numpy()
-        assert batch.activations[site].shape == (4, 4, outputs[0].shape[-1])
+        expected = torch.stack([token_mean(c) for c in cond], dim=1).cpu().numpy()
+        assert batch.activations[site].shape == (4, 4, expected.shape[-1])
         np.testing.assert_allclose(batch.activations[site], expected, rtol=1e-6, atol=1e-6)
     assert batch.timesteps.shape == (4,)
     assert np.all(np.diff(batch.timesteps) < 0)  # denoising runs from noisy to clean

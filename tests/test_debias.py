@@ -7,9 +7,11 @@ import pandas as pd
 import pytest
 
 from icm.debias import (
+    ExplicitPush,
     Push,
     batch_target,
     class_pushes,
+    explicit_pushes,
     select_sites,
     sites_per_pair,
     target_probabilities,
@@ -77,6 +79,42 @@ def test_site_selection_per_variant():
     assert len(set(random)) == 2 and all(s.endswith("attn1") for s in random)
     with pytest.raises(ValueError, match="steering.k is 5"):
         select_sites(table, "top", 5)
+
+
+def test_the_bottleneck_is_a_baseline_only_its_own_selection_steers():
+    table = ranking()
+    best = pd.DataFrame([{"site": "mid_block", "kind": "h-space", "block": "mid_block",
+                          "acc": 1.0, "rank": 0}])
+    table = pd.concat([best, table], ignore_index=True)  # ranked first, yet a baseline
+    assert select_sites(table, "h-space", None) == ["mid_block"]
+    assert select_sites(table, "top", 2) == ["b1.attn1", "b0.attn1"]
+    assert "mid_block" not in select_sites(table, "all", None)
+    assert "mid_block" not in select_sites(table, "random", 4, seed=0)
+    with pytest.raises(ValueError, match="needs the UNet bottleneck"):
+        select_sites(ranking(), "h-space", None)
+
+
+def test_explicit_pushes_take_the_papers_signed_strengths_and_refuse_a_wrong_sign():
+    classes, pairs = ["white", "black", "asian", "indian"], [
+        ("white", "black"), ("white", "indian"), ("white", "asian")]
+    table6 = {"black": {"sites": ["a", "b"], "alpha": 15}, "asian": {"sites": ["c"], "alpha": 10}}
+    pushes = explicit_pushes(classes, pairs, table6)
+    assert pushes == {"white": None, "black": ExplicitPush("white-black", ("a", "b"), 15.0),
+                      "asian": ExplicitPush("white-asian", ("c",), 10.0), "indian": None}
+    gender = explicit_pushes(["woman", "man"], [("woman", "man")],
+                             {"woman": {"sites": ["a"], "alpha": -10},
+                              "man": {"sites": ["a"], "alpha": 10}})
+    assert gender["woman"].strength == -10 and gender["man"].pair == "woman-man"
+    with pytest.raises(ValueError, match="'woman': strength 10 does not push toward it; it is "
+                                         "the negative class of woman-man"):
+        explicit_pushes(["woman", "man"], [("woman", "man")],
+                        {"woman": {"sites": ["a"], "alpha": 10}})
+    with pytest.raises(ValueError, match="'white' has no direction"):
+        explicit_pushes(classes, pairs, {"white": {"sites": ["a"], "alpha": -5}})
+    with pytest.raises(ValueError, match=r"\['purple'\] are not classes"):
+        explicit_pushes(classes, pairs, {"purple": {"sites": ["a"], "alpha": 5}})
+    with pytest.raises(ValueError, match="distinct"):
+        explicit_pushes(classes, pairs, {"black": {"sites": ["a", "a"], "alpha": 5}})
 
 
 def test_each_pair_steers_its_own_sites_unless_one_selection_is_asked_for():

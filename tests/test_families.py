@@ -14,9 +14,9 @@ from icm.families import FAMILIES, image_stream, kind_of, replace_image_stream
 from icm.models.configs import DENOISER_CONFIGS
 from icm.models.meta import denoiser_on_meta, site_table
 
-GOLDEN = {  # the papers' and the public configs' counts
-    "sd15": ({"attn1": 16, "attn2": 16}, {320, 640, 1280}),
-    "sdxl": ({"attn1": 70, "attn2": 70}, {640, 1280}),
+GOLDEN = {  # the papers' and the public configs' counts, and the UNets' one bottleneck
+    "sd15": ({"attn1": 16, "attn2": 16, "h-space": 1}, {320, 640, 1280}),
+    "sdxl": ({"attn1": 70, "attn2": 70, "h-space": 1}, {640, 1280}),
     "sana": ({"attn1": 20, "attn2": 20}, {2240}),
     "flux": ({"double": 19, "single": 38}, {3072}),
 }
@@ -40,7 +40,8 @@ def test_sdxl_sites_run_down_mid_up_as_the_data_flows():
     assert sites[0] == "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
     assert sites[-1] == "up_blocks.1.attentions.2.transformer_blocks.1.attn2"
     mid = [i for i, s in enumerate(sites) if s.startswith("mid_block")]
-    assert len(mid) == 20 and sites[mid[0] - 1].startswith("down_blocks.2")
+    assert len(mid) == 21 and sites[mid[0] - 1].startswith("down_blocks.2")
+    assert sites[mid[-1]] == "mid_block"  # the bottleneck returns after its attention
 
 
 def test_kinds_and_image_streams():
@@ -94,3 +95,28 @@ def test_embedded_guidance_keeps_every_row_conditional():
     assert flux.cond_slice(4) == slice(0, 4)  # FLUX.1-dev: no [uncond, cond] batch
     sana = SiteHooks(pipe_with("SanaTransformer2DModel"), ["transformer_blocks.0"])
     assert sana.cond_slice(4) == slice(2, 4)  # batched guidance: the second half
+
+
+def test_the_configured_hand_picked_sites_exist_in_the_full_size_models():
+    """config.yaml's `explicit` sites (the paper's Table 6 for SD1.5) are module paths of the
+    full-size denoiser, a family's own kind each: a misspelt path fails here, not on a GPU."""
+    import yaml
+
+    from icm.families import family_named
+
+    config = yaml.safe_load(open("config.yaml"))
+    checked = 0
+    for concept, spec in config["concepts"].items():
+        for model, chosen in (spec.get("steering") or {}).get("explicit", {}).items():
+            family = config["models"][model]["family"]
+            if config["models"][model].get("builder"):
+                continue  # a tiny replica: the workflow tests check its names
+            sites = {r["site"] for r in site_table(denoiser_on_meta(DENOISER_CONFIGS[family]()))}
+            for target, entry in chosen["targets"].items():
+                missing = set(entry["sites"]) - sites
+                assert not missing, (concept, model, target, missing)
+                kinds = {kind_of(s, family_named(family)).name for s in entry["sites"]}
+                assert kinds <= set(family_named(family).steer_kinds), (concept, target)
+                checked += len(entry["sites"])
+            assert chosen["start_step"] < config["models"][model]["steps"]
+    assert checked >= 20  # gender, age and race: Table 6's 22 site entries

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from icm.families import image_stream
+from icm.capture import token_mean
+from icm.families import image_stream, site_width
 from icm.hooks import DoubleHookError, SiteHooks
 from icm.sites import denoiser_of, list_sites
 from icm.steering import steer_activations
@@ -33,15 +34,14 @@ class RowMeans(SiteHooks):
         self.means: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
 
     def on_output(self, site, step, output):
-        self.means[site].append(image_stream(site, output).mean(dim=1).detach().clone())
+        self.means[site].append(token_mean(image_stream(site, output)).detach().clone())
 
 
 def directions_for(pipe, sites, seed=0):
     rng = np.random.default_rng(seed)
-    modules = dict(denoiser_of(pipe).named_modules())
     out = {}
     for site in sites:
-        width = modules[site].to_out[0].out_features
+        width = site_width(denoiser_of(pipe), site)  # the bottleneck's too
         v = rng.standard_normal((STEPS, width)).astype(np.float32)
         out[site] = v / np.linalg.norm(v, axis=1, keepdims=True)
     return out
@@ -58,8 +58,11 @@ def test_alpha_zero_reproduces_the_unsteered_image_bit_for_bit(tiny_pipe):
     assert np.abs(moved - plain).max() > 1e-3
 
 
-def test_shift_is_alpha_v_on_the_conditional_half_from_the_start_step(tiny_pipe):
-    site = [s for s in list_sites(denoiser_of(tiny_pipe)) if s.endswith("attn1")][0]
+@pytest.mark.parametrize("kind", ["attn1", "h-space"])
+def test_shift_is_alpha_v_on_the_conditional_half_from_the_start_step(tiny_pipe, kind):
+    """On a self-attention site and on the bottleneck (mid_block, added at every position)."""
+    sites = list_sites(denoiser_of(tiny_pipe))
+    site = "mid_block" if kind == "h-space" else [s for s in sites if s.endswith("attn1")][0]
     directions = directions_for(tiny_pipe, [site])
     t0, alpha = 2, 3.0
     with RowMeans(tiny_pipe, [site]) as plain:
@@ -76,6 +79,12 @@ def test_shift_is_alpha_v_on_the_conditional_half_from_the_start_step(tiny_pipe)
     expected = alpha * torch.as_tensor(directions[site][t0])
     torch.testing.assert_close(shift[half:], expected.expand_as(shift[half:]), rtol=0, atol=1e-5)
     assert shift[:half].abs().max() == 0
+    assert not np.array_equal(run(tiny_pipe), steered_images(tiny_pipe, directions, alpha, t0))
+
+
+def steered_images(pipe, directions, alpha, start):
+    with steer_activations(pipe, directions, alpha, start):
+        return run(pipe)
 
 
 def test_hooks_are_exclusive_and_always_removed(tiny_pipe):
@@ -170,3 +179,39 @@ def test_nonfinite_or_misshapen_directions_are_refused_naming_pair_site_and_step
         check_vectors({"red-green": {"a": bad}}, np.arange(3.0), "spread")
     with pytest.raises(ValueError, match="has 3 steps but its probes list 4"):
         check_vectors({"red-green": {"a": good}}, np.arange(4.0), "absolute")
+
+
+def test_an_explicit_plan_steers_each_target_with_its_sites_and_signed_strength(tmp_path):
+    """The paper's Table 6 as a plan: woman -10 and man +10 along woman-man's unit direction
+    at the listed sites from step 2; a site the probes lack is refused, naming it."""
+    from safetensors.numpy import save_file
+
+    from icm.jobs.steering import explicit_text, plan_steering
+
+    rng = np.random.default_rng(0)
+    rows = {s: rng.standard_normal((4, 6)).astype(np.float32) for s in ("a", "b", "c")}
+    save_file(rows, str(tmp_path / "directions.safetensors"))
+    (tmp_path / "directions.json").write_text(json.dumps(
+        {"pair": "woman-man", "timesteps": [999.0, 750.0, 500.0, 250.0], "entries": []}))
+    concept = {"classes": ["woman", "man"], "pairs": [["woman", "man"]],
+               "steering": {"target_probs": None}}
+    targets = {"woman": {"sites": ["a", "c"], "alpha": -10}, "man": {"sites": ["b"], "alpha": 10}}
+    variant = {"sites": "explicit", "seed": 0, "explicit": {"start_step": 2, "targets": targets}}
+    files = ([tmp_path / "directions.safetensors"], [tmp_path / "directions.json"])
+    plan = plan_steering(concept, variant, None, None, *files, None)
+    assert plan.start_step == 2 and plan.alpha_unit == "absolute"
+    vectors, strength = plan.push_for("woman", alpha=1.0)
+    assert strength == -10 and sorted(vectors) == ["a", "c"]
+    np.testing.assert_array_equal(vectors["a"], rows["a"])  # the sign is in the strength
+    vectors, strength = plan.push_for("man", alpha=1.0)
+    assert strength == 10 and list(vectors) == ["b"]
+    assert plan.sites_by_target() == {"woman": ["a", "c"], "man": ["b"]}
+    assert explicit_text(plan.explicit) == "woman -10; man 10"
+    targets["man"]["sites"] = ["up_blocks.9.attn1"]
+    with pytest.raises(ValueError, match=r"explicit sites \['up_blocks.9.attn1'\] .* its sites "
+                                         r"are: a, b, c"):
+        plan_steering(concept, variant, None, None, *files, None)
+    targets["man"]["sites"] = ["b"]
+    variant["explicit"]["start_step"] = 4
+    with pytest.raises(ValueError, match="start_step 4: the probes have 4 steps"):
+        plan_steering(concept, variant, None, None, *files, None)

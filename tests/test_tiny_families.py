@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from icm.capture import capture_activations
+from icm.capture import capture_activations, token_mean
 from icm.families import FAMILIES, image_stream, site_width
 from icm.hooks import SiteHooks
 from icm.sites import denoiser_of, list_sites
@@ -58,7 +58,7 @@ class RowMeans(SiteHooks):
         self.means = {s: [] for s in self.sites}
 
     def on_output(self, site, step, output):
-        self.means[site].append(image_stream(site, output).mean(dim=1).detach().clone())
+        self.means[site].append(token_mean(image_stream(site, output)).detach().clone())
 
 
 def test_capture_records_the_conditional_means_and_changes_no_pixel(family_pipe):

@@ -32,7 +32,9 @@ def untrained():
 
 def test_sites_and_cfg_capture(untrained):
     sites = list_sites(untrained.unet)
-    assert len(sites) == 14 and sum(s.endswith("attn1") for s in sites) == 7
+    assert len(sites) == 15 and sum(s.endswith("attn1") for s in sites) == 7
+    bottleneck = sites.index("mid_block")  # the h-space site, after the attention it holds
+    assert sites[bottleneck - 1] == "mid_block.attentions.0.transformer_blocks.0.attn2"
     site = "mid_block.attentions.0.transformer_blocks.0.attn1"
     full: list[torch.Tensor] = []
     module = dict(untrained.unet.named_modules())[site]

@@ -47,15 +47,45 @@ def test_the_paper_evidence_targets_plan_gpu_jobs_for_sd15(workdir):
         assert "gpu=1" in out.split(f"rule {rule}:")[1].split("rule ")[0], rule
 
 
-@pytest.mark.parametrize(("model", "hub_id"), [
-    ("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    ("sdxl", "stabilityai/stable-diffusion-xl-base-1.0"),
-    ("sana", "Efficient-Large-Model/Sana_1600M_1024px_diffusers"),
-    ("flux", "black-forest-labs/FLUX.1-dev")])
-def test_missing_weights_fail_fast_with_a_clear_message(workdir, model, hub_id):
-    result = snakemake(workdir, "--cores", "1", f"results/{model}/gender/generation/samples.csv")
+#: The paper's experiments as config.yaml configures them: (model, concept, the variants its
+#: table must hold beyond the automatic ones, extra targets).
+PAPER_EXPERIMENTS = [
+    ("sd15", "gender", ["paper", "h-space", "lora-top"], []),
+    ("sd15", "age", ["paper", "h-space", "lora-top"], []),
+    ("sd15", "race", ["paper", "h-space", "lora-top"], []),
+    ("sdxl", "president", [], ["results/sdxl/president/target-obama/table.csv"]),
+    ("sana", "gender", ["lora-top"], []),
+    ("flux", "gender", ["lora-top"], []),
+]
+
+
+@pytest.mark.parametrize(("model", "concept", "variants", "extra"), PAPER_EXPERIMENTS)
+def test_each_paper_experiment_plans_its_table_with_gpu_jobs(workdir, model, concept,
+                                                             variants, extra):
+    result = snakemake(workdir, "-n", f"results/{model}/{concept}/table.csv", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    for variant in ["original", "icm", *variants]:
+        assert f"results/{model}/{concept}/metrics/{variant}.json" in out, variant
+    for rule in ("generate_images", "steer_images"):
+        assert "gpu=1" in out.split(f"rule {rule}:")[1].split("rule ")[0], rule
+    if "paper" in variants:  # the hand-picked sites need no calibration
+        assert "calibration/paper.alpha.json" not in out
+    if concept == "president":  # Table 5's rows only
+        assert "metrics/cross.json" not in out and "metrics/paper.json" not in out
+
+
+@pytest.mark.parametrize(("model", "concept", "hub_id"), [
+    ("sd15", "gender", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sd15", "race", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("sdxl", "president", "stabilityai/stable-diffusion-xl-base-1.0"),
+    ("sana", "gender", "Efficient-Large-Model/Sana_1600M_1024px_diffusers"),
+    ("flux", "gender", "black-forest-labs/FLUX.1-dev")])
+def test_missing_weights_fail_fast_with_a_clear_message(workdir, model, concept, hub_id):
+    result = snakemake(workdir, "--cores", "1",
+                       f"results/{model}/{concept}/generation/samples.csv")
     assert result.returncode != 0
-    logs = list((workdir / f"logs/{model}/gender/generation").glob("shard-*.log"))
+    logs = list((workdir / f"logs/{model}/{concept}/generation").glob("shard-*.log"))
     assert len(logs) == 1  # the first failing job stops the run
     log = logs[0].read_text()
     assert "ModelNotAvailableError" in log
@@ -132,9 +162,9 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     assert len(labels) == 160 and set(labels["label"]) <= {"red", "green", "blue"}
     for pair in ("red-green", "red-blue"):  # the test config's pairs
         scores = pd.read_csv(base / f"probes/{pair}/scores.csv")
-        assert len(scores) == 14 * 20 and (base / f"probes/{pair}/heatmap.png").exists()
+        assert len(scores) == 15 * 20 and (base / f"probes/{pair}/heatmap.png").exists()
     ranking = pd.read_csv(base / "ranking.csv")
-    assert list(ranking["rank"]) == list(range(1, 15))
+    assert list(ranking["rank"]) == list(range(1, 16))  # 7 attn1, 7 attn2, the bottleneck
     assert ranking.iloc[0]["mean_test_acc"] > 0.9  # the colour is linearly readable somewhere
     by_kind = pd.read_csv(base / "ranking_by_kind.csv").set_index("kind")
     assert by_kind.loc["attn1", "sites"] == by_kind.loc["attn2", "sites"] == 7
@@ -215,6 +245,7 @@ def test_toy_color_through_the_table(workdir, tmp_path):
                     "total": 8}, out[-2000:]
     assert "variant=icm" in out and "variant=cross" not in out
     check_specific_prompts(workdir, tmp_path)  # first: check_what_reruns replaces weights
+    check_paper_and_h_space(workdir, tmp_path)
     check_what_reruns(workdir, tmp_path)
 
 
@@ -293,6 +324,72 @@ def check_specific_prompts(workdir, tmp_path):
         "generate_specific_images": 1, "merge_specific_samples": 1, "label_specific_images": 1,
         "fit_specific_probes": 2, "compare_explicit_implicit": 1, "steer_images": 1,
         "finetune_lora": 1, "generate_finetuned_images": 1, "compute_metrics": 2, "total": 11}
+
+
+TOY_EXPLICIT = """concepts:
+  color:
+    steering:
+      variants: [original, icm, paper, h-space]
+      explicit:
+        toy:
+          start_step: 0
+          targets:
+            green: {sites: [up_blocks.1.attentions.1.transformer_blocks.0.attn1,
+                            SECOND], alpha: 2}
+            blue: {sites: [down_blocks.1.attentions.0.transformer_blocks.0.attn1], alpha: 3}
+"""
+
+
+def check_paper_and_h_space(workdir, tmp_path):
+    """On the finished toy table: the `paper` variant steers each target with its own listed
+    sites and signed strength from its own start (no calibration, no ranking), the `h-space`
+    row steers the bottleneck with a calibrated alpha, and a misspelt site stops the run
+    naming the variant and the site."""
+    import pandas as pd
+
+    base = workdir / "results/toy/color"
+    overlay = tmp_path / "paper.yaml"
+    overlay.write_text(TOY_EXPLICIT.replace(
+        "SECOND", "up_blocks.1.attentions.0.transformer_blocks.0.attn1"))
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
+                       "results/toy/color/table.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (base / "calibration/paper.alpha.json").exists()
+    paper = json.loads((base / "steer/paper/shard-000/steering.json").read_text())
+    assert paper["selection"] == "explicit" and paper["start_step"] == 0
+    assert paper["strengths"] == {"red": None, "green": 2.0, "blue": 3.0}
+    assert paper["sites_by_target"]["blue"] == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1"]
+    assert len(paper["sites_by_target"]["green"]) == 2 and paper["sites_by_target"]["red"] == []
+    rows = pd.read_csv(base / "steer/paper/shard-000/samples.csv")
+    assert set(rows.loc[rows["steered"], "target"]) == {"green", "blue"}
+    assert not rows.loc[rows["target"] == "red", "steered"].any()
+    bottleneck = json.loads((base / "steer/h-space/shard-000/steering.json").read_text())
+    assert bottleneck["sites_by_target"]["green"] == ["mid_block"]
+    assert bottleneck["alpha"] == json.loads(
+        (base / "calibration/h-space.alpha.json").read_text())["alpha"]
+    table = pd.read_csv(base / "table.csv").set_index("variant")
+    assert list(table.index) == ["original", "icm", "paper", "h-space"]
+    assert table.loc["paper", "alpha"] == "green 2; blue 3"
+    assert table.loc["h-space", "layers"] == "mid_block"
+    # The paper variant's steered batches move toward their target: more green and blue
+    # than the original on the same seeds.
+    labelled = {v: pd.read_csv(base / f"metrics/{v}.labels.csv") for v in ("original", "paper")}
+    toward = {v: (t.loc[t["target"].isin(["green", "blue"]), "label"]
+                  == t.loc[t["target"].isin(["green", "blue"]), "target"]).mean()
+              for v, t in labelled.items()}
+    assert toward["paper"] > toward["original"], toward
+    # A misspelt site: the steering job stops, naming the variant and the site.
+    overlay.write_text(TOY_EXPLICIT.replace("SECOND", "up_blocks.0.attentions.9.attn1"))
+    failed = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "--cores", "2",
+                       "results/toy/color/metrics/paper.json")
+    assert failed.returncode != 0
+    log = (workdir / "logs/toy/color/steer/paper/shard-000.log").read_text()
+    assert "variant paper on toy/color" in log and "'up_blocks.0.attentions.9.attn1'" in log
+    assert not (base / "steer/paper/shard-000/images").exists()
+    # Back to the test config's table, which the checks after this one start from.
+    restored = snakemake(workdir, "--cores", "2", "results/toy/color/table.csv")
+    assert restored.returncode == 0, restored.stderr[-3000:]
 
 
 def check_what_reruns(workdir, tmp_path):
@@ -390,16 +487,19 @@ def test_probe_site_groups_plan_one_job_per_group_and_a_local_merge(workdir, tmp
     assert "gpu=" not in merge and "slurm_partition" not in merge  # a local rule
 
 
-@pytest.mark.parametrize(("model", "cross"), [("tiny-sdxl", True), ("tiny-flux", False)])
-def test_a_family_without_cross_attention_plans_no_cross_variant(workdir, model, cross):
+@pytest.mark.parametrize(("model", "unet"), [("tiny-sdxl", True), ("tiny-flux", False)])
+def test_a_family_without_cross_attention_or_bottleneck_plans_neither_variant(workdir, model,
+                                                                             unet):
     result = snakemake(workdir, "-n", f"results/{model}/gender/table.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
-    assert (f"results/{model}/gender/metrics/cross.json" in out) == cross
+    for variant in ("cross", "h-space"):
+        assert (f"results/{model}/gender/metrics/{variant}.json" in out) == unet
     assert f"results/{model}/gender/metrics/worst.json" in out
+    assert "metrics/paper.json" not in out  # gender names the paper's sites for sd15 only
     jobs = job_counts(out)
-    # One shard per variant: six and icm-specific (gender has specific prompts).
-    assert jobs["steer_images"] == 7 - (not cross)
+    # One shard per variant: six with h-space, and icm-specific (gender has specific prompts).
+    assert jobs["steer_images"] == (8 if unet else 6)
 
 
 @pytest.mark.slow
@@ -407,15 +507,19 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir):
     """The lit-side concept (pixel labeler, random-weight CLIP) from building each family's
     tiny replica to its table, in one run: SD1.5 (here with its shipped PNDM, two shards),
     SDXL, SANA and FLUX stores are captured, probed, ranked, calibrated and steered through
-    the family table."""
+    the family table, and each trains and generates with a LoRA on its top sites (the noise
+    objective on the UNets, the flow objective on SANA and FLUX). The UNets add the h-space
+    row (their bottleneck) and tiny-sd15 the hand-picked `paper` variant."""
     import pandas as pd
 
     from icm.families import FAMILIES, kind_of
+    from icm.finetune import OBJECTIVES
 
     models = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl", "tiny-sana": "sana",
               "tiny-flux": "flux"}
     result = snakemake(workdir, "--cores", "2",
-                       *[f"results/{m}/lit-side/table.csv" for m in models])
+                       *[f"results/{m}/lit-side/{t}" for m in models
+                         for t in ("table.csv", "metrics/lora-top.json")])
     assert result.returncode == 0, result.stderr[-3000:]
     for model, name in models.items():
         family, base = FAMILIES[name], workdir / f"results/{model}/lit-side"
@@ -429,7 +533,9 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir):
         ranking = pd.read_csv(base / "ranking.csv")
         assert sorted(ranking["site"]) == sorted(sites)  # every site probed and ranked
         table = pd.read_csv(base / "table.csv").set_index("variant")
-        assert list(table.index) == ["original", "icm"], model
+        expected = {"sd15": ["original", "icm", "h-space", "paper"],
+                    "sdxl": ["original", "icm", "h-space"]}.get(name, ["original", "icm"])
+        assert list(table.index) == expected, model
         assert (table["n_images"] == 16).all() and table["FD"].notna().all()
         assert table["CLIP-T_backend"].str.contains("random weights").all()
         assert 0 < table.loc["icm", "CLIP-I"] <= 1 + 1e-6
@@ -441,6 +547,29 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir):
             (base / "calibration/icm.alpha.json").read_text())["alpha"]
         for target in ("left", "right"):
             assert (base / f"target-{target}/table.csv").exists()
+        if "h-space" in expected:  # the bottleneck, steered by the same probes and rule
+            record = json.loads((base / "steer/h-space/shard-000/steering.json").read_text())
+            assert record["sites_by_target"] == {"left": ["mid_block"], "right": ["mid_block"]}
+        if "paper" in expected:  # each target its listed sites and signed strength
+            record = json.loads((base / "steer/paper/shard-000/steering.json").read_text())
+            assert record["strengths"] == {"left": -6.0, "right": 6.0}
+            assert record["sites_by_target"]["right"] == [
+                "up_blocks.1.attentions.1.transformer_blocks.0.attn1"]
+            assert record["start_step"] == 1 and table.loc["paper", "alpha"] == "left -6; right 6"
+        # ICM finetuning through the family table: a LoRA on lora-top's sites, trained with
+        # the family's objective on the specific prompts' images, generates the evaluation
+        # samples on the steering variants' seeds.
+        trained = json.loads((base / "finetune/lora-top/training.json").read_text())
+        assert trained["objective"] == OBJECTIVES[family.objective], model
+        assert len(trained["sites"]) == 3 and trained["training_set"]["images"] > 0
+        assert np.isfinite([trained["loss_first"], trained["loss_last"]]).all()
+        assert trained["target_modules"] == [f"{s}.{p}" for s in trained["sites"]
+                                             for p in family.lora_projections]
+        metrics = json.loads((base / "metrics/lora-top.json").read_text())
+        assert metrics["n_images"] == 16 and np.isfinite(metrics["FD"])
+        seeds = [pd.read_csv(base / f"steer/{v}/shard-000/samples.csv")["seed"].tolist()
+                 for v in ("original", "lora-top")]
+        assert seeds[0] == seeds[1]
 
 
 @pytest.mark.slow
@@ -529,7 +658,8 @@ def test_checkpoints_and_reference_images_named_in_the_config_are_inputs(workdir
     overlay.write_text(
         "concepts:\n  gender:\n"
         f"    labeler: {{type: fairface, attribute: gender, weights: {fairface}}}\n"
-        f"    evaluation: {{fid_reference: {reference}}}\n"
+        f"    evaluation: {{fid_reference: {reference}, labeler: {{type: fairface, "
+        f"attribute: gender, weights: {fairface}, face: {{detector: none}}}}}}\n"
         f"evaluation: {{clip_pretrained: {clip}, clip_checkpoint_tag: openai}}\n")
     result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(overlay), "-n", "--",
                        "results/sd15/gender/metrics/icm.json")

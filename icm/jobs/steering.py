@@ -16,7 +16,14 @@ import pandas as pd
 from tqdm import tqdm
 
 from icm.atomic import atomic_directory
-from icm.debias import batch_target, class_pushes, sites_per_pair, target_probabilities
+from icm.debias import (
+    ExplicitPush,
+    batch_target,
+    class_pushes,
+    explicit_pushes,
+    sites_per_pair,
+    target_probabilities,
+)
 from icm.generate import (
     SamplerSettings,
     batches,
@@ -77,6 +84,26 @@ class SteeringPlan:
     start_step: int | None
     start_rule: str | None
     alpha_unit: str = "absolute"
+    #: ``sites: explicit``: per class its hand-picked sites and signed strength (or None)
+    explicit: dict[str, ExplicitPush | None] | None = None
+
+    def push_for(self, target: str, alpha: float) -> tuple[dict[str, np.ndarray], float] | None:
+        """The vectors (site -> (steps, channels)) and strength a batch toward ``target``
+        is steered with, or None when it stays unsteered."""
+        if self.explicit is not None:
+            chosen = self.explicit[target]
+            if chosen is None:
+                return None
+            return {s: self.vectors[chosen.pair][s] for s in chosen.sites}, chosen.strength
+        push = self.pushes[target]
+        if push is None or not self.sites[push.pair] or alpha == 0:
+            return None
+        return {s: push.sign * self.vectors[push.pair][s] for s in self.sites[push.pair]}, alpha
+
+    def sites_by_target(self) -> dict[str, list[str]]:
+        if self.explicit is not None:
+            return {c: [] if e is None else list(e.sites) for c, e in self.explicit.items()}
+        return {c: [] if p is None else self.sites[p.pair] for c, p in self.pushes.items()}
 
     def check_pipeline(self, pipe: Any, steps: int, resolution: int) -> np.ndarray:
         """The pipeline's planned timesteps, which must be the probes' when it steers."""
@@ -107,6 +134,9 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
     probs = target_probabilities(classes, concept["steering"]["target_probs"])
     if variant["sites"] == "none":
         return SteeringPlan(classes, pushes, probs, {n: [] for n in names}, {}, None, None, None)
+    if variant["sites"] == "explicit":
+        return plan_explicit(classes, pairs, probs, variant["explicit"], directions,
+                             directions_meta)
     sites = sites_per_pair(
         pd.read_csv(ranking) if ranking else None,
         pd.read_csv(pair_ranking) if pair_ranking else None,
@@ -131,6 +161,37 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
     check_vectors(vectors, timesteps, unit)
     return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start_step,
                         chosen["start_rule"], unit)
+
+
+def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], probs: np.ndarray,
+                  explicit: Mapping[str, Any], directions: Sequence[str | Path],
+                  directions_meta: Sequence[str | Path]) -> SteeringPlan:
+    """The plan of a ``sites: explicit`` variant: per target class the configured sites and
+    signed strength (``explicit["targets"]``, absolute units: the probes' unit directions, as
+    the paper's Table 6) from ``explicit["start_step"]``. A site the probes do not have (a
+    typo, another model's name) is an error listing the sites there are."""
+    from safetensors import safe_open
+
+    chosen = explicit_pushes(classes, pairs, explicit["targets"])
+    names = [Pair(*p).name for p in pairs]
+    sites = {n: sorted({s for e in chosen.values() if e and e.pair == n for s in e.sites})
+             for n in names}
+    for pair, path in zip(names, directions, strict=True):
+        with safe_open(str(path), "numpy") as f:
+            known = list(f.keys())
+        missing = [s for s in sites[pair] if s not in known]
+        if missing:
+            raise ValueError(f"explicit sites {missing} (pair {pair}) are not sites of this "
+                             f"model; its sites are: {', '.join(known)}")
+    vectors = load_directions(pairs, directions, sites)
+    timesteps = probe_step_axis(directions_meta)
+    start = int(explicit["start_step"])
+    if not 0 <= start < len(timesteps):
+        raise ValueError(f"explicit start_step {start}: the probes have {len(timesteps)} steps "
+                         f"(0-{len(timesteps) - 1})")
+    check_vectors(vectors, timesteps, "absolute")
+    return SteeringPlan(classes, class_pushes(classes, pairs), probs, sites, vectors, timesteps,
+                        start, f"explicit: step {start} (config)", "absolute", chosen)
 
 
 def one_vector(rows: np.ndarray, start: int, steps: int, site: str) -> np.ndarray:
@@ -195,16 +256,15 @@ def steer_batches(pipe: Any, plan: SteeringPlan, samples: Sequence, batch_size: 
     for batch in batches(samples, batch_size):
         index = batch[0].sample // batch_size  # shard-independent on the global grid
         target = batch_target(plan.classes, plan.probs, seed, index, draw)
-        push = plan.pushes[target]
-        steered = bool(push is not None and plan.sites[push.pair] and alpha != 0)
-        if steered:
-            chosen = {s: push.sign * plan.vectors[push.pair][s] for s in plan.sites[push.pair]}
-            with steer_activations(pipe, chosen, alpha, plan.start_step,
+        push = plan.push_for(target, alpha)
+        if push is not None:
+            chosen, strength = push
+            with steer_activations(pipe, chosen, strength, plan.start_step,
                                    timesteps=plan.timesteps):
                 images = generate_images(pipe, batch, settings)
         else:
             images = generate_images(pipe, batch, settings)
-        yield batch, images, target, steered
+        yield batch, images, target, push is not None
 
 
 def steer_shard_job(
@@ -242,8 +302,12 @@ def steer_shard_job(
     the same timesteps; the start step is the ranking's (``ranking.json``, ``start``).
     """
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
-    plan = plan_steering(concept, variant, ranking, pair_ranking, directions, directions_meta,
-                         start)
+    try:
+        plan = plan_steering(concept, variant, ranking, pair_ranking, directions,
+                             directions_meta, start)
+    except ValueError as error:  # name what to fix: the variant, the model, the concept
+        raise ValueError(f"variant {variant_name} on {model_name}/{concept_name}: {error}") \
+            from error
     alpha, alpha_rule = resolve_alpha(variant, variant_name, alphas)
     prompts = concept.get("evaluation_prompts") or concept["prompts"]
     samples = concept_samples(concept, model, generation,
@@ -278,11 +342,13 @@ def steer_shard_job(
         "concept": concept_name,
         "variant": variant_name,
         "selection": variant["sites"],
-        "sites_per": None if unsteered else "pair" if pair_ranking else "concept",
+        "sites_per": None if unsteered else "target" if plan.explicit is not None
+        else "pair" if pair_ranking else "concept",
         "sites": plan.sites,
-        "sites_by_target": {c: [] if p is None else plan.sites[p.pair]
-                            for c, p in plan.pushes.items()},
-        "alpha": alpha,
+        "sites_by_target": plan.sites_by_target(),
+        "alpha": alpha if plan.explicit is None else explicit_text(plan.explicit),
+        "strengths": None if plan.explicit is None else {
+            c: None if e is None else e.strength for c, e in plan.explicit.items()},
         "alpha_rule": alpha_rule,
         "alpha_unit": plan.alpha_unit,
         "direction_steps": variant.get("direction_steps"),
@@ -308,10 +374,18 @@ def steer_shard_job(
     })
 
 
+def explicit_text(explicit: Mapping[str, ExplicitPush | None]) -> str:
+    """The table's alpha cell of an explicit variant: ``woman -10; man 10``."""
+    return "; ".join(f"{c} {e.strength:g}" for c, e in explicit.items() if e is not None)
+
+
 def resolve_alpha(variant: Mapping[str, Any], name: str,
                   alphas: str | Path | None) -> tuple[float, str]:
     """The variant's alpha and the rule that gave it: the configured number, or with
-    ``auto`` the calibration's choice (``calibration/{variant}.alpha.json``)."""
+    ``auto`` the calibration's choice (``calibration/{variant}.alpha.json``); an explicit
+    variant's strengths are per target (``SteeringPlan.explicit``)."""
+    if variant["sites"] == "explicit":
+        return 1.0, "explicit per target (config)"
     if variant["alpha"] != "auto":
         return float(variant["alpha"]), "fixed in config"
     if alphas is None:
