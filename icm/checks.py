@@ -173,4 +173,29 @@ def config_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[s
     """Every problem of a schema-valid config that would otherwise surface late or never."""
     variants = (config.get("steering") or {}).get("variants") or {}
     return concept_problems(config.get("concepts") or {}, variants) + \
+        explicit_problems(config.get("concepts") or {}, config.get("models") or {}) + \
         path_problems(config, root)
+
+
+def explicit_problems(concepts: Mapping[str, Any], models: Mapping[str, Any]) -> list[str]:
+    """`steering.explicit` (hand-picked sites per model): each entry names a configured
+    model, and each target class a class with a direction and a strength signed toward it
+    (``icm.debias.explicit_pushes``); whether the sites exist is the steering job's check,
+    which sees the model's probes."""
+    from icm.debias import explicit_pushes
+
+    problems = []
+    for name, spec in concepts.items():
+        key = f"concepts.{name}.steering.explicit"
+        classes = list(spec.get("classes") or [])
+        pairs = [tuple(p) for p in spec.get("pairs") or [[classes[0], c] for c in classes[1:]]] \
+            if classes else []
+        for model, chosen in ((spec.get("steering") or {}).get("explicit") or {}).items():
+            if model not in models:
+                problems.append(f"{key}: {model!r} is not a model of `models` {list(models)}")
+                continue
+            try:
+                explicit_pushes(classes, pairs, chosen.get("targets") or {})
+            except ValueError as error:
+                problems.append(f"{key}.{model}: {error}")
+    return problems

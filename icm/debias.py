@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from icm.families import FAMILIES, KINDS
-from icm.probes import Pair
+from icm.pairs import Pair
 
 #: The site kinds ``top``, ``worst`` and ``random`` choose among, over every family.
 STEERED_KINDS = frozenset(k for family in FAMILIES.values() for k in family.steer_kinds)

@@ -41,6 +41,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from icm.finite import nonfinite_steps
+from icm.pairs import Pair  # noqa: F401  (re-exported: icm.probes.Pair)
 
 Backend = Literal["torch", "sklearn"]
 log = logging.getLogger(__name__)
@@ -48,18 +49,6 @@ log = logging.getLogger(__name__)
 
 class ProbeDataError(ValueError):
     """Too few labelled samples to fit a probe."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A binary probe: ``positive`` against ``negative`` (direction points to positive)."""
-
-    negative: str
-    positive: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.negative}-{self.positive}"
 
 
 @dataclass

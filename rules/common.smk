@@ -204,7 +204,8 @@ def variant_spec(wildcards):
     spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
     if variant.get("method") == "lora":  # no alpha, no directions: the adapter's sites
         return {**spec, "method": "lora"} | (
-            {"k": steering_k(wildcards.concept)} if variant["sites"] != "all" else {})
+            {"k": steering_k(wildcards.concept)}
+            if variant["sites"] not in ("all", "h-space") else {})
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
     if variant["sites"] == "explicit":  # the concept's hand-picked sites for this model
@@ -217,8 +218,9 @@ def variant_spec(wildcards):
     if variant.get("directions", "general") != "general":  # likewise
         spec["directions"] = variant["directions"]
     if variant["sites"] != "all":
-        spec["k"] = steering_k(wildcards.concept)
         spec["sites_per"] = config["steering"]["sites_per"]
+    if variant["sites"] not in ("all", "h-space"):  # the bottleneck is one site, k or not
+        spec["k"] = steering_k(wildcards.concept)
     return spec
 
 

@@ -41,6 +41,17 @@ def test_the_shipped_config_has_no_problems(config):
      "concepts.color.steering.variants: ['best'] are not steering.variants"),
     (lambda c: c["concepts"]["color"]["steering"].update(alpha={"icn": 3}),
      "concepts.color.steering.alpha: ['icn'] are not steering.variants"),
+    # The paper's Table 6 as config: a sign pushing away from the target, a class without a
+    # direction, a model that is not configured.
+    (lambda c: c["concepts"]["gender"]["steering"]["explicit"]["sd15"]["targets"]["woman"]
+     .update(alpha=10), "concepts.gender.steering.explicit.sd15: explicit target 'woman': "
+     "strength 10 does not push toward it"),
+    (lambda c: c["concepts"]["race"]["steering"]["explicit"]["sd15"]["targets"].update(
+        white={"sites": ["mid_block"], "alpha": -5}),
+     "concepts.race.steering.explicit.sd15: explicit target 'white' has no direction"),
+    (lambda c: c["concepts"]["age"]["steering"]["explicit"].update(
+        {"sd-15": {"start_step": 15, "targets": {"old": {"sites": ["x"], "alpha": 8}}}}),
+     "concepts.age.steering.explicit: 'sd-15' is not a model"),
 ])
 def test_keys_that_name_nothing_are_refused_with_the_key(config, mutate, message):
     mutate(config)
