@@ -8,7 +8,7 @@ CORES ?= 2
 # (/etc/xdg/pip); anywhere else pip resolves torch normally (override: make TORCH_PIN=...).
 TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvision==0.29.1,)
 DEMO_TARGET ?= results/toy/color/table.csv results/toy/objects/head-maps/curve.png
-PYTEST_FLAGS ?= -n 2 --durations=15
+PYTEST_FLAGS ?= -n 2 --dist worksteal --durations=15
 
 .PHONY: install lock demo test check lint bench clean toy-model toy-quality
 

@@ -46,3 +46,10 @@ def workdir(tmp_path):
     from workflow_helpers import copy_workflow
 
     return copy_workflow(tmp_path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end runs first (they take minutes each; `slow`), so that under `-n 2
+    --dist worksteal` they start at once and the short tests fill the gaps, rather than
+    one of them starting last and setting the suite's length."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
