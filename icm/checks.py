@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icm.head_study import has_study, hrv_concepts, slot_names, split_prompts
+from icm.pairs import concept_pairs
 
 #: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -75,8 +76,7 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
         # Listed by the concept: it must have the prompts (unlisted, run_variants skips it).
         needs = [v for v in steering.get("variants") or []
                  if (variants.get(v) or {}).get("directions") == "specific"]
-        pairs = spec.get("pairs") or [[classes[0], c] for c in classes[1:]] if classes else []
-        missing = sorted({c for pair in pairs for c in pair} - set(specific))
+        missing = sorted({c for pair in concept_pairs(spec) for c in pair} - set(specific))
         if needs and missing:
             problems.append(f"{key}.steering.variants: {needs} steer with directions from "
                             f"specific prompts, but specific_prompts has none for {missing}")
@@ -187,9 +187,7 @@ def explicit_problems(concepts: Mapping[str, Any], models: Mapping[str, Any]) ->
     problems = []
     for name, spec in concepts.items():
         key = f"concepts.{name}.steering.explicit"
-        classes = list(spec.get("classes") or [])
-        pairs = [tuple(p) for p in spec.get("pairs") or [[classes[0], c] for c in classes[1:]]] \
-            if classes else []
+        classes, pairs = list(spec.get("classes") or []), concept_pairs(spec)
         for model, chosen in ((spec.get("steering") or {}).get("explicit") or {}).items():
             if model not in models:
                 problems.append(f"{key}: {model!r} is not a model of `models` {list(models)}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from icm.checks import config_problems
 from icm.families import family_named
 from icm.head_study import has_study
+from icm.pairs import concept_pairs as pairs_of
 from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
 
 MODELS = config["models"]
@@ -128,10 +129,7 @@ def runtime_resources(wildcards):
 
 def concept_pairs(concept):
     """[negative, positive] class pairs of a concept (default: first class vs each other)."""
-    spec = CONCEPTS[concept]
-    if spec.get("pairs"):
-        return [tuple(p) for p in spec["pairs"]]
-    return [(spec["classes"][0], other) for other in spec["classes"][1:]]
+    return pairs_of(CONCEPTS[concept])
 
 
 def check_config():
@@ -204,8 +202,7 @@ def variant_spec(wildcards):
     spec = {"sites": variant["sites"], "seed": config["steering"]["seed"]}  # seed: targets
     if variant.get("method") == "lora":  # no alpha, no directions: the adapter's sites
         return {**spec, "method": "lora"} | (
-            {"k": steering_k(wildcards.concept)}
-            if variant["sites"] not in ("all", "h-space") else {})
+            {"k": steering_k(wildcards.concept)} if counts_sites(variant["sites"]) else {})
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
     if variant["sites"] == "explicit":  # the concept's hand-picked sites for this model
@@ -219,9 +216,14 @@ def variant_spec(wildcards):
         spec["directions"] = variant["directions"]
     if variant["sites"] != "all":
         spec["sites_per"] = config["steering"]["sites_per"]
-    if variant["sites"] not in ("all", "h-space"):  # the bottleneck is one site, k or not
+    if counts_sites(variant["sites"]):
         spec["k"] = steering_k(wildcards.concept)
     return spec
+
+
+def counts_sites(selection):
+    """Whether a selection picks `k` sites: not `all`, nor `h-space` (the one bottleneck)."""
+    return selection not in ("all", "h-space")
 
 
 def steering_k(concept):

@@ -135,7 +135,7 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
     if variant["sites"] == "none":
         return SteeringPlan(classes, pushes, probs, {n: [] for n in names}, {}, None, None, None)
     if variant["sites"] == "explicit":
-        return plan_explicit(classes, pairs, probs, variant["explicit"], directions,
+        return plan_explicit(classes, pairs, pushes, probs, variant["explicit"], directions,
                              directions_meta)
     sites = sites_per_pair(
         pd.read_csv(ranking) if ranking else None,
@@ -163,8 +163,8 @@ def plan_steering(concept: Mapping[str, Any], variant: Mapping[str, Any],
                         chosen["start_rule"], unit)
 
 
-def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], probs: np.ndarray,
-                  explicit: Mapping[str, Any], directions: Sequence[str | Path],
+def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], pushes: dict,
+                  probs: np.ndarray, explicit: Mapping[str, Any], directions: Sequence[str | Path],
                   directions_meta: Sequence[str | Path]) -> SteeringPlan:
     """The plan of a ``sites: explicit`` variant: per target class the configured sites and
     signed strength (``explicit["targets"]``, absolute units: the probes' unit directions, as
@@ -176,22 +176,22 @@ def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], probs: n
     names = [Pair(*p).name for p in pairs]
     sites = {n: sorted({s for e in chosen.values() if e and e.pair == n for s in e.sites})
              for n in names}
+    vectors = load_directions(pairs, directions, sites)
     for pair, path in zip(names, directions, strict=True):
-        with safe_open(str(path), "numpy") as f:
-            known = list(f.keys())
-        missing = [s for s in sites[pair] if s not in known]
-        if missing:
+        missing = [s for s in sites[pair] if s not in vectors[pair]]
+        if missing:  # only now read which sites there are, for the message
+            with safe_open(str(path), "numpy") as f:
+                known = list(f.keys())
             raise ValueError(f"explicit sites {missing} (pair {pair}) are not sites of this "
                              f"model; its sites are: {', '.join(known)}")
-    vectors = load_directions(pairs, directions, sites)
     timesteps = probe_step_axis(directions_meta)
     start = int(explicit["start_step"])
     if not 0 <= start < len(timesteps):
         raise ValueError(f"explicit start_step {start}: the probes have {len(timesteps)} steps "
                          f"(0-{len(timesteps) - 1})")
     check_vectors(vectors, timesteps, "absolute")
-    return SteeringPlan(classes, class_pushes(classes, pairs), probs, sites, vectors, timesteps,
-                        start, f"explicit: step {start} (config)", "absolute", chosen)
+    return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start,
+                        f"explicit: step {start} (config)", "absolute", chosen)
 
 
 def one_vector(rows: np.ndarray, start: int, steps: int, site: str) -> np.ndarray:
