@@ -1,25 +1,34 @@
-"""Face detection and 5-point alignment before FairFace, as the paper's evaluation crops
-faces before classifying them (FairFace: arXiv:1908.04913, "FairFace: Face Attribute Dataset
-for Balanced Race, Gender, and Age", aligns with dlib's 5 landmarks and 25 % padding).
+"""Face detection and alignment before FairFace, as the paper's evaluation crops faces
+before classifying them (FairFace: arXiv:1908.04913, "FairFace: Face Attribute Dataset for
+Balanced Race, Gender, and Age", whose own pipeline is the ``dlib`` detector below).
 
-Detectors come from OpenCV (the package registry's `opencv-python-headless`, 4.x: OpenCV 5
-dropped the bundled Haar cascades):
-
-* ``yunet`` (default): ``cv2.FaceDetectorYN`` with the YuNet ONNX file of the OpenCV model
-  zoo (``face_detection_yunet_2023mar.onnx``), loaded from a local path (``face.model``);
-  it gives each face's box and 5 landmarks (eyes, nose tip, mouth corners), and the crop is
-  the similarity transform taking them to a fixed 5-point template, with padding;
+* ``dlib`` (default): dlib's CNN face detector (MMOD) and its 5-point landmark model, the
+  evaluation the paper ran: the image resized so its long side is ``max_size`` (800),
+  detection upsampled ``upsample`` times (1), the chip cut by ``dlib.get_face_chip`` (300 px,
+  padding 0.25). Both model files ship with the registry package ``face-recognition-models``
+  (found where it is installed, never imported) or lie in the directory ``face.model``
+  names; dlib itself is the ``dlib-bin`` wheel (or ``dlib`` built from source, with CUDA
+  where the machine has it);
+* ``yunet``: ``cv2.FaceDetectorYN`` with the YuNet ONNX file of the OpenCV model zoo
+  (``face_detection_yunet_2023mar.onnx``), loaded from a local path (``face.model``); each
+  face's box and 5 landmarks (eyes, nose tip, mouth corners), the crop the similarity
+  transform taking them to a fixed 5-point template, with padding;
 * ``haar``: the frontal-face Haar cascade bundled with OpenCV (no download), box only: the
   crop is the padded square around the box, unaligned;
 * ``none``: the whole image (what FairFace saw before this module).
 
 The largest face of an image is classified; an image without one gets no label, and every
-stage that reads labels counts it ("no face"), never drops it silently.
+stage that reads labels counts it ("no face"), never drops it silently. Detection is the
+slow part on a CPU (dlib's CNN: about 26 s for a 512 px image at the paper's settings on
+one core), so ``FaceCropper.crop_many`` spreads images over the job's cores in processes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import multiprocessing
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +36,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+log = logging.getLogger("icm")
+
 #: The 5-point template (left eye, right eye, nose tip, left and right mouth corner) of the
 #: widely used 112 x 112 ArcFace alignment, as fractions of the face square.
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
-DETECTORS = ("yunet", "haar", "none")
+DETECTORS = ("dlib", "yunet", "haar", "none")
+#: The dlib model files FairFace uses, as ``face-recognition-models`` names them.
+DLIB_FILES = ("mmod_human_face_detector.dat", "shape_predictor_5_face_landmarks.dat")
 
 
 class FaceDetectorNotAvailableError(RuntimeError):
@@ -41,7 +54,7 @@ class FaceDetectorNotAvailableError(RuntimeError):
 @dataclass(frozen=True)
 class Face:
     box: tuple[float, float, float, float]  # x, y, width, height in pixels
-    landmarks: np.ndarray | None  # (5, 2) in pixels, or None (box-only detectors)
+    landmarks: np.ndarray | None  # (5, 2) in pixels, the detector's own order; None: box only
     score: float
 
 
@@ -52,6 +65,86 @@ def _cv2() -> Any:
         raise FaceDetectorNotAvailableError(
             "face detection needs OpenCV: pip install opencv-python-headless") from error
     return cv2
+
+
+def _dlib() -> Any:
+    try:
+        import dlib
+    except ImportError as error:
+        raise FaceDetectorNotAvailableError(
+            "the dlib face detector needs dlib: pip install dlib-bin (a wheel) or dlib (built "
+            "from source, with CUDA where found), or set `labeler.face.detector` to yunet, "
+            "haar or none") from error
+    return dlib
+
+
+def packaged_dlib_models() -> Path | None:
+    """The ``models`` folder of the installed ``face-recognition-models`` package, found
+    without importing it (its ``__init__`` needs the retired ``pkg_resources``)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "models"
+
+
+class DlibDetector:
+    """dlib's CNN (MMOD) detector and 5-point landmarks, as FairFace crops faces: the image
+    resized to a long side of ``max_size``, detection upsampled ``upsample`` times, the chip
+    from ``dlib.get_face_chip`` on the resized image. Faces are reported in the original
+    image's pixels; ``chip`` maps them back, so the chip is FairFace's own."""
+
+    name = "dlib MMOD CNN + 5-point landmarks"
+
+    def __init__(self, model: str | None = None, max_size: int | None = 800,
+                 upsample: int = 1) -> None:
+        folder = Path(model) if model else packaged_dlib_models()
+        missing = [f for f in DLIB_FILES if folder is None or not (folder / f).is_file()]
+        if missing:
+            where = "no face-recognition-models package is installed" if folder is None \
+                else f"{folder} lacks {', '.join(missing)}"
+            raise FaceDetectorNotAvailableError(
+                f"the dlib face detector's model files were not found: {where}. Install "
+                "them with pip install face-recognition-models, or set `labeler.face.model` "
+                f"to a folder holding {' and '.join(DLIB_FILES)}")
+        dlib = _dlib()
+        self.folder, self.max_size, self.upsample = folder, max_size, int(upsample)
+        self._detector = dlib.cnn_face_detection_model_v1(str(folder / DLIB_FILES[0]))
+        self._landmarks = dlib.shape_predictor(str(folder / DLIB_FILES[1]))
+
+    def _resized(self, image: Image.Image) -> tuple[np.ndarray, float]:
+        """The RGB pixels with the long side at ``max_size`` (dlib's resize, as FairFace)
+        and the factor from original to resized pixels."""
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        if not self.max_size:
+            return rgb, 1.0
+        height, width = rgb.shape[:2]
+        scale = self.max_size / max(height, width)
+        rows, cols = int(height * scale), int(width * scale)  # FairFace truncates too
+        return _dlib().resize_image(rgb, rows=rows, cols=cols), scale
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        rgb, scale = self._resized(image)
+        faces = []
+        for found in self._detector(rgb, self.upsample):
+            rect = found.rect
+            shape = self._landmarks(rgb, rect)
+            points = np.array([[shape.part(i).x, shape.part(i).y]
+                               for i in range(shape.num_parts)], dtype=np.float64)
+            box = (rect.left(), rect.top(), rect.right() - rect.left(),
+                   rect.bottom() - rect.top())
+            faces.append(Face(tuple(v / scale for v in box), points / scale,
+                              float(found.confidence)))
+        return faces
+
+    def chip(self, image: Image.Image, face: Face, size: int, padding: float) -> Image.Image:
+        dlib = _dlib()
+        rgb, scale = self._resized(image)
+        x, y, w, h = (round(v * scale) for v in face.box)
+        points = [dlib.point(round(px * scale), round(py * scale)) for px, py in face.landmarks]
+        shape = dlib.full_object_detection(dlib.rectangle(x, y, x + w, y + h), points)
+        return Image.fromarray(dlib.get_face_chip(rgb, shape, size=size, padding=padding))
 
 
 class YuNetDetector:
@@ -65,8 +158,8 @@ class YuNetDetector:
                 f"the YuNet face detector model was not found at {model!r}. FairFace labels "
                 "face crops: download face_detection_yunet_2023mar.onnx from the OpenCV model "
                 "zoo on a machine with internet and set `labeler.face.model` to its path, or "
-                "set `labeler.face.detector` to haar (OpenCV's bundled cascade, unaligned) "
-                "or none (whole images)")
+                "set `labeler.face.detector` to dlib (the paper's, from the package "
+                "registry), haar (unaligned) or none (whole images)")
         self.model, self.score_threshold = str(model), float(score_threshold)
         self._detector = _cv2().FaceDetectorYN.create(self.model, "", (320, 320),
                                                       self.score_threshold)
@@ -82,6 +175,9 @@ class YuNetDetector:
                               np.asarray(row[4:14], dtype=np.float64).reshape(5, 2),
                               float(row[14])))
         return faces
+
+    def chip(self, image: Image.Image, face: Face, size: int, padding: float) -> Image.Image:
+        return align(image, face.landmarks, size, padding)
 
 
 class HaarDetector:
@@ -103,6 +199,9 @@ class HaarDetector:
         boxes = self._cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5,
                                                minSize=(self.min_size, self.min_size))
         return [Face(tuple(float(v) for v in box), None, 1.0) for box in boxes]
+
+    def chip(self, image: Image.Image, face: Face, size: int, padding: float) -> Image.Image:
+        return crop_box(image, face.box, size, padding)
 
 
 def similarity(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -145,31 +244,75 @@ def crop_box(image: Image.Image, box: tuple[float, float, float, float], size: i
 
 
 class FaceCropper:
-    """The largest face of an image, aligned (landmarks) or boxed, or None."""
+    """The largest face of an image, cut out as its detector does (aligned from landmarks,
+    or boxed), or None. ``workers`` > 1: ``crop_many`` spreads images over that many
+    processes, forked here, before the detector first runs: dlib's thread pool does not
+    survive a fork, so a process that has detected a face forks no workers afterwards."""
 
-    def __init__(self, detector: Any, size: int = 224, padding: float = 0.25) -> None:
+    def __init__(self, detector: Any, size: int = 300, padding: float = 0.25,
+                 workers: int = 1) -> None:
         self.detector, self.size, self.padding = detector, int(size), float(padding)
         self.name = f"{detector.name}, {size} px, padding {padding:g}"
+        self._pool = None
+        if int(workers) > 1 and "fork" in multiprocessing.get_all_start_methods():
+            if _DETECTED_HERE:
+                log.warning("finding faces in one process: this one has run a detector, "
+                            "after which forked workers would hang")
+            else:
+                global _WORKER_CROPPER
+                _WORKER_CROPPER = self  # the forked workers inherit it: nothing is pickled
+                self._pool = multiprocessing.get_context("fork").Pool(int(workers))
+                _WORKER_CROPPER = None
+                weakref.finalize(self, self._pool.terminate)
 
     def crop(self, image: Image.Image) -> Image.Image | None:
+        global _DETECTED_HERE
+        _DETECTED_HERE = True
         faces = self.detector.detect(image)
         if not faces:
             return None
         face = max(faces, key=lambda f: f.box[2] * f.box[3])
-        if face.landmarks is not None:
-            return align(image, face.landmarks, self.size, self.padding)
-        return crop_box(image, face.box, self.size, self.padding)
+        return self.detector.chip(image, face, self.size, self.padding)
+
+    def crop_many(self, images: Sequence[Image.Image]) -> list[Image.Image | None]:
+        """``crop`` of each image, in order, with a progress bar; in the workers where there
+        are some (the detectors hold the GIL, so threads would not help). The crops do not
+        depend on the number of workers."""
+        from tqdm.auto import tqdm
+
+        images = [im.convert("RGB") for im in images]
+        label = f"finding faces ({self.detector.name})"
+        if self._pool is None or len(images) < 2:
+            return [self.crop(im) for im in tqdm(images, desc=label, leave=False)]
+        return list(tqdm(self._pool.imap(_crop_in_worker, images, chunksize=1),
+                         total=len(images), desc=label, leave=False))
 
 
-def make_cropper(spec: Mapping[str, Any] | None) -> FaceCropper | None:
-    """The cropper a labeler's ``face`` settings name (None: detector yunet, which needs
-    its model file); ``detector: none`` gives None (whole images)."""
+_WORKER_CROPPER: FaceCropper | None = None  # set in the parent only while forking
+_DETECTED_HERE = False  # whether this process has run a detector (forked workers inherit it)
+
+
+def _crop_in_worker(image: Image.Image) -> Image.Image | None:
+    if _WORKER_CROPPER is None:  # a worker keeps the cropper it was forked with
+        raise RuntimeError("face worker started without its cropper")
+    return _WORKER_CROPPER.crop(image)
+
+
+def make_cropper(spec: Mapping[str, Any] | None, workers: int = 1) -> FaceCropper | None:
+    """The cropper a labeler's ``face`` settings name (None: the paper's dlib detector, its
+    models from the installed ``face-recognition-models``); ``detector: none`` gives None
+    (whole images). Every model file is checked here, before any image is read."""
     spec = dict(spec or {})
-    detector = spec.get("detector") or "yunet"
+    detector = spec.get("detector") or "dlib"
     if detector not in DETECTORS:
         raise ValueError(f"unknown face detector {detector!r}; use one of {DETECTORS}")
     if detector == "none":
         return None
-    found = (YuNetDetector(spec.get("model"), spec.get("score_threshold", 0.7))
-             if detector == "yunet" else HaarDetector())
-    return FaceCropper(found, spec.get("size", 224), spec.get("padding", 0.25))
+    if detector == "dlib":
+        found: Any = DlibDetector(spec.get("model"), spec.get("max_size", 800),
+                                  spec.get("upsample", 1))
+    elif detector == "yunet":
+        found = YuNetDetector(spec.get("model"), spec.get("score_threshold", 0.7))
+    else:
+        found = HaarDetector()
+    return FaceCropper(found, spec.get("size", 300), spec.get("padding", 0.25), workers)

@@ -253,7 +253,7 @@ class FairFaceLabeler(Labeler):
         for images in which the face detector found no face."""
         found = np.ones(len(images), dtype=bool)
         if self.faces is not None:
-            crops = [self.faces.crop(im) for im in images]
+            crops = self.faces.crop_many(images)
             found = np.array([c is not None for c in crops], dtype=bool)
             images = [c for c in crops if c is not None]
         self.last_faces = found
@@ -315,8 +315,10 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
     if kind == "fairface":
         from icm.faces import make_cropper
 
+        # face detection runs on the CPU cores torch was given (the job's ``threads:``)
+        faces = make_cropper(spec.get("face"), workers=torch.get_num_threads())
         return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
-                               device=device, faces=make_cropper(spec.get("face")))
+                               device=device, faces=faces)
     raise ValueError(f"unknown labeler type {kind!r}")
 
 
@@ -349,7 +351,9 @@ def label_table(samples: pd.DataFrame, matrix: np.ndarray, labeler: Labeler,
         table[f"score_{name}"] = matrix[:, k]
     filled = np.nan_to_num(matrix, nan=-np.inf)
     ordered = np.sort(filled, axis=1)
-    gap = ordered[:, -1] - ordered[:, -2] if matrix.shape[1] > 1 else np.full(len(matrix), np.inf)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: a row without scores, masked below
+        gap = (ordered[:, -1] - ordered[:, -2] if matrix.shape[1] > 1
+               else np.full(len(matrix), np.inf))
     valid = ~np.isnan(matrix).any(axis=1)
     best = filled.argmax(axis=1)
     kept = valid & (gap >= margin)
