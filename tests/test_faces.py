@@ -146,7 +146,8 @@ def test_dlib_finds_a_real_face_and_its_chip_undoes_a_turn():
     faces = cropper.detector.detect(photo)
     assert len(faces) == 1 and faces[0].score > 0.5
     x, y, w, h = faces[0].box
-    assert w > 100 and ((faces[0].landmarks >= (x, y)) & (faces[0].landmarks <= (x + w, y + h))).all()
+    inside = (faces[0].landmarks >= (x, y)) & (faces[0].landmarks <= (x + w, y + h))
+    assert w > 100 and inside.all()
     haar = HaarDetector().detect(photo)
     assert max(iou(faces[0].box, other.box) for other in haar) > 0.4
     upright = cropper.crop(photo)
