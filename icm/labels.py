@@ -209,11 +209,7 @@ class FairFaceLabeler(Labeler):
         unknown = [c for c in classes if c not in groups]
         if unknown:
             raise ValueError(f"FairFace {attribute} classes are {list(groups)}; got {unknown}")
-        if not weights or not Path(weights).is_file():
-            raise LabelerNotAvailableError(
-                f"FairFace weights not found at {weights!r}. Download "
-                "res34_fair_align_multi_7_20190809.pt from the FairFace project on a machine "
-                "with internet and set `labeler.weights` in config.yaml to its path.")
+        check_fairface_weights(weights)
         self.attribute, self.classes, self.groups = attribute, list(classes), groups
         self.device, self.batch_size = device, batch_size
         self.name = f"FairFace ResNet-34 ({attribute})"
@@ -290,6 +286,15 @@ class FairFaceLabeler(Labeler):
         return self._grouped(images)[0]
 
 
+def check_fairface_weights(weights: str | None) -> None:
+    """Stop, naming the key to set, when the FairFace checkpoint is not where it is said."""
+    if not weights or not Path(weights).is_file():
+        raise LabelerNotAvailableError(
+            f"FairFace weights not found at {weights!r}. Download "
+            "res34_fair_align_multi_7_20190809.pt from the FairFace project on a machine "
+            "with internet and set `labeler.weights` in config.yaml to its path.")
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """safetensors, or a torch state dict loaded with ``weights_only=True`` (no pickled code)."""
     path = Path(path)
@@ -315,6 +320,7 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
     if kind == "fairface":
         from icm.faces import make_cropper
 
+        check_fairface_weights(spec.get("weights"))  # before any face worker is forked
         # face detection runs on the CPU cores torch was given (the job's ``threads:``)
         faces = make_cropper(spec.get("face"), workers=torch.get_num_threads())
         return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
