@@ -261,8 +261,10 @@ class FaceCropper:
             else:
                 global _WORKER_CROPPER
                 _WORKER_CROPPER = self  # the forked workers inherit it: nothing is pickled
-                self._pool = multiprocessing.get_context("fork").Pool(int(workers))
-                _WORKER_CROPPER = None
+                try:
+                    self._pool = multiprocessing.get_context("fork").Pool(int(workers))
+                finally:
+                    _WORKER_CROPPER = None
                 weakref.finalize(self, self._pool.terminate)
 
     def crop(self, image: Image.Image) -> Image.Image | None:
