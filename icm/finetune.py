@@ -65,8 +65,9 @@ class TrainSettings:
     gradient_accumulation: int = 4
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
-    mixed_precision: str = "bf16"  # on a GPU; the CPU trains in float32
-    gradient_checkpointing: bool = True  # on a GPU
+    mixed_precision: str = "bf16"  # on accelerated_devices; elsewhere float32
+    gradient_checkpointing: bool = True  # on accelerated_devices
+    accelerated_devices: tuple[str, ...] = ("cuda",)
     random_flip: bool = True
     seed: int = 0
 
@@ -76,7 +77,18 @@ class TrainSettings:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown finetuning settings {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if "accelerated_devices" in values:
+            values["accelerated_devices"] = tuple(values["accelerated_devices"])
         return cls(**values)
+
+    def accelerations(self, device: torch.device | str) -> dict[str, Any]:
+        """What training on ``device`` uses: bf16 autocast and gradient checkpointing apply
+        only on ``accelerated_devices`` (a GPU by default: on most CPUs bf16 matmuls are
+        slower than float32, and memory is not what bounds a CPU run)."""
+        on = torch.device(device).type in self.accelerated_devices
+        return {"autocast": "bfloat16" if on and self.mixed_precision == "bf16" else None,
+                "gradient_checkpointing": on and self.gradient_checkpointing}
 
 
 def target_modules(pipe: Any, sites: Sequence[str]) -> list[str]:
@@ -261,12 +273,14 @@ def train_lora(
     denoiser.requires_grad_(False)
     if dtype != torch.float32:
         denoiser.to(torch.float32)  # trainable weights and their optimizer in float32
-    denoiser.add_adapter(config)
-    cuda = device.type == "cuda"
-    if cuda and settings.gradient_checkpointing:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(settings.seed)  # peft draws A from the global generator
+        denoiser.add_adapter(config)
+    use = settings.accelerations(device)
+    if use["gradient_checkpointing"]:
         denoiser.enable_gradient_checkpointing()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=cuda and settings.mixed_precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=use["autocast"] is not None)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
     schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, settings.steps)
@@ -313,7 +327,7 @@ def train_lora(
         if dtype != torch.float32:
             denoiser.to(dtype)
         denoiser.train(was_training)
-        if cuda and settings.gradient_checkpointing:
+        if use["gradient_checkpointing"]:
             denoiser.disable_gradient_checkpointing()
     record = config.to_dict()
     record["target_modules"] = sorted(record["target_modules"])

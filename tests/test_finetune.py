@@ -211,3 +211,102 @@ def test_a_flow_lora_covers_only_the_chosen_sites_lowers_its_loss_and_comes_off(
     finally:
         denoiser_of(pipe).delete_adapters(denoiser_of(pipe).active_adapters())
     np.testing.assert_array_equal(draw(), plain)
+
+
+def _family_pipe(name, tiny_pipe):
+    """A pipeline of each family and the call its training records conditions from."""
+    if name == "sd15":
+        return tiny_pipe, {**CALL, "num_inference_steps": 2}
+    if name in ("sana", "flux"):
+        pipe, call = _flow_pipe(name)
+        return pipe, {**call, "num_inference_steps": 2}
+    if name == "sdxl":
+        from icm.models.tiny_sdxl import build_tiny_sdxl
+
+        return build_tiny_sdxl(), {**CALL, "num_inference_steps": 2, "guidance_scale": 5.0}
+    from icm.models import ModelSpec, load_pipeline
+
+    spec = ModelSpec.from_config("toy", {"family": "toy", "source": "resources/models/toy",
+                                         "dtype": "float32", "steps": 2,
+                                         "guidance_scale": 1.5, "resolution": 16})
+    return load_pipeline(spec, device="cpu"), {"num_inference_steps": 2, "height": 16,
+                                               "width": 16, "guidance_scale": 1.5}
+
+
+def test_bf16_and_checkpointing_apply_on_the_accelerated_devices_only():
+    gpu_default = TrainSettings()
+    assert gpu_default.accelerations("cuda") == {"autocast": "bfloat16",
+                                                 "gradient_checkpointing": True}
+    assert gpu_default.accelerations("cpu") == {"autocast": None,
+                                                "gradient_checkpointing": False}
+    cpu_too = TrainSettings.of({"accelerated_devices": ["cuda", "cpu"],
+                                "mixed_precision": "no"})
+    assert cpu_too.accelerated_devices == ("cuda", "cpu")  # a config list, kept hashable
+    assert cpu_too.accelerations("cpu") == {"autocast": None, "gradient_checkpointing": True}
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sana", "flux", "toy"])
+def test_the_gpu_training_paths_run_on_every_family(name, tiny_pipe):
+    """What a GPU run switches on, run here by naming the CPU an accelerated device:
+    gradient checkpointing recomputes the blocks in the backward pass (each site runs twice
+    per forward) and changes no loss and no weight; bf16 autocast runs the adapted
+    projections in bfloat16 and trains nearly the float32 adapter, returned in float32. A
+    second seed starts from another adapter, the same seed from the same one."""
+    pipe, call = _family_pipe(name, tiny_pipe)
+    denoiser = denoiser_of(pipe)
+    sites = list_sites(denoiser)[:2]
+    images = pipe(["a red car"] * 2, output_type="pil",
+                  generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
+    plain = run(pipe, seed=5) if name == "sd15" else None
+    quick = dict(rank=4, learning_rate=1e-2, steps=2, batch_size=2, gradient_accumulation=2,
+                 warmup_steps=1, accelerated_devices=("cpu",))
+    calls, dtypes = [], []
+
+    def seen_dtype(module, args, out):
+        if torch.is_grad_enabled():  # training forwards, not the conditions' run
+            dtypes.append(out.dtype)
+
+    hooks = [denoiser.get_submodule(sites[0]).register_forward_pre_hook(
+                 lambda m, a: calls.append(1)),
+             denoiser.get_submodule(target_modules(pipe, sites)[0]).register_forward_hook(
+                 seen_dtype)]
+    runs = {}
+    try:
+        for label, options in {"float32": dict(mixed_precision="no",
+                                               gradient_checkpointing=False),
+                               "checkpointed": dict(mixed_precision="no",
+                                                    gradient_checkpointing=True),
+                               "bf16": dict(mixed_precision="bf16",
+                                            gradient_checkpointing=False),
+                               "seed 1": dict(mixed_precision="no",
+                                              gradient_checkpointing=False, seed=1)}.items():
+            calls.clear()
+            dtypes.clear()
+            weights, _, losses = train_lora(pipe, sites, images, ["a person"] * 2,
+                                            TrainSettings(**quick, **options), call["height"],
+                                            call)
+            runs[label] = weights, losses, len(calls), set(dtypes)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    reference, losses, forwards, kinds = runs["float32"]
+    assert forwards == 1 + 4 and kinds == {torch.float32}  # conditions run + 2 x 2 batches
+    weights, ckpt_losses, ckpt_forwards, _ = runs["checkpointed"]
+    assert ckpt_forwards == 1 + 2 * 4  # each batch's blocks run again in backward
+    np.testing.assert_allclose(ckpt_losses, losses, rtol=1e-6)
+    for key, value in reference.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-7)
+    weights, bf16_losses, _, bf16_kinds = runs["bf16"]
+    assert bf16_kinds == {torch.bfloat16}
+    np.testing.assert_allclose(bf16_losses, losses, rtol=0.02)
+    for key, value in reference.items():
+        assert weights[key].dtype == torch.float32 and torch.isfinite(weights[key]).all()
+        if "lora_B" in key:  # trained from zero: the update's direction
+            cosine = torch.nn.functional.cosine_similarity(weights[key].flatten(),
+                                                           value.flatten(), dim=0)
+            assert cosine > 0.5, (key, float(cosine))
+    other = runs["seed 1"][0]
+    assert all(not torch.equal(other[k], reference[k]) for k in reference if "lora_A" in k)
+    if plain is not None:
+        np.testing.assert_array_equal(run(pipe, seed=5), plain)  # no switch left on
+    assert not getattr(denoiser, "gradient_checkpointing", False) and not denoiser.training

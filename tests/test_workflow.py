@@ -309,6 +309,7 @@ def check_specific_prompts(workdir, tmp_path):
     per_class = trained["training_set"]["per_class"]
     assert set(per_class) == {"red", "green", "blue"} and len(set(per_class.values())) == 1
     assert trained["training_set"]["prompt_pairing"]["a red circle"] == "a circle"
+    assert trained["accelerations"] == {"autocast": None, "gradient_checkpointing": False}
     lora = json.loads((base / "steer/lora-top/shard-000/steering.json").read_text())
     assert lora["method"] == "lora" and lora["sites"] == trained["sites"]
     assert json.loads((base / "metrics/lora-top.json").read_text())["n_images"] == 40

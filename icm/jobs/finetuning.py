@@ -111,6 +111,7 @@ def finetune_lora_job(
         "variant": variant_name, "selection": variant["sites"], "sites": sites,
         "target_modules": targets, "settings": settings.__dict__,
         "device": str(next(denoiser_of(pipe).parameters()).device),
+        "accelerations": settings.accelerations(next(denoiser_of(pipe).parameters()).device),
         "training_set": summary, "loss_first": losses[0], "loss_last": losses[-1],
         "objective": OBJECTIVES[family_of(denoiser_of(pipe)).objective],
         "versions": package_versions()})
