@@ -504,3 +504,26 @@ def test_probes_fitted_in_site_groups_and_merged_equal_one_job(tmp_path):
     assert [(e["site"], e["step"]) for e in records[0]["entries"]] == \
         [(e["site"], e["step"]) for e in records[1]["entries"]]
     assert (merged / "heatmap.png").exists()
+
+
+def test_the_sd15_stage_benchmark_runs_the_stage_and_agrees_with_scikit_learn(tmp_path):
+    """benchmarks/probe_stage.py at a small size: SD1.5's 32 sites, three pairs through
+    fit_probes_job, the planted signal read at the last step, and scikit-learn's answers
+    on a refitted site close to the stage's."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "stage.json"
+    subprocess.run([sys.executable, "benchmarks/probe_stage.py", "--device", "cpu",
+                    "--samples", "400", "--steps", "3", "--check-sites", "1", "--threads", "1",
+                    "--folder", str(tmp_path / "data"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["sites"] == 32 and result["probes"] == 32 * 3 * 3
+    assert set(result["pair_s"]) == {"a-b", "a-c", "a-d"}
+    scores = pd.read_csv(tmp_path / "data/probes/a-b/scores.csv")
+    by_step = scores.groupby("step")["test_acc"].mean()
+    assert by_step[2] > by_step[0] + 0.05 and by_step[2] > 0.6  # the signal grows over steps
+    check = result["sklearn_check"]
+    assert check["mean_gap_points"] < 3 and check["min_cosine"] > 0.99, check
