@@ -132,8 +132,10 @@ def test_the_jobs_mapping_names_where_each_job_is_defined():
     for script in SCRIPTS.glob("*.py"):
         names = re.findall(r"from icm\.jobs import ([\w, ]+)", script.read_text())
         assert names, script
+        assert script.read_text().rstrip().endswith("\nend_job_process()"), script  # no teardown
         for name in ",".join(names).replace(" ", "").split(","):
-            assert name in job_table() or name in {"logging_to", "use_threads"}, (script, name)
+            helpers = {"end_job_process", "logging_to", "use_threads"}
+            assert name in job_table() or name in helpers, (script, name)
 
 
 def test_a_job_that_runs_no_model_does_not_import_diffusers():
@@ -149,3 +151,27 @@ def test_a_job_that_runs_no_model_does_not_import_diffusers():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=ROOT.parent)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_finished_job_process_exits_at_once_with_its_output_flushed(tmp_path):
+    """end_job_process: status 0, buffered stdout and the log flushed, and the exit handlers
+    run (a library's atexit or weakref.finalize cleanup, as icm.faces stops its workers)."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import atexit, logging, pathlib
+from icm.jobs import end_job_process, logging_to
+atexit.register(pathlib.Path({str(tmp_path / "cleaned")!r}).touch)
+print("result", end="")
+with logging_to({str(tmp_path / "job.log")!r}):
+    logging.getLogger("job").info("done")
+end_job_process()
+print("never")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT.parent, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout == "result", result.stderr
+    assert "done" in (tmp_path / "job.log").read_text() and (tmp_path / "cleaned").exists()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule calibrate_steering."""
 
-from icm.jobs import calibrate_variant_job, logging_to, use_threads
+from icm.jobs import calibrate_variant_job, end_job_process, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -26,3 +26,4 @@ with logging_to(sm.log[0]):
         output=sm.output.sweep,
         output_alpha=sm.output.alpha,
     )
+end_job_process()

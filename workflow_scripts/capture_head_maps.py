@@ -1,6 +1,6 @@
 """Snakemake adapter for rules capture_head_maps and capture_train_head_maps."""
 
-from icm.jobs import capture_head_maps_job, logging_to, use_threads
+from icm.jobs import capture_head_maps_job, end_job_process, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -19,3 +19,4 @@ with logging_to(sm.log[0]):
         store=sm.output.store,
         votes=sm.output.get("votes"),
     )
+end_job_process()

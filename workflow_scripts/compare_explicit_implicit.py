@@ -1,6 +1,6 @@
 """Snakemake adapter for rule compare_explicit_implicit."""
 
-from icm.jobs import explicit_vs_implicit_job, logging_to, use_threads
+from icm.jobs import end_job_process, explicit_vs_implicit_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -11,3 +11,4 @@ with logging_to(sm.log[0]):
         sm.output.scores, sm.output.heatmap, sm.output.record,
         memory_mb=0.5 * sm.resources.get("mem_mb", 4000),  # half the job's
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule compute_metrics."""
 
-from icm.jobs import compute_metrics_job, logging_to, use_threads
+from icm.jobs import compute_metrics_job, end_job_process, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -17,3 +17,4 @@ with logging_to(sm.log[0]):
         output=sm.output.metrics,
         output_labels=sm.output.labels,
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule evaluate_head_maps."""
 
-from icm.jobs import evaluate_head_maps_job, logging_to, use_threads
+from icm.jobs import end_job_process, evaluate_head_maps_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -14,3 +14,4 @@ with logging_to(sm.log[0]):
         output_curve=sm.output.curve,
         output_record=sm.output.record,
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule finetune_lora."""
 
-from icm.jobs import finetune_lora_job, logging_to, use_threads
+from icm.jobs import end_job_process, finetune_lora_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -14,3 +14,4 @@ with logging_to(sm.log[0]):
         adapter_dir=sm.output.adapter, record=sm.output.record,
         losses_csv=sm.output.losses, loss_plot=sm.output.plot,
     )
+end_job_process()

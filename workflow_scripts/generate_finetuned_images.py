@@ -1,6 +1,6 @@
 """Snakemake adapter for rule generate_finetuned_images."""
 
-from icm.jobs import generate_finetuned_job, logging_to, use_threads
+from icm.jobs import end_job_process, generate_finetuned_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -13,3 +13,4 @@ with logging_to(sm.log[0]):
         adapter_dir=sm.input.adapter, training_record=sm.input.training,
         images_dir=sm.output.images, table=sm.output.samples, record=sm.output.record,
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rules generate_images and generate_specific_images."""
 
-from icm.jobs import generate_shard_job, logging_to, use_threads
+from icm.jobs import end_job_process, generate_shard_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -18,3 +18,4 @@ with logging_to(sm.log[0]):
         store=sm.output.store,
         prompt_set=sm.params.get("prompt_set", "general"),
     )
+end_job_process()

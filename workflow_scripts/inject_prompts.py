@@ -1,6 +1,6 @@
 """Snakemake adapter for rule inject_prompts."""
 
-from icm.jobs import inject_prompts_job, logging_to, use_threads
+from icm.jobs import end_job_process, inject_prompts_job, logging_to, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -11,3 +11,4 @@ with logging_to(sm.log[0]):
         generation=sm.params.generation, images_dir=sm.output.images,
         table=sm.output.samples, record=sm.output.record,
     )
+end_job_process()

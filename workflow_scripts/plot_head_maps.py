@@ -1,6 +1,6 @@
 """Snakemake adapter for rule plot_head_maps."""
 
-from icm.jobs import logging_to, plot_head_maps_job
+from icm.jobs import end_job_process, logging_to, plot_head_maps_job
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 with logging_to(sm.log[0]):
@@ -12,3 +12,4 @@ with logging_to(sm.log[0]):
         held_out=(sm.input.samples, sm.input.stores),
         outputs=dict(sm.output.items()),
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule score_head_relevance."""
 
-from icm.jobs import logging_to, score_head_relevance_job, use_threads
+from icm.jobs import end_job_process, logging_to, score_head_relevance_job, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -14,3 +14,4 @@ with logging_to(sm.log[0]):
         output_tensors=sm.output.tensors,
         output_record=sm.output.record,
     )
+end_job_process()

@@ -1,6 +1,6 @@
 """Snakemake adapter for rule steer_images."""
 
-from icm.jobs import logging_to, steer_shard_job, use_threads
+from icm.jobs import end_job_process, logging_to, steer_shard_job, use_threads
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 use_threads(sm.threads)
@@ -25,3 +25,4 @@ with logging_to(sm.log[0]):
         table=sm.output.samples,
         record=sm.output.record,
     )
+end_job_process()

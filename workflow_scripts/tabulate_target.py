@@ -1,6 +1,6 @@
 """Snakemake adapter for rule tabulate_target."""
 
-from icm.jobs import logging_to, target_table_job
+from icm.jobs import end_job_process, logging_to, target_table_job
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
 variants = list(sm.params.variants)  # the order of the inputs
@@ -13,3 +13,4 @@ with logging_to(sm.log[0]):
         metrics=dict(zip(variants, sm.input.metrics, strict=True)),
         output=sm.output[0],
     )
+end_job_process()
