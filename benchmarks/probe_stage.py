@@ -40,7 +40,8 @@ def sd15_sites() -> dict[str, int]:
 
 
 def write_stores(folder: Path, sites: dict[str, int], samples: int, steps: int, shards: int,
-                 dtype: str, seed: int = 0) -> tuple[list[Path], Path, float]:
+                 dtype: str, seed: int = 0,
+                 chunk_samples: int = 128) -> tuple[list[Path], Path, float]:
     """``shards`` stores and a labels table; returns them and the seconds writing took.
     Class k shifts channels 8k..8k+7 by a strength growing over steps, larger at later
     sites, so probes read it more at some (site, step) than at others."""
@@ -62,7 +63,7 @@ def write_stores(folder: Path, sites: dict[str, int], samples: int, steps: int, 
         path.parent.mkdir(parents=True)
         with ActivationStoreWriter(path, plan[lo:hi], {"num_train_timesteps": 1000,
                                                              "sites": list(sites)},
-                                   dtype=dtype, chunk_samples=128) as writer:
+                                   dtype=dtype, chunk_samples=chunk_samples) as writer:
             for first in range(lo, hi, 128):
                 rows = np.arange(first, min(first + 128, hi))
                 acts = {}
@@ -136,6 +137,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     parser.add_argument("--dtype", default="float32", help="store dtype")
+    parser.add_argument("--chunk-samples", type=int, default=128,
+                        help="samples per chunk (generation.chunk_samples; default config's)")
     parser.add_argument("--memory-mb", type=float, default=32000,
                         help="the job's mem_mb (half of it bounds one batched fit)")
     parser.add_argument("--check-sites", type=int, default=0,
@@ -156,7 +159,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         stores, labels_csv, write_s = write_stores(folder, sites, args.samples, args.steps,
-                                                   args.shards, args.dtype)
+                                                   args.shards, args.dtype,
+                                                   chunk_samples=args.chunk_samples)
         itemsize = np.dtype(args.dtype).itemsize
         data_gb = args.samples * args.steps * sum(sites.values()) * itemsize / 1e9
         print(f"stores: {len(sites)} sites x {args.steps} steps x {args.samples} samples, "
@@ -182,7 +186,8 @@ def main() -> None:
             else f"cpu x{torch.get_num_threads()}",
             "sites": len(sites), "steps": args.steps, "samples": args.samples,
             "pairs": len(pairs), "probes": len(sites) * args.steps * len(pairs),
-            "store_gb": round(data_gb, 2), "write_s": round(write_s, 1),
+            "store_gb": round(data_gb, 2), "chunk_samples": args.chunk_samples,
+            "write_s": round(write_s, 1),
             "pair_s": {k: round(v, 2) for k, v in times.items()},
             "stage_s": round(sum(times.values()), 2), "probe_settings": probes,
         }
