@@ -40,7 +40,7 @@ run() {
         tests/test_finetune.py::test_the_gpu_training_paths_run_on_every_family \
         tests/test_capture.py tests/test_samples.py tests/test_generate.py 2>&1 \
         | tee "$OUT/tests.log" || true
-    python3 benchmarks/probe_stage.py --device cuda --check-sites 2 --folder /tmp/stage \
+    python3 benchmarks/probe_stage.py --device cuda --check-sites 2 --jobs 1 3 --folder /tmp/stage \
         --out "$OUT/probe_stage.json" 2>&1 | grep -v Warning | tee "$OUT/probe_stage.log"
 }
 

@@ -7,18 +7,22 @@ and a labels table of four classes (as FairFace's race concept has) with a weak 
 signal that grows over steps. Then it runs ``icm.jobs.probing.fit_probes_job`` for each of
 the three class pairs (the first class against each other one), exactly as rule
 ``fit_probes`` does (reading the stores step by step, config.yaml's probe settings), and
-times each pair. Goal (issue 14): on one GPU, 32 sites x 50 steps x 3 pairs at N = 2,000 in
-under 60 s. ``--check-sites`` refits a few sites of the first pair with the scikit-learn
-reference and compares accuracies and directions with the stage's.
+times each pair (``--jobs``: several pair jobs at once, each in its own process, as
+``snakemake --cores`` runs them). Goal (issue 14): on one GPU, 32 sites x 50 steps x 3
+pairs at N = 2,000 in under 60 s. ``--check-sites`` refits a few sites of the first pair
+with the scikit-learn reference and compares accuracies and directions with the stage's.
 
     python benchmarks/probe_stage.py --device cuda                      # the goal's shape
     python benchmarks/probe_stage.py --device cpu --samples 300 --steps 4   # a quick look
+    python benchmarks/probe_stage.py --device cuda --jobs 1 3               # pairs side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -129,6 +133,51 @@ def check_with_sklearn(stores: list[Path], labels_csv: Path, out: Path, pair: tu
             "max_gap_points": float(np.max(gaps)), "min_cosine": float(np.min(cosines))}
 
 
+def run_pair(concept: dict, probes: dict, pair: tuple[str, str], labels_csv: Path,
+             stores: list[Path], out: Path, memory_mb: float, threads: int | None) -> float:
+    """One ``fit_probes`` job, as the rule runs it; its seconds (CUDA synchronised)."""
+    import torch
+
+    from icm.jobs.probing import fit_probes_job
+
+    if threads:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = probes["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fit_probes_job(concept, probes, pair, labels_csv, stores, out / "scores.csv",
+                   out / "directions.safetensors", out / "directions.json",
+                   memory_mb=memory_mb)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_stage(concept: dict, probes: dict, pairs: list, labels_csv: Path, stores: list[Path],
+              folder: Path, memory_mb: float, jobs: int, threads: int) -> dict:
+    """Every pair's job, ``jobs`` at a time (each its own process beyond one, as Snakemake
+    starts one per job), ``threads // jobs`` threads each: the stage's wall time."""
+    per_job = max(1, threads // jobs)  # each job's `threads:`
+    work = {"-".join(pair): (concept, probes, tuple(pair), labels_csv, stores,
+                             folder / "probes" / "-".join(pair), memory_mb, per_job)
+            for pair in pairs}
+    start = time.perf_counter()
+    if jobs == 1:
+        times = {name: run_pair(*job) for name, job in work.items()}
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            futures = {name: pool.submit(run_pair, *job) for name, job in work.items()}
+            times = {name: future.result() for name, future in futures.items()}
+    wall = time.perf_counter() - start
+    print(f"{jobs} job(s) x {per_job} thread(s): {wall:.1f} s ("
+          + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ")", flush=True)
+    return {"jobs": jobs, "threads_per_job": per_job, "stage_s": round(wall, 2),
+            "pair_s": {k: round(v, 2) for k, v in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
@@ -145,11 +194,14 @@ def main() -> None:
                         help="refit this many sites of the first pair with scikit-learn")
     parser.add_argument("--folder", type=Path, help="where the stores go (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1],
+                        help="pair jobs at once, each its own process (snakemake --cores), "
+                             "sharing --threads (default: all cores) and the device; "
+                             "several values: one run each, on the same stores")
     args = parser.parse_args()
 
     import torch
 
-    from icm.jobs.probing import fit_probes_job
     from icm.pairs import concept_pairs
 
     if args.threads:
@@ -168,28 +220,16 @@ def main() -> None:
         probes = probe_settings(args.device)
         concept = {"prompts": PROMPTS, "classes": list(CLASSES)}
         pairs = concept_pairs(concept)
-        times = {}
-        for negative, positive in pairs:
-            out = folder / "probes" / f"{negative}-{positive}"
-            out.mkdir(parents=True, exist_ok=True)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fit_probes_job(concept, probes, (negative, positive), labels_csv, stores,
-                           out / "scores.csv", out / "directions.safetensors",
-                           out / "directions.json", memory_mb=args.memory_mb)
-            times[f"{negative}-{positive}"] = time.perf_counter() - start
-            print(f"pair {negative}-{positive}: {times[f'{negative}-{positive}']:.1f} s",
-                  flush=True)
+        threads = args.threads or torch.get_num_threads()
+        runs = [run_stage(concept, probes, pairs, labels_csv, stores, folder, args.memory_mb,
+                          jobs, threads) for jobs in args.jobs]
         result = {
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
-            else f"cpu x{torch.get_num_threads()}",
+            else f"cpu x{threads}",
             "sites": len(sites), "steps": args.steps, "samples": args.samples,
             "pairs": len(pairs), "probes": len(sites) * args.steps * len(pairs),
             "store_gb": round(data_gb, 2), "chunk_samples": args.chunk_samples,
-            "write_s": round(write_s, 1),
-            "pair_s": {k: round(v, 2) for k, v in times.items()},
-            "stage_s": round(sum(times.values()), 2), "probe_settings": probes,
+            "write_s": round(write_s, 1), **runs[0], "runs": runs, "probe_settings": probes,
         }
         if args.check_sites:
             by_width = {}
@@ -201,11 +241,14 @@ def main() -> None:
                 stores, labels_csv, folder / "probes" / first, tuple(pairs[0]),
                 chosen[:args.check_sites], probes)
         print(json.dumps(result, indent=2))
-        print("| device | sites x steps x pairs | samples | store | stage | per pair |")
-        print("|---|---|---|---|---|---|")
-        print(f"| {result['device']} | {len(sites)} x {args.steps} x {len(pairs)} | "
-              f"{args.samples} | {data_gb:.1f} GB | {result['stage_s']:.1f} s | "
-              + ", ".join(f"{v:.1f} s" for v in times.values()) + " |")
+        print("| device | sites x steps x pairs | samples | store | jobs x threads | stage "
+              "| per pair |")
+        print("|---|---|---|---|---|---|---|")
+        for run in runs:
+            print(f"| {result['device']} | {len(sites)} x {args.steps} x {len(pairs)} | "
+                  f"{args.samples} | {data_gb:.1f} GB | {run['jobs']} x "
+                  f"{run['threads_per_job']} | {run['stage_s']:.1f} s | "
+                  + ", ".join(f"{v:.1f} s" for v in run["pair_s"].values()) + " |")
         if args.out:
             args.out.write_text(json.dumps(result, indent=2))
     finally:

@@ -527,3 +527,13 @@ def test_the_sd15_stage_benchmark_runs_the_stage_and_agrees_with_scikit_learn(tm
     assert by_step[2] > by_step[0] + 0.05 and by_step[2] > 0.6  # the signal grows over steps
     check = result["sklearn_check"]
     assert check["mean_gap_points"] < 3 and check["min_cosine"] > 0.99, check
+    # The pair jobs side by side, each its own process, write the same probes.
+    subprocess.run([sys.executable, "benchmarks/probe_stage.py", "--device", "cpu",
+                    "--samples", "400", "--steps", "3", "--threads", "2", "--jobs", "1", "2",
+                    "--folder", str(tmp_path / "side"), "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    runs = json.loads(out.read_text())["runs"]  # the second, 2 x 1 thread, wrote last
+    assert [(r["jobs"], r["threads_per_job"]) for r in runs] == [(1, 2), (2, 1)]
+    for pair in ("a-b", "a-c", "a-d"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"side/probes/{pair}/scores.csv"),
+                                      pd.read_csv(tmp_path / f"data/probes/{pair}/scores.csv"))
