@@ -77,7 +77,8 @@ def _imports_of_file(path: Path, mtime_ns: int, root: Path) -> frozenset[str]:
 
 def _module_code(path: Path) -> str:
     """``_without_docstrings`` of a module file, computed once per version of the file: the
-    Snakefile fingerprints some thirty jobs over the same modules (12 s uncached)."""
+    Snakefile fingerprints some thirty jobs over the same modules (uncached, about 4.5 s of
+    every Snakemake start: the SD1.5 dry run took 8.0 s, 3.5 s cached)."""
     return _code_of_file(path, path.stat().st_mtime_ns)
 
 

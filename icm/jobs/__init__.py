@@ -103,7 +103,7 @@ def end_job_process() -> NoReturn:
     ``workflow_scripts/`` only, as their last line: a job that raised never gets here, and
     exits with Python's usual traceback and status.
     """
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit (CPython's, since 3.0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
