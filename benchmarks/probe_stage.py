@@ -157,11 +157,14 @@ def run_pair(concept: dict, probes: dict, pair: tuple[str, str], labels_csv: Pat
 
 def run_stage(concept: dict, probes: dict, pairs: list, labels_csv: Path, stores: list[Path],
               folder: Path, memory_mb: float, jobs: int, threads: int) -> dict:
-    """Every pair's job, ``jobs`` at a time (each its own process beyond one, as Snakemake
-    starts one per job), ``threads // jobs`` threads each: the stage's wall time."""
-    per_job = max(1, threads // jobs)  # each job's `threads:`
+    """Every pair's job into ``folder``, ``jobs`` at a time (each its own process beyond one,
+    as Snakemake starts one per job), ``threads // jobs`` threads each, as ``snakemake
+    --cores threads`` runs jobs of that many ``threads:``: the stage's wall time."""
+    if not 1 <= jobs <= threads:
+        raise SystemExit(f"--jobs {jobs}: between 1 and the {threads} threads (--threads)")
+    per_job = threads // jobs  # each job's `threads:`
     work = {"-".join(pair): (concept, probes, tuple(pair), labels_csv, stores,
-                             folder / "probes" / "-".join(pair), memory_mb, per_job)
+                             folder / "-".join(pair), memory_mb, per_job)
             for pair in pairs}
     start = time.perf_counter()
     if jobs == 1:
@@ -195,9 +198,10 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="where the stores go (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1],
-                        help="pair jobs at once, each its own process (snakemake --cores), "
-                             "sharing --threads (default: all cores) and the device; "
-                             "several values: one run each, on the same stores")
+                        help="pair jobs at once, each its own process, sharing --threads "
+                             "(default: all cores) and the device, as snakemake --cores does; "
+                             "several values: one run each, on the same stores (the first "
+                             "into probes/, the others into probes-{N}-jobs/)")
     args = parser.parse_args()
 
     import torch
@@ -221,8 +225,10 @@ def main() -> None:
         concept = {"prompts": PROMPTS, "classes": list(CLASSES)}
         pairs = concept_pairs(concept)
         threads = args.threads or torch.get_num_threads()
-        runs = [run_stage(concept, probes, pairs, labels_csv, stores, folder, args.memory_mb,
-                          jobs, threads) for jobs in args.jobs]
+        # The first run's probes go to probes/, each later run's to probes-{jobs}-jobs/.
+        runs = [run_stage(concept, probes, pairs, labels_csv, stores,
+                          folder / ("probes" if k == 0 else f"probes-{jobs}-jobs"),
+                          args.memory_mb, jobs, threads) for k, jobs in enumerate(args.jobs)]
         result = {
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda")
             else f"cpu x{threads}",

@@ -64,15 +64,18 @@ def _parse(path: Path, mtime_ns: int) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
-def _module_imports(name: str, root: Path) -> frozenset[str]:
-    """``_imports`` of a whole module, at any depth; once per version of its file."""
+def _module_imports(name: str, root: Path) -> set[str]:
+    """``_imports`` of a whole module, at any depth. Its import statements are found once
+    per version of its file; what they name is resolved on every call, as modules may have
+    come or gone since."""
     path = module_file(name, root)
-    return _imports_of_file(path, path.stat().st_mtime_ns, root)
+    return _imports(_import_nodes(path, path.stat().st_mtime_ns), root)
 
 
 @cache
-def _imports_of_file(path: Path, mtime_ns: int, root: Path) -> frozenset[str]:
-    return frozenset(_imports(ast.walk(_parse(path, mtime_ns)), root))
+def _import_nodes(path: Path, mtime_ns: int) -> tuple[ast.AST, ...]:
+    return tuple(n for n in ast.walk(_parse(path, mtime_ns))
+                 if isinstance(n, ast.Import | ast.ImportFrom))
 
 
 def _module_code(path: Path) -> str:

@@ -532,8 +532,9 @@ def test_the_sd15_stage_benchmark_runs_the_stage_and_agrees_with_scikit_learn(tm
                     "--samples", "400", "--steps", "3", "--threads", "2", "--jobs", "1", "2",
                     "--folder", str(tmp_path / "side"), "--out", str(out)],
                    check=True, capture_output=True, timeout=600)
-    runs = json.loads(out.read_text())["runs"]  # the second, 2 x 1 thread, wrote last
+    runs = json.loads(out.read_text())["runs"]
     assert [(r["jobs"], r["threads_per_job"]) for r in runs] == [(1, 2), (2, 1)]
-    for pair in ("a-b", "a-c", "a-d"):
-        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / f"side/probes/{pair}/scores.csv"),
-                                      pd.read_csv(tmp_path / f"data/probes/{pair}/scores.csv"))
+    for pair in ("a-b", "a-c", "a-d"):  # two jobs of one thread, as the first run's one
+        side = pd.read_csv(tmp_path / f"side/probes-2-jobs/{pair}/scores.csv")
+        alone = pd.read_csv(tmp_path / f"data/probes/{pair}/scores.csv")
+        pd.testing.assert_frame_equal(side, alone)

@@ -154,16 +154,19 @@ def test_a_job_that_runs_no_model_does_not_import_diffusers():
 
 
 def test_a_finished_job_process_exits_at_once_with_its_output_flushed(tmp_path):
-    """end_job_process: status 0, buffered stdout and the log flushed, and the exit handlers
-    run (a library's atexit or weakref.finalize cleanup, as icm.faces stops its workers)."""
+    """end_job_process: status 0, buffered stdout flushed, a thread still writing joined and
+    the exit handlers run (a library's atexit or weakref.finalize cleanup, as icm.faces stops
+    its workers)."""
     import os
     import subprocess
     import sys
 
     code = f"""
-import atexit, logging, pathlib
+import atexit, logging, pathlib, threading, time
 from icm.jobs import end_job_process, logging_to
 atexit.register(pathlib.Path({str(tmp_path / "cleaned")!r}).touch)
+late = pathlib.Path({str(tmp_path / "late")!r})
+threading.Thread(target=lambda: (time.sleep(0.5), late.write_text("written"))).start()
 print("result", end="")
 with logging_to({str(tmp_path / "job.log")!r}):
     logging.getLogger("job").info("done")
@@ -175,3 +178,4 @@ print("never")
                             cwd=ROOT.parent, env=env, timeout=60)
     assert result.returncode == 0 and result.stdout == "result", result.stderr
     assert "done" in (tmp_path / "job.log").read_text() and (tmp_path / "cleaned").exists()
+    assert (tmp_path / "late").read_text() == "written"  # a thread still writing is joined

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import importlib
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,13 +99,16 @@ def end_job_process() -> NoReturn:
 
     Tearing down torch, diffusers and transformers' modules takes 1-2 s a process on 2 cores
     (importing the steering job's modules and exiting: 8.5 s, 6.8 s without the teardown),
-    paid once per job (the test configuration's toy table: 303 s, 253 s with this). The exit
-    handlers still run, as at any exit (finalizers such as icm.faces' pool stop, logging
-    flushes); then stdio is flushed and the process ends with status 0. For
-    ``workflow_scripts/`` only, as their last line: a job that raised never gets here, and
-    exits with Python's usual traceback and status.
+    paid once per job (the test configuration's toy table: 303 s, 253 s with this). What an
+    exit does before the teardown still happens, in the interpreter's order: threads still
+    running are joined and executors shut down, then the exit handlers run (finalizers such
+    as icm.faces' pool, logging); then Python's and C's stdio are flushed and the process
+    ends with status 0. For ``workflow_scripts/`` only, as their last line: a job that
+    raised never gets here, and exits with Python's usual traceback and status.
     """
-    atexit._run_exitfuncs()  # what the interpreter runs first at exit (CPython's, since 3.0)
+    threading._shutdown()  # CPython's exit, step one: join non-daemon threads, executors
+    atexit._run_exitfuncs()  # step two: the exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # C libraries' buffered stdout, which exit() would flush
     os._exit(0)
