@@ -134,14 +134,14 @@ def check_with_sklearn(stores: list[Path], labels_csv: Path, out: Path, pair: tu
 
 
 def run_pair(concept: dict, probes: dict, pair: tuple[str, str], labels_csv: Path,
-             stores: list[Path], out: Path, memory_mb: float, threads: int | None) -> float:
-    """One ``fit_probes`` job, as the rule runs it; its seconds (CUDA synchronised)."""
+             stores: list[Path], out: Path, memory_mb: float, threads: int) -> float:
+    """One ``fit_probes`` job on ``threads`` threads, as the rule runs it; its seconds (CUDA
+    synchronised)."""
     import torch
 
     from icm.jobs.probing import fit_probes_job
 
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     cuda = probes["device"].startswith("cuda")
     if cuda:
