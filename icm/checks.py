@@ -122,8 +122,10 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
         for key, labeler in labelers:
             if labeler.get("weights"):
                 yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
-            if (labeler.get("face") or {}).get("model"):
-                yield f"concepts.{name}.{key}.face.model", str(labeler["face"]["model"]), "file"
+            face = labeler.get("face") or {}
+            if face.get("model"):  # dlib's is a folder of its two files, the others' a file
+                kind = "dlib models" if face.get("detector", "dlib") == "dlib" else "file"
+                yield f"concepts.{name}.{key}.face.model", str(face["model"]), kind
             if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":
                 yield f"concepts.{name}.{key}.pretrained", str(labeler["pretrained"]), "weights"
         if (evaluation.get("clip") or {}).get("pretrained"):
@@ -150,8 +152,8 @@ def looks_like_path(value: str) -> bool:
 def path_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str]:
     """Configured local paths that do not exist (relative ones from ``root``, the workflow's
     directory): a model `source` must be a folder or have a hub id's owner/name shape, a
-    FID reference a folder, a FairFace checkpoint a file, and a CLIP `pretrained` that is
-    not a tag a file."""
+    FID reference a folder, a FairFace checkpoint a file, dlib's face models a folder holding
+    both its files (YuNet's a file), and a CLIP `pretrained` that is not a tag a file."""
     problems = []
     for key, value, kind in _paths(config):
         path = Path(root, value).expanduser() if not Path(value).is_absolute() else Path(value)
@@ -163,6 +165,12 @@ def path_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str
             problems.append(f"{key}: no folder {value!r}")
         elif kind == "file" and not path.is_file():
             problems.append(f"{key}: no file {value!r}")
+        elif kind == "dlib models":
+            from icm.faces import DLIB_FILES
+
+            missing = [f for f in DLIB_FILES if not (path / f).is_file()]
+            if missing:
+                problems.append(f"{key}: no folder {value!r} holding {', '.join(missing)}")
         elif kind == "weights" and looks_like_path(value) and not path.is_file():
             problems.append(f"{key}: no checkpoint file {value!r} (a tag such as openai, or a "
                             "local file)")

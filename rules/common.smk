@@ -25,8 +25,11 @@ def job_code(function):
 
 def model_params(wildcards):
     """The model's settings a job reads: everything but `resources`, which are the
-    scheduler's business (raising a time limit must not regenerate anything)."""
-    return {k: v for k, v in MODELS[wildcards.model].items() if k != "resources"}
+    scheduler's business (raising a time limit must not regenerate anything), and
+    `finetuning`, which only `finetune_lora` reads (`finetune_settings`): training longer
+    must not regenerate the images it trains on."""
+    return {k: v for k, v in MODELS[wildcards.model].items()
+            if k not in ("resources", "finetuning")}
 
 
 wildcard_constraints:

@@ -82,3 +82,26 @@ def test_missing_local_paths_are_refused_with_the_key(config, tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "ViT-L-14.pt").write_bytes(b"")
     assert not any("clip_pretrained" in p for p in path_problems(cfg, tmp_path))
+
+
+def test_dlib_face_models_are_a_folder_and_yunet_a_file(config, tmp_path):
+    """dlib's `face.model` names the folder of its two model files (what DlibDetector loads),
+    YuNet's the ONNX file: each refused at start only when it is not that."""
+    cfg = copy.deepcopy(config)
+    labeler = {"type": "fairface", "attribute": "gender", "face": {"model": "dlib"}}
+    cfg["concepts"]["gender"]["evaluation"]["labeler"] = labeler
+    key = "concepts.gender.evaluation.labeler.face.model"
+    assert [p for p in path_problems(cfg, tmp_path) if key in p] == [
+        f"{key}: no folder 'dlib' holding mmod_human_face_detector.dat, "
+        "shape_predictor_5_face_landmarks.dat"]
+    (tmp_path / "dlib").mkdir()
+    (tmp_path / "dlib" / "mmod_human_face_detector.dat").write_bytes(b"")
+    assert [p for p in path_problems(cfg, tmp_path) if key in p] == [
+        f"{key}: no folder 'dlib' holding shape_predictor_5_face_landmarks.dat"]
+    (tmp_path / "dlib" / "shape_predictor_5_face_landmarks.dat").write_bytes(b"")
+    assert not [p for p in path_problems(cfg, tmp_path) if key in p]
+    labeler["face"] = {"detector": "yunet", "model": "dlib"}   # a folder, not YuNet's file
+    assert [p for p in path_problems(cfg, tmp_path) if key in p] == [f"{key}: no file 'dlib'"]
+    (tmp_path / "yunet.onnx").write_bytes(b"")
+    labeler["face"]["model"] = "yunet.onnx"
+    assert not [p for p in path_problems(cfg, tmp_path) if key in p]

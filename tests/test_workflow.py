@@ -414,6 +414,8 @@ def check_what_reruns(workdir, tmp_path):
 
     # Resources are the scheduler's business; the grid's columns only the grid's.
     assert plan("models: {toy: {resources: {runtime: 99, mem_mb: 5000, threads: 1}}}\n") == {}
+    # LoRA's training settings are finetune_lora's alone (this table trains no adapter).
+    assert plan("models: {toy: {finetuning: {steps: 5, rank: 2}}}\n") == {}
     assert plan("evaluation: {grid_columns: 4}\n") == {"plot_grid": 1, "collect_table": 1,
                                                         "total": 2}
     # The start is the ranking's and steering's, not the probes'.
