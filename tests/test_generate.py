@@ -32,13 +32,6 @@ def test_shard_outputs_agree(tmp_path, tiny_pipe, tiny_settings):
     assert sorted(ds.data_vars) == sorted(sites)
     assert ds[sites[0]].shape[:2] == (6, tiny_settings.steps)
     assert ds.attrs["concept"] == "test" and ds.attrs["versions"]["torch"]
-    # The versions recorded are the locked set's (requirements.lock; torch follows TORCH_PIN).
-    locked = dict(line.split("==") for line in (ROOT / "requirements.lock").read_text()
-                  .splitlines() if "==" in line and not line.startswith((" ", "#")))
-    recorded = {k: v for k, v in ds.attrs["versions"].items() if k not in ("python", "icm")}
-    assert set(recorded) - set(locked) == {"torch"}, "a tracked package is not locked"
-    assert {k: v for k, v in recorded.items() if k in locked} == {
-        k: locked[k] for k in recorded if k in locked}, "run `make install` after `make lock`"
     # Regenerating the last batch (samples 4, 5) reproduces its images and activations.
     with capture_activations(tiny_pipe) as cap:
         again = generate_images(tiny_pipe, samples[4:], tiny_settings)
@@ -47,6 +40,23 @@ def test_shard_outputs_agree(tmp_path, tiny_pipe, tiny_settings):
         assert np.array_equal(np.asarray(Image.open(out / row["image"])), np.asarray(image))
     for site in sites:
         np.testing.assert_array_equal(ds[site].values[4:], acts.activations[site])
+
+
+def test_a_store_records_the_locked_versions(tmp_path, tiny_pipe, tiny_settings):
+    """The versions a store records are requirements.lock's (torch follows TORCH_PIN): what
+    `make install` gives. Not a device check: a GPU image with its own packages fails it
+    (benchmarks/gpu_checks.sh leaves it out)."""
+    samples = plan_samples(["a photo of a person"], 2, base_seed=1)
+    generate_shard(tiny_pipe, samples, tiny_settings, tmp_path / "images",
+                   tmp_path / "samples.csv", tmp_path / "activations.zarr", batch_size=2,
+                   progress=False)
+    locked = dict(line.split("==") for line in (ROOT / "requirements.lock").read_text()
+                  .splitlines() if "==" in line and not line.startswith((" ", "#")))
+    versions = xr.open_zarr(tmp_path / "activations.zarr").attrs["versions"]
+    recorded = {k: v for k, v in versions.items() if k not in ("python", "icm")}
+    assert set(recorded) - set(locked) == {"torch"}, "a tracked package is not locked"
+    assert {k: v for k, v in recorded.items() if k in locked} == {
+        k: locked[k] for k in recorded if k in locked}, "run `make install` after `make lock`"
 
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_pipe, tiny_settings, monkeypatch):
