@@ -166,9 +166,9 @@ def path_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str
         elif kind == "file" and not path.is_file():
             problems.append(f"{key}: no file {value!r}")
         elif kind == "dlib models":
-            from icm.faces import DLIB_FILES
+            from icm.faces import missing_dlib_files
 
-            missing = [f for f in DLIB_FILES if not (path / f).is_file()]
+            missing = missing_dlib_files(path)
             if missing:
                 problems.append(f"{key}: no folder {value!r} holding {', '.join(missing)}")
         elif kind == "weights" and looks_like_path(value) and not path.is_file():

@@ -78,6 +78,12 @@ def _dlib() -> Any:
     return dlib
 
 
+def missing_dlib_files(folder: Path | None) -> list[str]:
+    """Which of dlib's two model files ``folder`` lacks (all of them for no folder): what
+    DlibDetector loads, and what the workflow's start-up check asks of `face.model`."""
+    return [f for f in DLIB_FILES if folder is None or not (folder / f).is_file()]
+
+
 def packaged_dlib_models() -> Path | None:
     """The ``models`` folder of the installed ``face-recognition-models`` package, found
     without importing it (its ``__init__`` needs the retired ``pkg_resources``)."""
@@ -100,7 +106,7 @@ class DlibDetector:
     def __init__(self, model: str | None = None, max_size: int | None = 800,
                  upsample: int = 1) -> None:
         folder = Path(model) if model else packaged_dlib_models()
-        missing = [f for f in DLIB_FILES if folder is None or not (folder / f).is_file()]
+        missing = missing_dlib_files(folder)
         if missing:
             where = "no face-recognition-models package is installed" if folder is None \
                 else f"{folder} lacks {', '.join(missing)}"
