@@ -122,7 +122,7 @@ def fairness_discrepancy_from_probabilities(
     reference: Mapping[str, float] | None = None,
 ) -> tuple[float, dict[str, float]]:
     """FD as the paper's evaluation computes it: per prompt, ||mean class probability -
-    reference||_2 over every image (none dropped), then the mean over prompts. The class
+    reference||_2 over every image with probabilities, then the mean over prompts. The class
     probabilities are used as they are (FairFace race: they need not sum to 1). A NaN row
     (an image in which no face was found) has no probabilities and is left out; a prompt
     with none left has NaN FD and is left out of the mean (counted by the callers)."""
@@ -141,6 +141,23 @@ def fairness_discrepancy_from_probabilities(
             else float("nan")
     values = [v for v in per_prompt.values() if not np.isnan(v)]
     return (float(np.mean(values)) if values else float("nan")), per_prompt
+
+
+def draw_floor(
+    targets: Sequence[str],
+    prompts: Sequence[str],
+    classes: Sequence[str],
+    reference: Mapping[str, float] | None = None,
+) -> float:
+    """The FD perfect steering would reach with these batch targets: every image labelled
+    (with certainty) as its batch's target, then FD as ``fairness_discrepancy`` computes it.
+
+    Steering draws one target per batch, so the realised targets of a prompt's few batches
+    are off the reference by chance; no steering, however good, goes below this. NaN where an
+    image has no target (the original's or a LoRA's images are not steered toward one)."""
+    if len(targets) == 0 or any(_unlabelled(t) for t in targets):
+        return float("nan")
+    return fairness_discrepancy(list(targets), list(prompts), classes, reference)[0]
 
 
 # --- similarity ----------------------------------------------------------------------------

@@ -23,12 +23,10 @@ rule calibrate_steering:
         generation={k: config["generation"][k] for k in ("base_seed", "device")},
         variant=lambda wildcards: {k: v for k, v in variant_spec(wildcards).items()
                                    if k != "alpha"},
-        calibration={k: config["steering"]["calibration"][k]
-                     for k in ("alphas", "samples_per_prompt", "max_doublings")},
+        calibration=config["steering"]["calibration"],
         toy=is_toy,
         evaluation=metric_settings,
         labels=concept_params("labeler", "evaluation", "reference"),
-        floor=config["steering"]["calibration"]["clip_i_floor"],
         code=job_code("calibrate_variant_job"),
     wildcard_constraints:
         variant=variant_pattern(STEER_VARIANTS),
@@ -62,7 +60,8 @@ rule plot_tradeoff:
     log:
         "logs/{model}/{concept}/calibration/tradeoff.log",
     params:
-        floor=config["steering"]["calibration"]["clip_i_floor"],
+        calibration={k: config["steering"]["calibration"][k]
+                     for k in ("clip_i_floor", "clip_i_scale")},
         code=job_code("tradeoff_job"),
     localrule: True
     conda:

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from icm.debias import (
     ExplicitPush,
     Push,
+    balanced_targets,
     batch_target,
+    calibration_batches,
     class_pushes,
     explicit_pushes,
     select_sites,
     sites_per_pair,
     target_probabilities,
+    target_rule,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_pushes_follow_the_paper():
@@ -45,7 +53,7 @@ def test_quasi_draws_balance_every_short_run_of_batches():
     the run starts; independent draws often do not."""
     classes = ["red", "green", "blue"]
     p = target_probabilities(classes)
-    quasi = [batch_target(classes, p, 0, b) for b in range(1000)]
+    quasi = [batch_target(classes, p, 0, b, "quasi") for b in range(1000)]
     counts = [[quasi[s:s + 10].count(c) for c in classes] for s in range(990)]
     assert min(map(min, counts)) >= 2 and max(map(max, counts)) <= 4
     random = [batch_target(classes, p, 0, b, "random") for b in range(1000)]
@@ -54,6 +62,77 @@ def test_quasi_draws_balance_every_short_run_of_batches():
     np.testing.assert_allclose(target_probabilities(classes), 1 / 3)
     with pytest.raises(ValueError, match="sum to 1"):
         target_probabilities(classes, {"red": 0.5})
+
+
+def paper_steering(concept):
+    """(classes, evaluation prompts, samples per prompt, batch size, target draw) of a paper
+    concept as config.yaml sets it, schema defaults filled in."""
+    from snakemake.utils import validate
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    spec = config["concepts"][concept]
+    steering = spec["steering"]
+    return (spec["classes"], spec["evaluation"]["prompts"], steering["samples_per_prompt"],
+            steering["batch_size"], steering["target_draw"])
+
+
+@pytest.mark.parametrize(("concept", "floor"), [("gender", 0.093), ("age", 0.127),
+                                                ("race", 0.140)])
+def test_perfect_steering_under_the_paper_configs_reaches_the_random_draw_floor(concept,
+                                                                                 floor):
+    """The paper's protocol draws each batch's target at random (appendix B): with 500
+    images per prompt in batches of 16, even perfect steering (every image its batch's
+    target) leaves FD near 0.09 (gender), 0.13 (age), 0.14 (race), and the default
+    config draws so. Quasi draws would report about a quarter of that."""
+    from icm.metrics import draw_floor
+    from icm.samples import plan_samples
+
+    classes, prompts, per_prompt, batch_size, draw = paper_steering(concept)
+    assert (len(prompts), per_prompt, batch_size, draw) == (4, 500, 16, "random")
+    samples = plan_samples(prompts, per_prompt, 0, "evaluation")
+    probs = target_probabilities(classes)
+
+    def floors(kind, seeds):
+        out = []
+        for seed in seeds:
+            rule = target_rule(classes, probs, seed, batch_size, kind)
+            targets = [rule(samples[i:i + batch_size]) for i in range(0, len(samples),
+                                                                       batch_size)
+                       for _ in samples[i:i + batch_size]]
+            out.append(draw_floor(targets, [s.prompt for s in samples], classes))
+        return np.array(out)
+
+    random = floors(draw, range(40))
+    assert abs(random.mean() - floor) < 0.2 * floor
+    assert floors("quasi", range(10)).mean() < 0.4 * floor
+
+
+def test_calibration_deals_each_prompts_targets_evenly():
+    """Calibration's targets are dealt, not drawn: every prompt holds each class's share of
+    its batches exactly (three batches each by default), in a seeded order of its own."""
+    from icm.jobs.calibration import calibration_samples_per_prompt
+    from icm.samples import plan_samples
+
+    classes = ["white", "black", "asian", "indian"]
+    probs = target_probabilities(classes)
+    per_prompt = calibration_samples_per_prompt({"batches_per_class": 3}, probs, 16)
+    assert per_prompt == 4 * 3 * 16
+    samples = plan_samples(["a", "b", "c"], per_prompt, 0, "calibration")
+    rule = target_rule(classes, probs, 0, 16, "balanced", per_prompt)
+    orders = {}
+    for i in range(0, len(samples), 16):
+        batch = samples[i:i + 16]
+        orders.setdefault(batch[0].prompt, []).append(rule(batch))
+    for targets in orders.values():
+        assert sorted(targets) == sorted(classes * 3)
+    assert len({tuple(t) for t in orders.values()}) > 1  # not one fixed order
+    skewed = target_probabilities(["a", "b"], {"a": 0.75, "b": 0.25})
+    assert calibration_batches(skewed, 3) == 12  # the rarer class gets its three
+    assert balanced_targets(["a", "b"], skewed, 12, 0, 0).count("b") == 3
+    assert calibration_batches(target_probabilities(classes[:3]), 3) == 9  # not 10
+    with pytest.raises(ValueError, match="whole batches per prompt"):
+        target_rule(classes, probs, 0, 16, "balanced", 40)
 
 
 def ranking():

@@ -81,6 +81,9 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
     assert "ViT-S-32-alt" in written.loc[1, "CLIP-I_backend"]
     assert "(CLIP-T + 1) / 2" in written.loc[1, "CLIP-T_paper_backend"]
     assert np.isclose(written.loc[1, "FD_labels"], icm["FD_labels"])
+    # Every batch went toward "man": perfect steering could do no better than all men.
+    assert np.allclose(written["FD_draw_floor"], math.sqrt(0.5))
+    assert (written["n_no_face"] == 0).all()
     plot_grid_job({"original": [original], "icm": [steered]}, 3, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 1000
     assert (tmp_path / "metrics.png").stat().st_size > 1000

@@ -67,7 +67,8 @@ def test_toy_table_through_the_slurm_profile(cluster, workdir, tmp_path):
     gpus.write_text(  # ... and keep steering small: the jobs' kinds are tested, not sizes
         "models: {toy: {resources: {gpu: 1, mem_mb: 3000, runtime: 30}}}\n"
         "concepts: {color: {steering: {samples_per_prompt: 5}}}\n"
-        "steering: {calibration: {alphas: [8], samples_per_prompt: 5, max_doublings: 0}}\n")
+        "steering: {calibration: {alphas: [8], batches_per_class: 1, batch_size: 2,\n"
+        "                          max_doublings: 0}}\n")
     env = {**cluster, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workdir)}
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "--profile", "profiles/test",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,12 @@ def test_hooks_are_exclusive_and_always_removed(tiny_pipe):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in unet.modules())
 
 
+def cosine_floor(value):
+    from icm.jobs.calibration import ClipFloor
+
+    return ClipFloor(value, "cosine")
+
+
 def test_the_alpha_rule_keeps_the_lowest_fd_above_the_fidelity_floor():
     import pandas as pd
 
@@ -110,12 +117,43 @@ def test_the_alpha_rule_keeps_the_lowest_fd_above_the_fidelity_floor():
     sweep = pd.DataFrame({"alpha": [0, 2, 4, 8, 16, 32],
                           "FD": [0.40, 0.35, 0.20, 0.12, 0.05, 0.30],
                           "CLIP-I": [1.0, 0.97, 0.92, 0.85, 0.70, 0.40]})
-    assert choose_alpha(sweep, 0.8)[0] == 8  # 16 is fairer but costs too much fidelity
-    assert choose_alpha(sweep, 0.6)[0] == 16
+    assert choose_alpha(sweep, cosine_floor(0.8))[0] == 8  # 16 is fairer but costs too much
+    assert choose_alpha(sweep, cosine_floor(0.6))[0] == 16
     tied = sweep.assign(FD=[0.4, 0.2, 0.2, 0.3, 0.3, 0.3])
-    assert choose_alpha(tied, 0.8)[0] == 2  # the smaller of equal FDs
-    alpha, rule = choose_alpha(sweep, 0.99)
+    assert choose_alpha(tied, cosine_floor(0.8))[0] == 2  # the smaller of equal FDs
+    alpha, rule = choose_alpha(sweep, cosine_floor(0.99))
     assert alpha == 2 and "no alpha keeps" in rule
+
+
+def test_the_papers_gender_operating_point_passes_the_default_floor():
+    """The paper reports CLIP-I as (cos + 1) / 2: its ICM gender point (FD 0.087 at 0.850,
+    a cosine of 0.70) must be selectable under the default floor, which a cosine floor of
+    0.8 (the old default, compared with the raw cosine) forbade in favour of FD 0.200."""
+    import pandas as pd
+
+    import yaml
+    from snakemake.utils import validate
+
+    from icm.jobs.calibration import ClipFloor, choose_alpha
+    from icm.jobs.evaluation import paper_scale
+
+    cosines = [1.0, 0.92, 0.81, 0.70, 0.55]
+    sweep = pd.DataFrame({"alpha": [0, 5, 10, 15, 20], "FD": [0.45, 0.30, 0.20, 0.087, 0.05],
+                          "CLIP-I": cosines, "CLIP-I_paper": [paper_scale(c) for c in cosines]})
+    root = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["steering"]["calibration"] = {}  # the schema's defaults
+    validate(config, str(root / "schemas" / "config.schema.yaml"))
+    floor = ClipFloor.of(config["steering"]["calibration"])
+    assert (floor.value, floor.scale) == (0.85, "paper")
+    alpha, rule = choose_alpha(sweep, floor)
+    assert alpha == 15 and "0.087" in rule and "(cos + 1) / 2" in rule
+    assert choose_alpha(sweep, cosine_floor(0.8))[0] == 10  # the old rule: FD 0.200
+    assert floor.cosine() == pytest.approx(0.70)
+    for paper_point in (0.850, 0.865, 0.883):  # Table 1 and 4's gender operating points
+        assert paper_point >= floor.value
+    with pytest.raises(ValueError, match="clip_i_scale"):
+        ClipFloor(0.8, "percent")
 
 
 def test_a_weak_selection_is_pushed_past_the_grid_until_it_costs_fidelity():
@@ -124,13 +162,14 @@ def test_a_weak_selection_is_pushed_past_the_grid_until_it_costs_fidelity():
     def measure(fidelity_per_alpha):
         return lambda alpha: {"alpha": alpha, "CLIP-I": 1.0 - fidelity_per_alpha * alpha}
 
-    weak = alpha_sweep([2, 4], 0.8, 3, measure(0.01))  # CLIP-I 0.96 at 4: double on
+    floor = cosine_floor(0.8)
+    weak = alpha_sweep([2, 4], floor, 3, measure(0.01))  # CLIP-I 0.96 at 4: double on
     assert [r["alpha"] for r in weak] == [0, 2, 4, 8, 16, 32]  # three doublings at most
-    stops = alpha_sweep([2, 4], 0.8, 3, measure(0.02))  # 0.84 at 8, 0.68 at 16: stop there
+    stops = alpha_sweep([2, 4], floor, 3, measure(0.02))  # 0.84 at 8, 0.68 at 16: stop there
     assert [r["alpha"] for r in stops] == [0, 2, 4, 8, 16]
-    strong = alpha_sweep([2, 4], 0.8, 3, measure(0.1))  # the grid already crosses the floor
+    strong = alpha_sweep([2, 4], floor, 3, measure(0.1))  # the grid already crosses the floor
     assert [r["alpha"] for r in strong] == [0, 2, 4]
-    assert [r["alpha"] for r in alpha_sweep([2, 4], 0.8, 0, measure(0.01))] == [0, 2, 4]
+    assert [r["alpha"] for r in alpha_sweep([2, 4], floor, 0, measure(0.01))] == [0, 2, 4]
 
 
 def test_spread_units_scale_each_row_by_its_site_and_step(tmp_path):

@@ -22,7 +22,6 @@ with logging_to(sm.log[0]):
         directions=list(sm.input.directions),
         directions_meta=list(sm.input.directions_meta),
         start=sm.input.start,
-        floor=sm.params.floor,
         output=sm.output.sweep,
         output_alpha=sm.output.alpha,
     )

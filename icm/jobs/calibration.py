@@ -1,13 +1,16 @@
 """Jobs of steering calibration: how hard to push, chosen per variant on samples of their own.
 
-For each variant whose alpha is ``auto``, ``calibrate_variant_job`` steers a small set of
+For each variant whose alpha is ``auto``, ``calibrate_variant_job`` steers a set of
 calibration-stream samples (disjoint from the localization and evaluation seeds) at every
 alpha of a geometric grid and measures FD and CLIP-I (against the same samples unsteered).
-It keeps the variant's alpha by one rule (``choose_alpha``): the lowest FD among the alphas
-whose CLIP-I stays at or above a floor, each variant in a file of its own, so that editing
-one variant reruns no other. ``tradeoff_job`` collects the sweeps into ``tradeoff.csv`` and
-``tradeoff.png`` (FD against CLIP-I, a curve per variant: the comparison of layer
-selections at matched image fidelity).
+Each prompt's batch targets are dealt in the target proportions, ``batches_per_class``
+batches for each class (``icm.debias.balanced_targets``), so FD measures the steering, not
+how a few random draws fell. It keeps the variant's alpha by one rule (``choose_alpha``):
+the lowest FD among the alphas whose CLIP-I stays at or above a floor, on the scale the
+floor names (``ClipFloor``: the paper's (cos + 1) / 2 by default), each variant in a file of
+its own, so that editing one variant reruns no other. ``tradeoff_job`` collects the sweeps
+into ``tradeoff.csv`` and ``tradeoff.png`` (FD against CLIP-I, a curve per variant: the
+comparison of layer selections at matched image fidelity).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,47 @@ from icm.tables import write_table
 
 log = logging.getLogger("icm")
 
-TRADEOFF_COLUMNS = ["variant", "alpha", "FD", "CLIP-I", "FID", "n_images"]
+TRADEOFF_COLUMNS = ["variant", "alpha", "FD", "CLIP-I", "CLIP-I_paper", "FID", "n_images"]
+
+#: Scales a CLIP-I floor may be on: the raw cosine, or the paper's (cos + 1) / 2.
+CLIP_I_SCALES = ("paper", "cosine")
+
+
+@dataclass(frozen=True)
+class ClipFloor:
+    """The least CLIP-I calibration lets an alpha cost, on a named scale (``CLIP_I_SCALES``):
+    the paper reports (cos + 1) / 2, so a floor read off its tables is on that scale."""
+
+    value: float
+    scale: str = "paper"
+
+    def __post_init__(self) -> None:
+        if self.scale not in CLIP_I_SCALES:
+            raise ValueError(f"clip_i_scale {self.scale!r}: use one of {CLIP_I_SCALES}")
+
+    @classmethod
+    def of(cls, calibration: Mapping[str, Any]) -> ClipFloor:
+        return cls(float(calibration["clip_i_floor"]), calibration["clip_i_scale"])
+
+    def column(self) -> str:
+        """The sweep column compared with the floor."""
+        return "CLIP-I_paper" if self.scale == "paper" else "CLIP-I"
+
+    def cosine(self) -> float:
+        """The floor as a raw cosine (where the plot draws it)."""
+        return 2 * self.value - 1 if self.scale == "paper" else self.value
+
+    def __str__(self) -> str:
+        return f"CLIP-I >= {self.value:g} ({'(cos + 1) / 2' if self.scale == 'paper' else 'cosine'})"
+
+
+def calibration_samples_per_prompt(calibration: Mapping[str, Any], probs: np.ndarray,
+                                   batch_size: int) -> int:
+    """Images per prompt and alpha: ``batches_per_class`` batches for the rarest target
+    class, the others in proportion (``icm.debias.calibration_batches``)."""
+    from icm.debias import calibration_batches
+
+    return calibration_batches(probs, int(calibration["batches_per_class"])) * batch_size
 
 
 def calibrate_variant_job(
@@ -52,29 +96,35 @@ def calibrate_variant_job(
     directions: Sequence[str | Path],
     directions_meta: Sequence[str | Path],
     start: str | Path,
-    floor: float,
     output: str | Path,
     output_alpha: str | Path,
 ) -> None:
     """FD and CLIP-I of one variant at each alpha of ``calibration["alphas"]`` (and 0), on
-    ``calibration["samples_per_prompt"]`` calibration-stream samples per evaluation prompt,
-    with the variant's sites, start and batch targets as steering uses them."""
+    calibration-stream samples of the evaluation prompts (``calibration_samples_per_prompt``
+    each, targets dealt evenly per prompt), with the variant's sites and start as steering
+    uses them."""
+    from icm.debias import target_rule
     from icm.generate import SamplerSettings
+    from icm.jobs.evaluation import paper_scale
     from icm.jobs.steering import plan_steering, steer_batches
     from icm.metrics import paired_cosine
     from icm.models import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
+    floor = ClipFloor.of(calibration)
     plan = plan_steering(concept, variant, ranking, pair_ranking, directions, directions_meta,
                          start)
     prompts = concept.get("evaluation_prompts") or concept["prompts"]
-    samples = concept_samples(concept, model, generation, calibration["samples_per_prompt"],
-                              stream="calibration", prompts=prompts)
-    batch_size = concept["steering"].get("batch_size") or model["batch_size"]
-    if calibration["samples_per_prompt"] < 3 * batch_size:
-        log.warning("%d calibration samples per prompt are fewer than three batches of %d: "
-                    "each batch has one target, so a prompt's FD will mostly measure that "
-                    "target, not the balance", calibration["samples_per_prompt"], batch_size)
+    batch_size = (calibration.get("batch_size") or concept["steering"].get("batch_size")
+                  or model["batch_size"])
+    per_prompt = calibration_samples_per_prompt(calibration, plan.probs, batch_size)
+    samples = concept_samples(concept, model, generation, per_prompt, stream="calibration",
+                              prompts=prompts)
+    targets = target_rule(plan.classes, plan.probs, variant["seed"], batch_size, "balanced",
+                          per_prompt)
+    log.info("%s: %d calibration images per alpha (%d prompts x %d, batches of %d, targets "
+             "dealt evenly per prompt)", variant_name, len(samples), len(prompts), per_prompt,
+             batch_size)
     device = str(resolve_device(evaluation["device"]))
     labeler_spec = concept["evaluation"]["labeler"] or concept["labeler"]
     labeler = make_labeler(labeler_spec, plan.classes, device=device)
@@ -88,15 +138,15 @@ def calibrate_variant_job(
     def measure(alpha: float) -> dict[str, Any]:
         nonlocal base
         images = [image for _, batch_images, _, _ in steer_batches(
-            pipe, plan, samples, batch_size, alpha, settings, variant["seed"],
-            concept["steering"]["target_draw"]) for image in batch_images]
+            pipe, plan, samples, batch_size, alpha, settings, targets)
+            for image in batch_images]
         fd, _, fd_from, _ = score_fd(labeler, labeler_spec, images, list(table["prompt"]),
                                      plan.classes, concept.get("reference"), table)
         embeddings = embedder.embed_images(images)
         base = embeddings if base is None else base
-        row = {"variant": variant_name, "alpha": alpha, "FD": fd,
-               "CLIP-I": paired_cosine(embeddings, base), "FID": math.nan,
-               "n_images": len(images)}
+        clip_i = paired_cosine(embeddings, base)
+        row = {"variant": variant_name, "alpha": alpha, "FD": fd, "CLIP-I": clip_i,
+               "CLIP-I_paper": paper_scale(clip_i), "FID": math.nan, "n_images": len(images)}
         log.info("%s alpha %g: FD %.3f CLIP-I %.3f (%s)", variant_name, alpha, fd,
                  row["CLIP-I"], fd_from)
         return row
@@ -106,11 +156,13 @@ def calibrate_variant_job(
     write_table(output, rows, TRADEOFF_COLUMNS)
     alpha, rule = choose_alpha(pd.DataFrame(rows), floor)
     write_json(output_alpha, {"variant": variant_name, "alpha": alpha, "alpha_rule": rule,
-                              "clip_i_floor": floor})
+                              "clip_i_floor": floor.value, "clip_i_scale": floor.scale,
+                              "samples_per_prompt": per_prompt, "batch_size": batch_size,
+                              "targets": "dealt evenly per prompt"})
     log.info("%s: alpha %g (%s)", variant_name, alpha, rule)
 
 
-def alpha_sweep(grid: Sequence[float], floor: float, doublings: int,
+def alpha_sweep(grid: Sequence[float], floor: ClipFloor, doublings: int,
                 measure: Any) -> list[dict[str, Any]]:
     """``measure(alpha)`` rows at 0 and every alpha of ``grid`` in order, then at twice the
     last alpha, up to ``doublings`` times, for as long as the last one still keeps CLIP-I
@@ -121,29 +173,32 @@ def alpha_sweep(grid: Sequence[float], floor: float, doublings: int,
     while len(rows) < len(alphas):
         rows.append(measure(alphas[len(rows)]))
         if (len(rows) == len(alphas) and extra < doublings and alphas[-1] > 0
-                and rows[-1]["CLIP-I"] >= floor):
+                and rows[-1][floor.column()] >= floor.value):
             alphas.append(2 * alphas[-1])
             extra += 1
     return rows
 
 
-def choose_alpha(sweep: pd.DataFrame, floor: float) -> tuple[float, str]:
-    """The lowest-FD alpha (the smaller on a tie) whose CLIP-I is at least ``floor``, among
-    the grid's non-zero alphas; the smallest alpha when none keeps that fidelity."""
+def choose_alpha(sweep: pd.DataFrame, floor: ClipFloor) -> tuple[float, str]:
+    """The lowest-FD alpha (the smaller on a tie) whose CLIP-I is at least ``floor`` on the
+    floor's scale, among the grid's non-zero alphas; the smallest alpha when none keeps
+    that fidelity."""
     grid = sweep[sweep["alpha"] > 0].sort_values("alpha")
-    kept = grid[grid["CLIP-I"] >= floor]
+    kept = grid[grid[floor.column()] >= floor.value]
     if kept.empty:
         alpha = float(grid["alpha"].iloc[0])
-        return alpha, (f"auto: no alpha keeps CLIP-I >= {floor}; the smallest of the grid, "
-                       f"{alpha:g}")
+        return alpha, f"auto: no alpha keeps {floor}; the smallest of the grid, {alpha:g}"
     best = kept.sort_values(["FD", "alpha"], kind="stable").iloc[0]
     return float(best["alpha"]), (f"auto: lowest calibration FD ({best['FD']:.3f}) with "
-                                  f"CLIP-I >= {floor} (CLIP-I {best['CLIP-I']:.3f})")
+                                  f"{floor} ({floor.column()} {best[floor.column()]:.3f})")
 
 
-def tradeoff_job(sweeps: Sequence[str | Path], alphas: Sequence[str | Path], floor: float,
-                 output_table: str | Path, output_plot: str | Path) -> None:
-    """Collect the variants' sweeps and chosen alphas into one table and its plot."""
+def tradeoff_job(sweeps: Sequence[str | Path], alphas: Sequence[str | Path],
+                 calibration: Mapping[str, Any], output_table: str | Path,
+                 output_plot: str | Path) -> None:
+    """Collect the variants' sweeps and chosen alphas into one table and its plot (the floor
+    from ``calibration``'s ``clip_i_floor`` and ``clip_i_scale``)."""
+    floor = ClipFloor.of(calibration)
     table = pd.concat([pd.read_csv(p) for p in sweeps], ignore_index=True)
     write_table(output_table, table.to_dict("records"), TRADEOFF_COLUMNS)
     chosen = {record["variant"]: record
@@ -152,8 +207,8 @@ def tradeoff_job(sweeps: Sequence[str | Path], alphas: Sequence[str | Path], flo
     log.info("chosen alphas: %s", {v: c["alpha"] for v, c in chosen.items()})
 
 
-def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]], floor: float,
-                  output: str | Path) -> None:
+def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]],
+                  floor: ClipFloor, output: str | Path) -> None:
     """FD against CLIP-I, one curve per variant through its alphas, the chosen one ringed."""
     import matplotlib
 
@@ -170,8 +225,8 @@ def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]], 
         pick = sweep[np.isclose(sweep["alpha"], chosen[variant]["alpha"])]
         ax.scatter(pick["CLIP-I"], pick["FD"], s=120, facecolors="none",
                    edgecolors=line.get_color())
-    ax.axvline(floor, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("CLIP-I vs unsteered (higher: closer to the original)")
+    ax.axvline(floor.cosine(), color="grey", linestyle="--", linewidth=1, label=str(floor))
+    ax.set_xlabel("CLIP-I (cosine) vs unsteered (higher: closer to the original)")
     ax.set_ylabel("FD (lower: fairer)")
     ax.set_title("calibration: FD against image fidelity, labels are alphas", fontsize=9)
     ax.invert_xaxis()

@@ -32,8 +32,12 @@ log = logging.getLogger("icm")
 #: evaluation uses or its text implies (each column's convention in its ``*_backend``).
 METRIC_COLUMNS = ["FD", "FID", "CLIP-I", "CLIP-T", "FD_labels", "FD_probabilities",
                   "CLIP-I_paper", "CLIP-T_paper"]
-TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "n_images", "alpha", "selection", "layers",
-                 *METRIC_COLUMNS[4:], *(f"{m}_backend" for m in METRIC_COLUMNS)]
+#: ``FD_draw_floor``: the FD perfect steering would reach with the row's realised batch targets
+#: (``icm.metrics.draw_floor``); ``n_no_face``: images FairFace's face finder found no face in,
+#: left out of FD.
+TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "FD_draw_floor", "n_images", "n_no_face",
+                 "alpha", "selection", "layers", *METRIC_COLUMNS[4:],
+                 *(f"{m}_backend" for m in METRIC_COLUMNS)]
 
 
 #: How an FD was computed (``score_fd``): the paper's evaluation, or hard labels.
@@ -162,7 +166,13 @@ def compute_metrics_job(
     CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
     variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
     the original itself."""
-    from icm.metrics import clip_t, fairness_discrepancy, paired_cosines, prompt_agreement
+    from icm.metrics import (
+        clip_t,
+        draw_floor,
+        fairness_discrepancy,
+        paired_cosines,
+        prompt_agreement,
+    )
 
     device = str(resolve_device(evaluation["device"]))
     classes = list(concept["classes"])
@@ -201,6 +211,8 @@ def compute_metrics_job(
         "variant": variant, "n_images": len(rows), "FD": fd, "FD_per_prompt": fd_per_prompt,
         "FID": fid, "CLIP-I": clip_i, "CLIP-T": text_alignment, "label_counts": counts,
         "FD_labels": fd_labels, "FD_probabilities": fd if from_probabilities else math.nan,
+        "FD_draw_floor": draw_floor(list(rows["target"]), list(rows["prompt"]), classes,
+                                    concept.get("reference")),
         "CLIP-I_paper": paper_scale(clip_i),
         "CLIP-T_paper": math.nan if toy else paper_scale(text_alignment),
         "targets": rows["target"].value_counts().to_dict(),
@@ -239,7 +251,9 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
         record = json.loads(Path(record_path).read_text())
         rows.append({
             "variant": result["variant"], **{m: result[m] for m in METRIC_COLUMNS},
-            "n_images": result["n_images"], "alpha": record["alpha"],
+            "FD_draw_floor": result["FD_draw_floor"],
+            "n_images": result["n_images"], "n_no_face": result["no_face_images"],
+            "alpha": record["alpha"],
             "selection": record["selection"], "layers": layers_text(record["sites"]),
             **{f"{k}_backend": v for k, v in result["backends"].items()},
         })

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,11 @@ from tqdm import tqdm
 from icm.atomic import atomic_directory
 from icm.debias import (
     ExplicitPush,
-    batch_target,
     class_pushes,
     explicit_pushes,
     sites_per_pair,
     target_probabilities,
+    target_rule,
 )
 from icm.generate import (
     SamplerSettings,
@@ -247,15 +247,15 @@ def scale_by_spread(vectors: Mapping[str, Mapping[str, np.ndarray]],
 
 
 def steer_batches(pipe: Any, plan: SteeringPlan, samples: Sequence, batch_size: int,
-                  alpha: float, settings: SamplerSettings, seed: int,
-                  draw: str) -> Iterator[tuple[Sequence, list, str, bool]]:
+                  alpha: float, settings: SamplerSettings,
+                  target_of: Callable[[Sequence], str]) -> Iterator[tuple[Sequence, list, str,
+                                                                           bool]]:
     """(batch, images, target, steered) for each batch of ``samples`` (cut on the global
-    batch grid): the batch's target class is drawn from (seed, global batch index), and the
-    batch is steered toward it when the class has a direction, the variant sites and alpha
-    is not 0."""
+    batch grid): ``target_of(batch)`` is the batch's target class (``icm.debias.target_rule``,
+    shard-independent), and the batch is steered toward it when the class has a direction,
+    the variant sites and alpha is not 0."""
     for batch in batches(samples, batch_size):
-        index = batch[0].sample // batch_size  # shard-independent on the global grid
-        target = batch_target(plan.classes, plan.probs, seed, index, draw)
+        target = target_of(batch)
         push = plan.push_for(target, alpha)
         if push is not None:
             chosen, strength = push
@@ -327,8 +327,9 @@ def steer_shard_job(
           tqdm(total=len(mine), desc=f"steer {variant_name}", unit="img", file=sys.stderr) as bar):
         partial.mkdir()
         for batch, images, target, steered in steer_batches(
-                pipe, plan, mine, batch_size, alpha, settings, variant["seed"],
-                concept["steering"]["target_draw"]):
+                pipe, plan, mine, batch_size, alpha, settings,
+                target_rule(plan.classes, plan.probs, variant["seed"], batch_size,
+                            concept["steering"]["target_draw"])):
             for sample, image in zip(batch, images, strict=True):
                 image.save(partial / image_name(sample))
                 rows.append({**sample.as_row(), "image": str(rel / image_name(sample)),
