@@ -1,9 +1,9 @@
 """Rank sites by how well their probes read the choice once steering would begin.
 
-Score of a site = mean test accuracy of its prompt-controlled probes over steps ``t0..S-1``
-(and over the concept's class pairs; ``mean_gain`` is the same above the prompt-only
-baseline), where ``t0`` is the steering start: by default the first step at which the
-selected sites beat the prompt baseline significantly (``auto_start_step``), or a step "of
+Score of a site = mean test accuracy of its probes over steps ``t0..S-1`` (and over the
+concept's class pairs; ``mean_gain`` is the same above the prompt-only baseline), where
+``t0`` is the steering start: by default the first step at which the selected sites beat
+chance significantly, corrected for testing every step (``auto_start_step``), or a step "of
 50" mapped by timestep (``icm.schedule.start_step``). Each pair is also ranked on its own probes
 (``rank_per_pair``): a pair's steering direction uses the sites that read that pair best.
 """
@@ -53,14 +53,27 @@ def rank_sites(scores: pd.DataFrame, t0: int) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def start_pvalues(scores: pd.DataFrame, selected: dict[str, list[str]]) -> np.ndarray:
+#: What the automatic start compares the probes with: ``chance``, the majority-class rate of
+#: the test split (the paper's "significantly exceeds a random guess"), or ``prompt``, the
+#: prompt-only baseline (each prompt's majority class: what the activations add to it).
+START_BASELINES = {"chance": "chance_acc", "prompt": "prompt_acc"}
+#: Corrections for testing every step: ``bonferroni`` (level / steps) or ``none``.
+START_CORRECTIONS = ("bonferroni", "none")
+
+
+def start_pvalues(scores: pd.DataFrame, selected: dict[str, list[str]],
+                  baseline: str = "chance") -> np.ndarray:
     """Per step, the one-sided binomial p-value that the selected sites' probes beat the
-    prompt-only baseline: successes = mean test accuracy of each pair's selected sites x its
-    test samples, summed over pairs, against p0 = the pairs' baseline accuracy (0.5 where
-    none was measured). The sites share test samples, so this treats their mean as one
-    probe's accuracy."""
+    ``baseline`` (``START_BASELINES``): successes = mean test accuracy of each pair's
+    selected sites x its test samples, summed over pairs, against p0 = the pairs' baseline
+    accuracy. The sites share test samples, so this treats their mean as one probe's
+    accuracy."""
     from scipy.stats import binomtest
 
+    column = START_BASELINES[baseline]
+    if column not in scores:
+        raise ValueError(f"the probe scores have no {column} column (baseline {baseline!r}): "
+                         "refit the probes")
     steps = sorted(scores["step"].unique())
     out = np.ones(len(steps))
     for i, step in enumerate(steps):
@@ -69,34 +82,43 @@ def start_pvalues(scores: pd.DataFrame, selected: dict[str, list[str]]) -> np.nd
             rows = scores[(scores["pair"] == pair) & (scores["step"] == step)
                           & scores["site"].isin(sites)]
             n = int(rows["n_test"].iloc[0])
-            baseline = float(rows["prompt_acc"].iloc[0]) if "prompt_acc" in rows else np.nan
             hits += rows["test_acc"].mean() * n
             trials += n
-            expected += (0.5 if np.isnan(baseline) else baseline) * n
+            expected += float(rows[column].iloc[0]) * n
         p0 = min(expected / trials, 1.0)
         out[i] = binomtest(int(round(hits)), int(trials), p0, alternative="greater").pvalue
     return out
 
 
+def corrected_level(level: float, steps: int, correction: str) -> float:
+    """The per-step level that keeps the chance of any false start at ``level``."""
+    if correction not in START_CORRECTIONS:
+        raise ValueError(f"unknown start correction {correction!r}; use {START_CORRECTIONS}")
+    return level / steps if correction == "bonferroni" else level
+
+
 def auto_start_step(scores: pd.DataFrame, k: int, level: float, rounds: int = 5,
-                    sites_per: str = "pair") -> tuple[int | None, np.ndarray]:
+                    sites_per: str = "pair", baseline: str = "chance",
+                    correction: str = "bonferroni") -> tuple[int | None, np.ndarray]:
     """The paper's rule (section 4.1): steer from the first step at which the probes of the
     sites steering would use (the k best self-attention sites of each pair's ranking, or
-    with ``sites_per="concept"`` of the concept ranking) beat the prompt-only baseline
-    significantly (``start_pvalues`` below ``level``). The sites are ranked from the start
-    they give, so the two are solved together from start 0 until they agree. None when no
-    step is significant."""
+    with ``sites_per="concept"`` of the concept ranking) "significantly exceed a random
+    guess": ``start_pvalues`` against ``baseline`` below ``level``, corrected for testing
+    every step (``corrected_level``). The sites are ranked from the start they give, so the
+    two are solved together from start 0 until they agree. None when no step is
+    significant."""
     from icm.debias import sites_per_pair
 
     pairs = list(dict.fromkeys(scores["pair"]))
+    per_step = corrected_level(level, scores["step"].nunique(), correction)
     t0 = 0
     for _ in range(rounds):
         if sites_per == "concept":
             selected = sites_per_pair(rank_sites(scores, t0), None, pairs, "top", k, seed=0)
         else:
             selected = sites_per_pair(None, rank_per_pair(scores, t0), pairs, "top", k, seed=0)
-        pvalues = start_pvalues(scores, selected)
-        significant = np.flatnonzero(pvalues < level)
+        pvalues = start_pvalues(scores, selected, baseline)
+        significant = np.flatnonzero(pvalues < per_step)
         if not len(significant):
             return None, pvalues
         start = int(significant[0])
@@ -104,6 +126,23 @@ def auto_start_step(scores: pd.DataFrame, k: int, level: float, rounds: int = 5,
             break
         t0 = start
     return t0, pvalues
+
+
+def no_start_message(scores: pd.DataFrame, k: int, baseline: str, level: float,
+                     correction: str) -> str:
+    """Why no step qualifies, per pair: its best step, the mean test accuracy of its k best
+    sites there, and the baseline they had to beat."""
+    column = START_BASELINES[baseline]
+    lines = []
+    for pair, group in scores.groupby("pair", sort=False):
+        mean = (group.sort_values("test_acc", ascending=False).groupby("step").head(k)
+                .groupby("step").agg(test_acc=("test_acc", "mean"), base=(column, "first")))
+        best = mean["test_acc"].idxmax()
+        lines.append(f"{pair}: best step {best}, its {k} best sites {mean.loc[best, 'test_acc']:.3f} "
+                     f"vs {baseline} {mean.loc[best, 'base']:.3f}")
+    return (f"no step's probes beat the {baseline} baseline significantly (level {level}, "
+            f"{correction} over {scores['step'].nunique()} steps): " + "; ".join(lines) +
+            ". Label more samples, or set probes.steer_start to a step (the paper's 15).")
 
 
 def rank_per_pair(scores: pd.DataFrame, t0: int) -> pd.DataFrame:

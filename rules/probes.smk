@@ -108,8 +108,10 @@ rule rank_sites:
     log:
         "logs/{model}/{concept}/ranking.log",
     params:
-        probes={k: config["probes"][k] for k in ("steer_start", "start_level")} | (
-            {"sites_per": config["steering"]["sites_per"]}
+        probes={"steer_start": config["probes"]["steer_start"]} | (
+            {k: config["probes"][k] for k in ("start_level", "start_baseline",
+                                               "start_correction")}
+            | {"sites_per": config["steering"]["sites_per"]}
             if config["probes"]["steer_start"] == "auto" else {}),
         # the sites whose probes decide an automatic start (unused by a fixed one)
         k=lambda w: steering_k(w.concept) if config["probes"]["steer_start"] == "auto" else None,

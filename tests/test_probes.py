@@ -318,23 +318,126 @@ def test_a_site_that_only_knows_the_prompt_does_not_outrank_the_decision():
         assert np.sum(fast.directions * slow.directions, axis=1).min() > 0.99
 
 
+def start_frame(results):
+    return pd.DataFrame([{"site": r.site, "kind": "attn1", "step": s, "pair": PAIR.name,
+                          "test_acc": a, "prompt_acc": r.prompt_acc,
+                          "chance_acc": r.chance_acc, "n_test": r.n_test}
+                         for r in results for s, a in enumerate(r.test_acc)])
+
+
 def test_automatic_start_is_the_first_step_that_beats_the_prompt_significantly():
     from icm.ranking import auto_start_step
 
     acts, labels, prompts = prompt_world(n=600, steps=8)
     acts["decision.attn1"][:, 2:, 0] *= 0  # the decision appears at step 4 only
     acts["decision.attn1"][:, 4:, 0] += 2.0 * np.where(labels == "green", 1.0, -1.0)[:, None]
-    results = fit_pair(acts, labels, PAIR, groups=prompts)
-    frame = pd.DataFrame([{"site": r.site, "kind": "attn1", "step": s, "pair": PAIR.name,
-                           "test_acc": a, "prompt_acc": r.prompt_acc, "n_test": r.n_test}
-                          for r in results for s, a in enumerate(r.test_acc)])
-    start, pvalues = auto_start_step(frame, k=1, level=0.01)
+    frame = start_frame(fit_pair(acts, labels, PAIR, groups=prompts))
+    options = {"baseline": "prompt", "correction": "none"}
+    start, pvalues = auto_start_step(frame, k=1, level=0.01, **options)
     assert start == 4 and pvalues[4] < 0.01 and (pvalues[:4] >= 0.01).all()
     # One selection for the concept (steering.sites_per: concept): its best site is the same.
-    assert auto_start_step(frame, k=1, level=0.01, sites_per="concept")[0] == 4
+    assert auto_start_step(frame, k=1, level=0.01, sites_per="concept", **options)[0] == 4
     # A prompt that decides everything leaves nothing to beat: no start.
     frame["prompt_acc"] = 1.0
-    assert auto_start_step(frame, k=1, level=0.01)[0] is None
+    assert auto_start_step(frame, k=1, level=0.01, **options)[0] is None
+
+
+def skewed_world(n=800, steps=10, onset=6, seed=1):
+    """A skewed pair (about 88% old) whose choice the activations carry from ``onset`` on,
+    under 100 prompts that each hold mostly one class: the prompt-only baseline is near
+    0.9, chance (the majority rate) near 0.88."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, 100, n)
+    old = rng.random(n) < np.where(prompts < 12, 0.05, 0.99)
+    labels = np.where(old, "green", "red")
+    acts = {s: rng.standard_normal((n, steps, 8)) for s in ("a.attn1", "b.attn1")}
+    acts["a.attn1"][:, onset:, 0] += 3.0 * np.where(old, 1.0, -1.0)[:, None]
+    return acts, labels, prompts
+
+
+def test_the_papers_start_rule_beats_chance_on_a_skewed_pair_where_the_prompt_rule_cannot():
+    """Section 4.1 starts steering once the probes "significantly exceed a random guess":
+    against chance, corrected for testing every step, the start is the planted onset; the
+    prompt-only baseline of a skewed pair is about as good as the probes, so that rule
+    finds no step, and the ranking then stops with an error naming the pair and its best
+    scores (it used to steer only at the last step, with a warning)."""
+    import json
+
+    from icm.jobs.probing import rank_sites_job
+    from icm.ranking import auto_start_step, no_start_message
+
+    acts, labels, prompts = skewed_world()
+    frame = start_frame(fit_pair(acts, labels, PAIR, groups=prompts, control=False))
+    assert 0.85 < frame["chance_acc"].iloc[0] < 0.92
+    start, pvalues = auto_start_step(frame, k=1, level=0.01)  # chance, Bonferroni
+    assert start == 6 and pvalues[6] < 0.01 / 10
+    assert auto_start_step(frame, k=1, level=0.01, baseline="prompt")[0] is None
+    message = no_start_message(frame, 1, "prompt", 0.01, "bonferroni")
+    assert "red-green: best step" in message and "steer_start" in message
+    # Uncorrected, chance fluctuations at the noise steps can pass: the correction is
+    # what keeps a start from being found before the onset on null steps.
+    null = start_frame(fit_pair({"a.attn1": acts["b.attn1"], "b.attn1": acts["b.attn1"]},
+                                labels, PAIR))
+    assert auto_start_step(null, k=1, level=0.01)[0] is None
+
+    scores = tmp = None
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        scores = frame.assign(timestep=lambda f: 1000 - 100 * f["step"], num_train_timesteps=1000)
+        scores.to_csv(tmp / "scores.csv", index=False)
+        outputs = [tmp / n for n in ("r.csv", "p.csv", "k.csv", "h.png", "start.json")]
+        auto = {"steer_start": "auto", "start_level": 0.01, "start_correction": "bonferroni"}
+        rank_sites_job(auto | {"start_baseline": "chance"}, 1, [tmp / "scores.csv"], *outputs)
+        assert json.loads(outputs[-1].read_text())["start_step"] == 6
+        with pytest.raises(ValueError, match="no step's probes beat the prompt baseline"):
+            rank_sites_job(auto | {"start_baseline": "prompt"}, 1, [tmp / "scores.csv"],
+                           *outputs)
+
+
+def rare_class_world(prompts=106, per_prompt=5, seed=0):
+    """Section 4.1's localization set: 100 neutral prompts of mixed classes and six
+    rare-class prompts ("a person with gray hair") whose images are all one class. The
+    class is read along a known axis (channel 0) of a 64-channel site."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(prompts), per_prompt)
+    rare = groups >= prompts - 6
+    green = np.where(rare, True, rng.random(len(groups)) < 0.1)
+    y = np.where(green, 1.0, -1.0)
+    x = rng.standard_normal((len(groups), 1, 64))
+    x[:, 0, 0] += 0.5 * y
+    x[:, 0, 1:4] += 0.6 * rng.standard_normal((prompts, 3))[groups]  # prompt style
+    return {"s.attn1": x}, np.where(green, "green", "red"), groups
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prompt_control_keeps_what_single_class_prompts_teach_the_direction(seed):
+    """An unpenalised indicator per prompt explains every row of a prompt whose rows are
+    all one class, so a controlled fit learns nothing from the rare-class prompts. The
+    direction is the plain probe's either way: its cosine with the true axis is the same
+    with control as without (within 0.05); the controlled score stays on the ranking."""
+    from icm.probes import SiteStack, fit_torch, prompt_covariates, split_indices
+
+    acts, labels, groups = rare_class_world(seed=seed)
+    axis = np.eye(64)[0]
+    plain = fit_pair(acts, labels, PAIR, groups=groups, control=False, min_per_class=5)[0]
+    controlled = fit_pair(acts, labels, PAIR, groups=groups, control=True, min_per_class=5)[0]
+    cosine = {name: float(r.directions[0] @ axis) for name, r in (("plain", plain),
+                                                                   ("controlled", controlled))}
+    assert cosine["plain"] > 0.5
+    assert abs(cosine["controlled"] - cosine["plain"]) < 0.05
+    # The direction of a probe fitted with the prompt covariates loses the rare prompts.
+    y = (labels == "green").astype(np.int64)
+    train, test = split_indices(y, 0.2, 0)
+    covaried = fit_torch(SiteStack(acts), y, train, test, covariates=prompt_covariates(groups))
+    assert float(covaried[2][0][0] @ axis) < cosine["plain"] - 0.1
+    assert not np.array_equal(plain.test_acc, controlled.test_acc)  # scored apart
+    for backend in ("sklearn",):  # the reference agrees
+        other = fit_pair(acts, labels, PAIR, groups=groups, control=True, min_per_class=5,
+                         backend=backend)[0]
+        assert float(other.directions[0] @ controlled.directions[0]) > 0.99
 
 
 def test_probes_read_step_by_step_give_the_in_memory_result(tmp_path):

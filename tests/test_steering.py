@@ -235,10 +235,12 @@ def test_an_explicit_plan_steers_each_target_with_its_sites_and_signed_strength(
     concept = {"classes": ["woman", "man"], "pairs": [["woman", "man"]],
                "steering": {"target_probs": None}}
     targets = {"woman": {"sites": ["a", "c"], "alpha": -10}, "man": {"sites": ["b"], "alpha": 10}}
-    variant = {"sites": "explicit", "seed": 0, "explicit": {"start_step": 2, "targets": targets}}
+    # step 25 of 50 is timestep 500: step 2 of these four
+    variant = {"sites": "explicit", "seed": 0, "explicit": {"start_step": 25, "targets": targets}}
     files = ([tmp_path / "directions.safetensors"], [tmp_path / "directions.json"])
     plan = plan_steering(concept, variant, None, None, *files, None)
     assert plan.start_step == 2 and plan.alpha_unit == "absolute"
+    assert "step 25 of 50" in plan.start_rule and "timestep 500" in plan.start_rule
     vectors, strength = plan.push_for("woman", alpha=1.0)
     assert strength == -10 and sorted(vectors) == ["a", "c"]
     np.testing.assert_array_equal(vectors["a"], rows["a"])  # the sign is in the strength
@@ -251,6 +253,13 @@ def test_an_explicit_plan_steers_each_target_with_its_sites_and_signed_strength(
                                          r"are: a, b, c"):
         plan_steering(concept, variant, None, None, *files, None)
     targets["man"]["sites"] = ["b"]
-    variant["explicit"]["start_step"] = 4
-    with pytest.raises(ValueError, match="start_step 4: the probes have 4 steps"):
-        plan_steering(concept, variant, None, None, *files, None)
+    # The paper's step 15 of 50 is timestep 681: step 16 of PNDM's 51-step loop, whose step
+    # 15 is timestep 701 (a raw index would start one step early there).
+    pndm = [981] + [981 - 20 * i for i in range(50)]  # PNDM repeats its first timestep
+    rows = {s: rng.standard_normal((51, 6)).astype(np.float32) for s in ("a", "b", "c")}
+    save_file(rows, str(tmp_path / "directions.safetensors"))
+    (tmp_path / "directions.json").write_text(json.dumps(
+        {"pair": "woman-man", "timesteps": pndm, "num_train_timesteps": 1000, "entries": []}))
+    variant["explicit"]["start_step"] = 15
+    plan = plan_steering(concept, variant, None, None, *files, None)
+    assert pndm[15] == 701 and plan.start_step == 16 and pndm[16] == 681

@@ -160,6 +160,7 @@ def fit_probes_job(
                          "negative": target.negative, "positive": target.positive,
                          "train_acc": float(tr), "test_acc": float(te),
                          "prompt_acc": r.prompt_acc, "gain": float(te) - r.prompt_acc,
+                         "chance_acc": r.chance_acc,
                          "spread": float(r.spread[step]),
                          "control": probes["control"], "n_train": r.n_train,
                          "n_test": r.n_test, f"n_{target.negative}": r.counts[target.negative],
@@ -267,6 +268,7 @@ def rank_sites_job(
     from icm.ranking import (
         auto_start_step,
         kind_summary,
+        no_start_message,
         plot_heatmap,
         rank_per_pair,
         rank_sites,
@@ -278,20 +280,20 @@ def rank_sites_job(
     timesteps = step_timesteps(scores)
     record: dict[str, Any] = {"steer_start": probes["steer_start"]}
     if probes["steer_start"] == "auto":
-        level = probes["start_level"]
+        level, baseline = probes["start_level"], probes["start_baseline"]
+        correction = probes["start_correction"]
         sites_per = probes.get("sites_per", "pair")
-        t0, pvalues = auto_start_step(scores, k, level, sites_per=sites_per)
-        record |= {"start_level": level, "k": k, "sites_per": sites_per,
+        t0, pvalues = auto_start_step(scores, k, level, sites_per=sites_per,
+                                      baseline=baseline, correction=correction)
+        record |= {"start_level": level, "start_baseline": baseline,
+                   "start_correction": correction, "k": k, "sites_per": sites_per,
                    "pvalues": [float(p) for p in pvalues]}
         if t0 is None:
-            t0 = len(timesteps) - 1
-            rule = (f"auto: no step's probes beat the prompt-only baseline at level {level}; "
-                    "steering only at the last step")
-            log.warning(rule)
-        else:
-            which = "per pair" if sites_per == "pair" else "of the concept ranking"
-            rule = (f"auto: first step whose {k} best steered-kind sites {which} beat the "
-                    f"prompt-only baseline (one-sided binomial test, level {level})")
+            raise ValueError(no_start_message(scores, k, baseline, level, correction))
+        which = "per pair" if sites_per == "pair" else "of the concept ranking"
+        rule = (f"auto: first step whose {k} best steered-kind sites {which} beat the "
+                f"{baseline} baseline (one-sided binomial test, level {level}, "
+                f"{correction} over {len(timesteps)} steps)")
     else:
         t0 = scores_start_step(scores, int(probes["steer_start"]))
         rule = f"step {probes['steer_start']} of 50, mapped by timestep"

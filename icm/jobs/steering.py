@@ -37,7 +37,7 @@ from icm.models import ModelSpec, load_pipeline
 from icm.probes import Pair
 from icm.provenance import package_versions
 from icm.samples import SAMPLE_COLUMNS, shard_samples
-from icm.schedule import pipeline_timesteps, same_timesteps
+from icm.schedule import pipeline_timesteps, same_timesteps, start_step
 from icm.steering import steer_activations
 from icm.tables import write_table
 
@@ -168,7 +168,8 @@ def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], pushes: 
                   directions_meta: Sequence[str | Path]) -> SteeringPlan:
     """The plan of a ``sites: explicit`` variant: per target class the configured sites and
     signed strength (``explicit["targets"]``, absolute units: the probes' unit directions, as
-    the paper's Table 6) from ``explicit["start_step"]``. A site the probes do not have (a
+    the paper's Table 6) from ``explicit["start_step"]``, a step of 50 mapped by timestep
+    (``icm.schedule.start_step``: the paper's 15 is timestep 681, step 16 of PNDM's loop). A site the probes do not have (a
     typo, another model's name) is an error listing the sites there are."""
     from safetensors import safe_open
 
@@ -185,13 +186,14 @@ def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], pushes: 
             raise ValueError(f"explicit sites {missing} (pair {pair}) are not sites of this "
                              f"model; its sites are: {', '.join(known)}")
     timesteps = probe_step_axis(directions_meta)
-    start = int(explicit["start_step"])
-    if not 0 <= start < len(timesteps):
-        raise ValueError(f"explicit start_step {start}: the probes have {len(timesteps)} steps "
-                         f"(0-{len(timesteps) - 1})")
+    of_50 = int(explicit["start_step"])
+    train = int(json.loads(Path(directions_meta[0]).read_text()).get("num_train_timesteps",
+                                                                      1000))
+    start = start_step(timesteps, train, of_50)
     check_vectors(vectors, timesteps, "absolute")
     return SteeringPlan(classes, pushes, probs, sites, vectors, timesteps, start,
-                        f"explicit: step {start} (config)", "absolute", chosen)
+                        f"explicit: step {of_50} of 50 (config), mapped by timestep to step "
+                        f"{start}, timestep {timesteps[start]:g}", "absolute", chosen)
 
 
 def one_vector(rows: np.ndarray, start: int, steps: int, site: str) -> np.ndarray:
