@@ -8,6 +8,13 @@ out, and counted), in equal numbers (the larger side subsampled, seeded), so cha
 Accuracy well above it means a choice left to the model is represented differently from
 the same content requested explicitly, so that prompt injection, which localizes the
 explicit case, need not localize the implicit one.
+
+The best (site, step) of many probes is chosen on rows it is not scored on: a stratified
+share (``probes.test_size``) of each prompt's rows is held out before any fit; the probes
+are fitted and compared on the rest (their own train/validation split), and the chosen
+probe alone is refitted on all of the rest and scored on the held-out rows. Chosen and
+scored on one split, the best of SD1.5's 1,600 probes reports about 0.6-0.67 on data
+without any difference.
 """
 
 from __future__ import annotations
@@ -37,6 +44,22 @@ def balanced_rows(implicit: Any, explicit: Any, seed: int) -> tuple[Any, Any]:
     return implicit[pick[0]], explicit[pick[1]]
 
 
+def held_out_score(stores: Sequence[str | Path], pick: Any, y: Any, select: Any, held: Any,
+                   site: str, step: int) -> tuple[float, float]:
+    """(train, held-out) accuracy of the paper's probe (``icm.probes.fit_sklearn``) at one
+    (site, step), fitted on the rows ``select`` and scored on ``held`` (positions in
+    ``pick``, the store rows, and ``y``, their classes)."""
+    import numpy as np
+
+    from icm.probes import fit_sklearn
+    from icm.store import StepStack
+
+    x = StepStack(list(stores), [site], rows=pick).step(step)[:, 0][:, None, :]
+    classes = (np.asarray(y) == EXPLICIT).astype(np.int64)
+    train_acc, test_acc, _ = fit_sklearn(x.astype(np.float64), classes, select, held)
+    return float(train_acc[0]), float(test_acc[0])
+
+
 def explicit_vs_implicit_job(
     concept: Mapping[str, Any], probes: Mapping[str, Any], labels_csv: str | Path,
     stores: Sequence[str | Path], specific_labels_csv: str | Path,
@@ -45,16 +68,17 @@ def explicit_vs_implicit_job(
     memory_mb: float = 2000,
 ) -> None:
     """``explicit_vs_implicit.csv``: per specific prompt, the (site, step) whose probe tells
-    explicit from implicit best on held-out rows, its train and test accuracy, the mean test
-    accuracy over all (site, step) and the counts; ``scores.csv`` every probe; a heatmap of
-    the test accuracy averaged over the specific prompts."""
+    explicit from implicit best on validation rows, its train accuracy and its accuracy on
+    rows held out from the choice (``test_acc``), the mean validation accuracy over all
+    (site, step) and the counts; ``scores.csv`` every probe; a heatmap of the validation
+    accuracy averaged over the specific prompts."""
     import numpy as np
     import pandas as pd
 
     from icm.jobs.generation import specific_prompts
     from icm.jobs.probing import fit_stored
     from icm.label_table import read_labels
-    from icm.probes import Pair
+    from icm.probes import Pair, split_indices
     from icm.provenance import package_versions
     from icm.ranking import plot_heatmap
     from icm.sites import site_kind
@@ -95,26 +119,36 @@ def explicit_vs_implicit_job(
         y = np.array([IMPLICIT] * len(implicit) + [EXPLICIT] * len(explicit))
         log.info("%s: %d explicit (%d read as another class, left out) vs %d implicit",
                  prompt, len(explicit), misread, len(implicit))
-        results = fit_stored(all_stores, widths, pick, y, target, probes, memory_mb)
+        select, held = split_indices(y, probes["test_size"], probes["seed"])
+        results = fit_stored(all_stores, widths, pick[select], y[select], target, probes,
+                             memory_mb)
         part = pd.DataFrame([
             {"specific_prompt": prompt, "class": name, "site": r.site, "kind": site_kind(r.site),
              "step": step, "timestep": float(timesteps[step]), "train_acc": float(tr),
-             "test_acc": float(te), "n_train": r.n_train, "n_test": r.n_test}
-            for r in results for step, (tr, te) in enumerate(zip(r.train_acc, r.test_acc))])
-        best = part.loc[part["test_acc"].idxmax()]
+             "validation_acc": float(va), "n_train": r.n_train, "n_validation": r.n_test}
+            for r in results for step, (tr, va) in enumerate(zip(r.train_acc, r.test_acc))])
+
+        def chosen(rows: pd.DataFrame) -> tuple[pd.Series, float, float]:
+            best = rows.loc[rows["validation_acc"].idxmax()]
+            train, test = held_out_score(all_stores, pick, y, select, held, best["site"],
+                                         int(best["step"]))
+            return best, train, test
+
+        best, train_acc, test_acc = chosen(part)
         row = {"specific_prompt": prompt, "class": name, "best_site": best["site"],
                "best_kind": best["kind"], "best_step": int(best["step"]),
-               "train_acc": float(best["train_acc"]), "test_acc": float(best["test_acc"]),
-               "mean_test_acc": float(part["test_acc"].mean()), "chance": 0.5}
+               "train_acc": train_acc, "test_acc": test_acc,
+               "validation_acc": float(best["validation_acc"]),
+               "mean_validation_acc": float(part["validation_acc"].mean()), "chance": 0.5}
         # Per site kind: a cross-attention output reads the prompt's own words, which differ
         # by design, so the other kinds say more about the representation of the choice.
         for kind, of_kind in part.groupby("kind", sort=False):
-            top = of_kind.loc[of_kind["test_acc"].idxmax()]
+            top, _, top_test = chosen(of_kind)
             row |= {f"best_{kind}_site": top["site"], f"best_{kind}_step": int(top["step"]),
-                    f"best_{kind}_test_acc": float(top["test_acc"]),
-                    f"mean_{kind}_test_acc": float(of_kind["test_acc"].mean())}
+                    f"best_{kind}_test_acc": top_test,
+                    f"mean_{kind}_validation_acc": float(of_kind["validation_acc"].mean())}
         summary.append(row | {"n_explicit": len(explicit), "n_implicit": len(implicit),
-                              "n_misread": misread, "n_test": int(best["n_test"])})
+                              "n_misread": misread, "n_test": len(held)})
         scores.append(part)
     scores = pd.concat(scores, ignore_index=True)
     write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
@@ -122,10 +156,13 @@ def explicit_vs_implicit_job(
     write_json(output_record, {
         "meaning": "probes telling each specific prompt's images from the general prompts' "
                    "images of the same class (both labelled that class, equal numbers: "
-                   "chance 0.5); best = highest held-out accuracy over (site, step)",
+                   "chance 0.5); best = highest validation accuracy over (site, step), "
+                   "test_acc = that probe refitted on the selection rows and scored on rows "
+                   "held out from the choice",
         "backend": probes["backend"], "test_size": probes["test_size"],
         "seed": probes["seed"], "versions": package_versions()})
-    plot_heatmap(scores.rename(columns={"specific_prompt": "pair"}), None, output_heatmap,
-                 title=f"explicit vs implicit: probe test accuracy (mean over "
+    plot_heatmap(scores.rename(columns={"specific_prompt": "pair",
+                                        "validation_acc": "test_acc"}), None, output_heatmap,
+                 title=f"explicit vs implicit: probe validation accuracy (mean over "
                        f"{len(summary)} specific prompts; chance 0.5)")
 
