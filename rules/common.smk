@@ -298,8 +298,10 @@ def target_variants(wildcards):
 
 
 def finetune_settings(wildcards):
-    """`finetuning` with the model's own keys over it."""
-    return config["finetuning"] | MODELS[wildcards.model].get("finetuning", {})
+    """`finetuning` with the concept's own keys over it (appendix C: rank 64 for age and
+    race), and the model's over both."""
+    return (config["finetuning"] | CONCEPTS[wildcards.concept].get("finetuning", {})
+            | MODELS[wildcards.model].get("finetuning", {}))
 
 
 def variant_files(pattern):

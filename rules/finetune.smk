@@ -1,6 +1,6 @@
 # Stage 4b: ICM finetuning (the paper's section 3.2, appendix C). A `method: lora` variant
-# trains a LoRA on its sites (chosen from the ranking as the steering variants choose
-# theirs) from the class-specific prompts' images reported under general prompts, then
+# trains a LoRA on its sites (chosen as the steering variants choose theirs; per pair, the
+# union of the pairs' sites, as the paper's race LoRA) from the class-specific prompts' images reported under general prompts, then
 # generates the steering variants' evaluation samples with it, into the same steer/ paths,
 # so metrics and table.csv take its rows beside theirs.
 FINETUNE = "results/{model}/{concept}/finetune/{variant}"
@@ -9,7 +9,9 @@ SPECIFIC_GENERATION = "results/{model}/{concept}/specific/generation"
 
 rule finetune_lora:
     input:
-        ranking="results/{model}/{concept}/ranking.csv",
+        unpack(lambda wildcards: {"ranking": "results/{model}/{concept}/ranking.csv"}
+               if config["steering"]["sites_per"] == "concept"
+               else {"pair_ranking": "results/{model}/{concept}/ranking_by_pair.csv"}),
         samples=f"{SPECIFIC_GENERATION}/samples.csv",
         labels="results/{model}/{concept}/specific/labels.csv",
         images=shard_files(f"{SPECIFIC_GENERATION}/shard-{{shard}}/images"),
@@ -24,7 +26,8 @@ rule finetune_lora:
     params:
         model=model_params,
         source=lambda wildcards: model_source(wildcards.model),
-        concept=concept_params("prompts", "classes", "reference"),
+        concept=lambda wildcards: concept_params("prompts", "classes", "reference")(wildcards)
+        | {"pairs": [list(p) for p in concept_pairs(wildcards.concept)]},
         variant=variant_spec,
         finetuning=finetune_settings,
         generation={k: config["generation"][k] for k in ("device",)},

@@ -88,6 +88,29 @@ def test_the_training_set_mixes_classes_as_the_reference_and_drops_misread_image
     assert skewed["prompt_class"].value_counts().to_dict() == {"blue": 12, "red": 4}
 
 
+def test_a_lora_of_several_directions_trains_the_union_of_their_sites(tmp_path):
+    """Appendix C: race's LoRA trains the union of its black, indian and asian layers.
+    With per-pair rankings each pair selects as steering does, and the adapter takes every
+    site any pair chose, once; with one concept ranking, its selection."""
+    from icm.jobs.finetuning import lora_sites
+
+    sites = [f"s{i}.attn1" for i in range(5)]
+    rows = []
+    for pair, order in (("white-black", [0, 1, 2, 3, 4]), ("white-indian", [1, 3, 0, 2, 4]),
+                        ("white-asian", [0, 1, 4, 2, 3])):
+        rows += [{"pair": pair, "rank": r + 1, "site": sites[i], "kind": "attn1",
+                  "block": sites[i].split(".")[0]} for r, i in enumerate(order)]
+    pd.DataFrame(rows).to_csv(tmp_path / "by_pair.csv", index=False)
+    pd.DataFrame([r for r in rows if r["pair"] == "white-black"]).drop(columns="pair").to_csv(
+        tmp_path / "ranking.csv", index=False)
+    concept = {"pairs": [["white", "black"], ["white", "indian"], ["white", "asian"]]}
+    variant = {"sites": "top", "k": 2, "seed": 0}
+    union = lora_sites(concept, variant, None, tmp_path / "by_pair.csv")
+    assert union == ["s0.attn1", "s1.attn1", "s3.attn1"]
+    assert lora_sites(concept, variant, tmp_path / "ranking.csv", None) == ["s0.attn1",
+                                                                             "s1.attn1"]
+
+
 def test_a_lora_on_three_self_attention_sites_learns_the_colour_it_is_shown():
     """The toy answers "a circle" mostly in red; shown blue squares under that prompt, a
     LoRA on three attn1 sites turns its circles blue (the model's own other sites frozen)."""

@@ -62,22 +62,38 @@ def training_set(concept: Mapping[str, Any], samples_csv: str | Path, labels_csv
     return chosen, summary
 
 
+def lora_sites(concept: Mapping[str, Any], variant: Mapping[str, Any],
+               ranking: str | Path | None, pair_ranking: str | Path | None) -> list[str]:
+    """The sites a LoRA variant trains: the selection of the concept ranking, or with a
+    per-pair ranking the union, in order, of each pair's selection (as steering chooses
+    them: the paper's race LoRA trains the union of its black, indian and asian layers)."""
+    import pandas as pd
+
+    from icm.debias import sites_per_pair
+    from icm.pairs import Pair
+
+    names = [Pair(*p).name for p in concept["pairs"]]
+    per_pair = sites_per_pair(pd.read_csv(ranking) if ranking else None,
+                              pd.read_csv(pair_ranking) if pair_ranking else None,
+                              names, variant["sites"], variant.get("k"), variant["seed"])
+    return list(dict.fromkeys(s for pair in names for s in per_pair[pair]))
+
+
 def finetune_lora_job(
     *, model_name: str, model: Mapping[str, Any], source: str, concept: Mapping[str, Any],
     variant_name: str, variant: Mapping[str, Any], finetuning: Mapping[str, Any],
-    generation: Mapping[str, Any], ranking: str | Path, samples_csv: str | Path,
+    generation: Mapping[str, Any], ranking: str | Path | None, samples_csv: str | Path,
     labels_csv: str | Path, adapter_dir: str | Path, record: str | Path,
-    losses_csv: str | Path, loss_plot: str | Path,
+    losses_csv: str | Path, loss_plot: str | Path, pair_ranking: str | Path | None = None,
 ) -> None:
-    """Train the variant's adapter: its sites (``select_sites`` on ``ranking.csv``), the
-    training set of ``training_set``, the settings ``finetuning``. The model loads first;
-    the adapter folder appears only complete."""
+    """Train the variant's adapter: its sites (``lora_sites``), the training set of
+    ``training_set``, the settings ``finetuning``. The model loads first; the adapter
+    folder appears only complete."""
     import pandas as pd
     from PIL import Image
     from tqdm import tqdm
 
     from icm.atomic import atomic_directory
-    from icm.debias import select_sites
     from icm.families import family_of
     from icm.finetune import OBJECTIVES, TrainSettings, save_adapter, target_modules, train_lora
     from icm.generate import SamplerSettings
@@ -88,8 +104,7 @@ def finetune_lora_job(
     settings = TrainSettings.of(finetuning)
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     pipe = load_pipeline(spec, device=generation["device"])
-    sites = select_sites(pd.read_csv(ranking), variant["sites"], variant.get("k"),
-                         variant["seed"])
+    sites = lora_sites(concept, variant, ranking, pair_ranking)
     targets = target_modules(pipe, sites)  # a path the model lacks stops here, before work
     chosen, summary = training_set(concept, samples_csv, labels_csv, settings.seed)
     root = Path(samples_csv).parent
@@ -109,6 +124,8 @@ def finetune_lora_job(
     _plot_losses(losses, loss_plot, variant_name)
     write_json(record, {
         "variant": variant_name, "selection": variant["sites"], "sites": sites,
+        "sites_from": "the union of each pair's selection" if pair_ranking
+        else "the concept ranking's selection",
         "target_modules": targets, "settings": settings.__dict__,
         "device": str(next(denoiser_of(pipe).parameters()).device),
         "accelerations": settings.accelerations(next(denoiser_of(pipe).parameters()).device),
