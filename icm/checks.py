@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from icm.head_study import has_study, hrv_concepts, slot_names, split_prompts
-from icm.pairs import concept_pairs
+from icm.pairs import ONE_VS_REST, REST, concept_pairs
 
 #: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -39,13 +39,20 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
         if len(set(classes)) == 1:
             problems.append(f"{key}.classes: {classes} is one class; a choice needs two or more")
         named: dict[str, list[str]] = {}
-        for pair in spec.get("pairs") or []:
+        if REST in classes:
+            problems.append(f"{key}.classes: {REST!r} names the other classes of one-vs-rest "
+                            "probes; rename that class")
+        listed = spec.get("pairs")
+        if isinstance(listed, str) and listed != ONE_VS_REST:
+            problems.append(f"{key}.pairs: {listed!r}: give a list of pairs or "
+                            f"{ONE_VS_REST!r}")
+        for pair in concept_pairs(spec) if listed == ONE_VS_REST else listed or []:
             other = named.setdefault("-".join(pair), list(pair))
             if other != list(pair):
                 problems.append(f"{key}.pairs: {other} and {list(pair)} are both named "
                                 f"{'-'.join(pair)!r}; rename the classes so that '-' is not "
                                 "ambiguous (pair names are paths and wildcards)")
-            unknown = [c for c in pair if c not in classes]
+            unknown = [c for c in pair if c not in classes and c != REST]
             if unknown:
                 problems.append(f"{key}.pairs: {list(pair)} names {unknown}, which are not "
                                 f"classes {classes}")
@@ -76,7 +83,8 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
         # Listed by the concept: it must have the prompts (unlisted, run_variants skips it).
         needs = [v for v in steering.get("variants") or []
                  if (variants.get(v) or {}).get("directions") == "specific"]
-        missing = sorted({c for pair in concept_pairs(spec) for c in pair} - set(specific))
+        missing = sorted({c for pair in concept_pairs(spec) for c in pair}
+                         - set(specific) - {REST})
         if needs and missing:
             problems.append(f"{key}.steering.variants: {needs} steer with directions from "
                             f"specific prompts, but specific_prompts has none for {missing}")

@@ -26,6 +26,13 @@ def test_the_shipped_config_has_no_problems(config):
     assert config_problems(config, ROOT) == []
 
 
+def test_one_vs_rest_pairs_are_accepted_and_a_class_named_rest_is_not(config):
+    config["concepts"]["shape"]["pairs"] = "one-vs-rest"
+    assert config_problems(config, ROOT) == []
+    config["concepts"]["shape"]["classes"] = ["circle", "rest"]
+    assert any("'rest' names the other classes" in p for p in config_problems(config, ROOT))
+
+
 @pytest.mark.parametrize(("mutate", "message"), [
     (lambda c: c["concepts"]["gender"].update(pairs=[["woman", "person"]]),
      "concepts.gender.pairs: ['woman', 'person'] names ['person'], which are not classes"),

@@ -641,3 +641,55 @@ def test_the_sd15_stage_benchmark_runs_the_stage_and_agrees_with_scikit_learn(tm
         side = pd.read_csv(tmp_path / f"side/probes-2-jobs/{pair}/scores.csv")
         alone = pd.read_csv(tmp_path / f"data/probes/{pair}/scores.csv")
         pd.testing.assert_frame_equal(side, alone)
+
+
+def test_a_one_vs_rest_direction_leads_toward_its_class_where_a_pairwise_one_need_not(tmp_path):
+    """Square above circle, triangle beside circle: square-circle's direction points down,
+    so a triangle pushed "toward circle" along it stays a triangle. The one-vs-rest probe
+    for circle (pairs: one-vs-rest) points from the rest toward circle, so a triangle
+    pushed as far (the square-circle distance) along it lands on circle."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    from icm.capture import CapturedBatch
+    from icm.jobs import fit_probes_job
+    from icm.pairs import REST, concept_pairs
+    from icm.samples import plan_samples
+    from icm.store import ActivationStoreWriter
+
+    classes = ["circle", "square", "triangle"]
+    assert concept_pairs({"classes": classes, "pairs": "one-vs-rest"}) == [
+        (REST, c) for c in classes]
+    rng = np.random.default_rng(0)
+    n = 300
+    labels = np.array(classes * (n // 3))
+    centre = {"circle": (0.0, 0.0), "square": (0.0, 2.0), "triangle": (3.0, 0.0)}
+    x = rng.standard_normal((n, 2, 6)).astype(np.float32) * 0.5
+    x[:, :, :2] += np.array([centre[c] for c in labels], dtype=np.float32)[:, None, :]
+    samples = plan_samples(["p"], n, base_seed=0)
+    store = tmp_path / "s.zarr"
+    with ActivationStoreWriter(store, samples, {"sites": ["a.attn1"], "n_samples": n},
+                               chunk_samples=64) as writer:
+        writer.write(CapturedBatch({"a.attn1": x}, np.array([900.0, 100.0])))
+    pd.DataFrame({"sample": [s.sample for s in samples], "prompt_index": 0, "label": labels,
+                  "kept": True}).to_csv(tmp_path / "labels.csv", index=False)
+    probes = {"control": "none", "device": "cpu", "backend": "torch", "test_size": 0.25,
+              "seed": 0, "min_per_class": 5}
+    directions = {}
+    for pair in (("square", "circle"), (REST, "circle")):
+        out = tmp_path / "-".join(pair)
+        fit_probes_job({"classes": classes, "prompts": ["p"]}, probes, pair,
+                       tmp_path / "labels.csv", [store], out / "scores.csv",
+                       out / "d.safetensors", out / "d.json")
+        directions[pair[0]] = load_file(str(out / "d.safetensors"))["a.attn1"][0, :2]
+        meta = json.loads((out / "d.json").read_text())
+    assert meta["labels"]["used"] == n  # one-vs-rest uses every labelled image
+
+    def nearest(point):
+        return min(centre, key=lambda c: np.hypot(*(np.asarray(point) - centre[c])))
+
+    triangle = np.array(centre["triangle"])
+    pushed = {name: triangle + 3.0 * v / np.linalg.norm(v) for name, v in directions.items()}
+    assert nearest(pushed[REST]) == "circle"
+    assert nearest(pushed["square"]) == "triangle"

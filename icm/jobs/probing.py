@@ -121,6 +121,7 @@ def fit_probes_job(
 
     from icm.finite import nonfinite_steps
     from icm.label_table import read_labels
+    from icm.pairs import REST
     from icm.probes import Pair
     from icm.sites import site_kind
     from icm.store import open_store, site_widths
@@ -135,6 +136,8 @@ def fit_probes_job(
         labels["label"] = labels["prompt_class"].astype(str)
         label_counts["label_source"] = "prompt_class"
     labels = labels[labels["label"] != ""].set_index("sample")
+    if target.negative == REST:  # one-vs-rest: every other labelled class is the rest
+        labels["label"] = labels["label"].where(labels["label"] == target.positive, REST)
     label_counts["other_classes"] = int((~labels["label"].isin(pair)).sum())
     label_counts["used"] = int(labels["label"].isin(pair).sum())
     control = probes["control"] == "prompt"
