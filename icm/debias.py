@@ -2,7 +2,8 @@
 
 * Sites per layer-selection variant, from a site ranking: ``top`` (the ICM choice: the k
   best self-attention sites), ``cross`` (the cross-attention sites of those same blocks),
-  ``all`` (every attention site), ``random`` (k seeded self-attention sites), ``worst`` (the
+  ``all`` (every attention site), ``all-self`` (every self-attention site, or FLUX's
+  blocks: Table 5's "all layers"), ``random`` (k seeded self-attention sites), ``worst`` (the
   k lowest-ranked self-attention sites), ``h-space`` (the UNet bottleneck, the mid-block
   output: a baseline row), ``none`` (the original, unsteered model). A variant may instead
   name its sites and strengths per target (``explicit``, see ``explicit_pushes``). By default each pair's
@@ -41,7 +42,7 @@ CROSS_KINDS = frozenset(f.cross_kind for f in FAMILIES.values() if f.cross_kind)
 #: Baseline kinds (the UNet bottleneck, ``h-space``): only their own selection steers them.
 BASELINE_KINDS = frozenset(name for name, kind in KINDS.items() if kind.baseline)
 
-SELECTIONS = ("none", "top", "cross", "all", "random", "worst", "h-space")
+SELECTIONS = ("none", "top", "cross", "all", "all-self", "random", "worst", "h-space")
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,8 @@ def select_sites(ranking: pd.DataFrame, selection: str, k: int | None,
         return []
     if selection == "all":  # every attention (or block) site; the bottleneck is a baseline
         return list(ranked["site"][~ranked["kind"].isin(BASELINE_KINDS)])
+    if selection == "all-self":  # every site of the steered kinds (the paper's Table 5 "all")
+        return list(self_attention["site"])
     if selection == "h-space":
         bottleneck = list(ranked["site"][ranked["kind"] == "h-space"])
         if not bottleneck:

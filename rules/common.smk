@@ -267,12 +267,13 @@ def target_classes(wildcards):
 
 def run_variants(wildcards):
     """The steering variants of a (model, concept): the concept's `steering.variants` (null:
-    all; the original always), less those whose layer selection the model's family lacks (FLUX has no
+    all but the opt-in ones; the original always), less those whose layer selection the model's family lacks (FLUX has no
     cross-attention, so no `cross` variant; SANA and FLUX no `h-space` bottleneck), for a
     concept without `specific_prompts` those steering with directions from specific prompts
     or finetuned on their images, and `explicit` variants where the concept names no sites
     for the model."""
-    chosen = CONCEPTS[wildcards.concept]["steering"].get("variants") or list(VARIANTS)
+    chosen = (CONCEPTS[wildcards.concept]["steering"].get("variants")
+              or [v for v, spec in VARIANTS.items() if not spec.get("opt_in")])
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         raise ValueError(f"concepts.{wildcards.concept}.steering.variants: {unknown} are not "

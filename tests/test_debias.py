@@ -108,6 +108,34 @@ def test_perfect_steering_under_the_paper_configs_reaches_the_random_draw_floor(
     assert floors("quasi", range(10)).mean() < 0.4 * floor
 
 
+def test_table_5_steers_all_100_images_toward_obama_along_obama_vs_rest():
+    """The paper's Table 5 is a one-target experiment: every one of the 100 evaluation
+    images is pushed toward Obama, Trump's and Biden's alike along rest-obama, and the
+    calibration measures the distance to Obama alone."""
+    from snakemake.utils import validate
+
+    from icm.jobs.calibration import calibration_reference
+    from icm.pairs import concept_pairs
+    from icm.samples import plan_samples
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    validate(config, str(ROOT / "schemas" / "config.schema.yaml"))
+    spec = config["concepts"]["president"]
+    classes, steering = spec["classes"], spec["steering"]
+    probs = target_probabilities(classes, steering["target_probs"])
+    batch = steering["batch_size"] or config["models"]["sdxl"]["batch_size"]
+    samples = plan_samples(spec["evaluation"]["prompts"], steering["samples_per_prompt"], 0,
+                           "evaluation")
+    rule = target_rule(classes, probs, 0, batch, steering["target_draw"])
+    targets = [rule(samples[i:i + batch]) for i in range(0, len(samples), batch)
+               for _ in samples[i:i + batch]]
+    assert len(targets) == 100 and set(targets) == {"obama"}
+    pushes = class_pushes(classes, concept_pairs(spec))
+    assert pushes["obama"] == Push("rest-obama", 1.0)
+    reference, objective = calibration_reference(classes, probs, spec.get("reference"))
+    assert reference == {"obama": 1.0} and "one target" in objective
+
+
 def test_calibration_deals_each_prompts_targets_evenly():
     """Calibration's targets are dealt, not drawn: every prompt holds each class's share of
     its batches exactly (three batches each by default), in a seeded order of its own."""

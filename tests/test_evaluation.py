@@ -98,7 +98,7 @@ def per_image(labels, targets, confidence, clip_i=None):
                          "CLIP-I": np.nan if clip_i is None else clip_i})
 
 
-def test_success_counts_only_images_that_were_not_already_the_target():
+def test_success_has_the_papers_denominator_and_flips_count_the_rest():
     targets = ["green"] * 6 + ["red"] * 2
     original = per_image(["green", "red", "red", "red", "", "red", "red", "green"], targets,
                          [0.9, 0.1, 0.2, 0.1, 0.5, 0.1, 0.1, 0.8])
@@ -108,7 +108,12 @@ def test_success_counts_only_images_that_were_not_already_the_target():
                                                  "original", "green")}
     # seeds 0-5 were steered to green; seed 0 was green already and seed 4 unlabelled
     assert rows["icm"]["n_images"] == 6 and rows["icm"]["n_eligible"] == 4
-    assert rows["icm"]["success_rate"] == 0.75 and rows["original"]["success_rate"] == 0
+    # Table 5's success: of all 6 steered toward green, 5 are green; flips: 3 of the 4
+    # whose original was labelled and not green.
+    assert np.isclose(rows["icm"]["success_rate"], 5 / 6)
+    assert np.isclose(rows["original"]["success_rate"], 1 / 6)  # its already_target
+    assert rows["icm"]["flip_rate"] == 0.75 and rows["original"]["flip_rate"] == 0
+    assert rows["icm"]["CLIP-I_paper"] == 0.875
     assert np.isclose(rows["icm"]["already_target"], 1 / 6)
     assert np.isclose(rows["icm"]["target_confidence"], np.mean([0.9, 0.8, 0.7, 0.3, 0.9, 0.6]))
     assert rows["icm"]["CLIP-I"] == 0.75 and math.isnan(rows["original"]["CLIP-I"])

@@ -71,8 +71,12 @@ def test_each_paper_experiment_plans_its_table_with_gpu_jobs(workdir, model, con
         assert "gpu=1" in out.split(f"rule {rule}:")[1].split("rule ")[0], rule
     if "paper" in variants:  # the hand-picked sites need no calibration
         assert "calibration/paper.alpha.json" not in out
-    if concept == "president":  # Table 5's rows only
+    if concept == "president":  # Table 5's rows only; its "all layers" are self-attention
         assert "metrics/cross.json" not in out and "metrics/paper.json" not in out
+        assert "metrics/all-self.json" in out and "metrics/all.json" not in out
+        assert "probes/rest-obama/" in out  # the direction toward Obama
+    else:  # an opt-in variant runs only where a concept lists it
+        assert "all-self" not in out
 
 
 @pytest.mark.parametrize(("model", "concept", "hub_id"), [

@@ -69,6 +69,17 @@ class ClipFloor:
         return f"CLIP-I >= {self.value:g} ({'(cos + 1) / 2' if self.scale == 'paper' else 'cosine'})"
 
 
+def calibration_reference(classes: Sequence[str], probs: np.ndarray,
+                          reference: Mapping[str, float] | None) -> tuple[Any, str]:
+    """What calibration's FD measures the distance to: the concept's reference (uniform by
+    default), or, in a one-target experiment (every batch toward one class, the paper's
+    Table 5), that class alone, so the kept alpha is the one that reaches the target."""
+    if np.isclose(np.max(probs), 1.0):
+        target = classes[int(np.argmax(probs))]
+        return {target: 1.0}, f"FD against the one target {target!r} (a one-target run)"
+    return reference, "FD against the concept's reference"
+
+
 def calibration_samples_per_prompt(calibration: Mapping[str, Any], probs: np.ndarray,
                                    batch_size: int) -> int:
     """Images per prompt and alpha: ``batches_per_class`` batches for the rarest target
@@ -118,6 +129,8 @@ def calibrate_variant_job(
     batch_size = (calibration.get("batch_size") or concept["steering"].get("batch_size")
                   or model["batch_size"])
     per_prompt = calibration_samples_per_prompt(calibration, plan.probs, batch_size)
+    reference, objective = calibration_reference(plan.classes, plan.probs,
+                                                 concept.get("reference"))
     samples = concept_samples(concept, model, generation, per_prompt, stream="calibration",
                               prompts=prompts)
     targets = target_rule(plan.classes, plan.probs, variant["seed"], batch_size, "balanced",
@@ -141,7 +154,7 @@ def calibrate_variant_job(
             pipe, plan, samples, batch_size, alpha, settings, targets)
             for image in batch_images]
         fd, _, fd_from, _ = score_fd(labeler, labeler_spec, images, list(table["prompt"]),
-                                     plan.classes, concept.get("reference"), table)
+                                     plan.classes, reference, table)
         embeddings = embedder.embed_images(images)
         base = embeddings if base is None else base
         clip_i = paired_cosine(embeddings, base)
@@ -158,7 +171,7 @@ def calibrate_variant_job(
     write_json(output_alpha, {"variant": variant_name, "alpha": alpha, "alpha_rule": rule,
                               "clip_i_floor": floor.value, "clip_i_scale": floor.scale,
                               "samples_per_prompt": per_prompt, "batch_size": batch_size,
-                              "targets": "dealt evenly per prompt"})
+                              "targets": "dealt evenly per prompt", "objective": objective})
     log.info("%s: alpha %g (%s)", variant_name, alpha, rule)
 
 

@@ -5,7 +5,10 @@ for every variant, so the images of a target are the same seeds in every variant
 target ``c`` and a variant, over the images whose batch target is ``c``:
 
 - ``already_target``: share whose *original* image (same seed, unsteered) is already ``c``;
-- ``success_rate``: of those whose original is labelled and is not ``c``, the share whose
+- ``success_rate``: the share of all of them whose image in this variant is ``c`` (the
+  paper's Table 5 denominator: "changing 91.0% of images" of the 100 steered; the
+  original's row is its ``already_target``);
+- ``flip_rate``: of those whose original is labelled and is not ``c``, the share whose
   image in this variant is ``c`` (0 for the original by construction);
 - ``target_confidence``: mean labeler confidence in ``c`` (FairFace's probability, CLIP's
   zero-shot softmax, the oracle's colour softmax);
@@ -27,8 +30,8 @@ from icm.tables import write_table
 log = logging.getLogger("icm")
 
 TARGET_COLUMNS = ["target", "variant", "success_rate", "target_confidence", "CLIP-I",
-                  "already_target", "n_images", "n_eligible", "n_steered", "alpha",
-                  "selection", "labeler"]
+                  "CLIP-I_paper", "flip_rate", "already_target", "n_images", "n_eligible",
+                  "n_steered", "alpha", "selection", "labeler"]
 
 
 def target_rows(per_variant: Mapping[str, pd.DataFrame], original: str, target: str,
@@ -58,11 +61,13 @@ def target_rows(per_variant: Mapping[str, pd.DataFrame], original: str, target: 
             raise ValueError(f"variant {name} drew other targets for the same samples")
         after = table.loc[eligible, "label"].fillna("").astype(str)
         record = (records or {}).get(name, {})
+        clip_i = float(mine["CLIP-I"].mean()) if name != original else np.nan
         rows.append({
             "target": target, "variant": name,
-            "success_rate": float((after == target).mean()) if len(eligible) else np.nan,
+            "success_rate": float((mine["label"].fillna("").astype(str) == target).mean()),
             "target_confidence": float(mine[column].mean()),
-            "CLIP-I": float(mine["CLIP-I"].mean()) if name != original else np.nan,
+            "CLIP-I": clip_i, "CLIP-I_paper": (clip_i + 1) / 2,
+            "flip_rate": float((after == target).mean()) if len(eligible) else np.nan,
             "already_target": float((before == target).mean()),
             "n_images": len(seeds), "n_eligible": len(eligible),
             "n_steered": int(mine["steered"].astype(str).eq("True").sum()),
@@ -96,6 +101,6 @@ def target_table_job(target: str, labels: Mapping[str, str | Path], original: st
     rows = target_rows(tables, original, target, info)
     write_table(output, rows, TARGET_COLUMNS)
     for row in rows:
-        log.info("%s -> %s: success %.3f confidence %.3f CLIP-I %.3f (n %d, eligible %d)",
-                 row["variant"], target, row["success_rate"], row["target_confidence"],
-                 row["CLIP-I"], row["n_images"], row["n_eligible"])
+        log.info("%s -> %s: success %.3f flips %.3f confidence %.3f CLIP-I %.3f (n %d, "
+                 "eligible %d)", row["variant"], target, row["success_rate"], row["flip_rate"],
+                 row["target_confidence"], row["CLIP-I"], row["n_images"], row["n_eligible"])
