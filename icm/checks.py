@@ -22,6 +22,22 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
 
+#: The attributes the toy world plants, so that `fid_reference: toy-world` can reweight them.
+TOY_PLANTED = ("color", "shape")
+
+
+def unplanted_reference_ok(reference: Mapping[str, float] | None) -> bool:
+    """Whether the toy world as configured serves as the reference of an attribute it does
+    not plant (its shapes sit anywhere alike): only for a uniform reference."""
+    return reference is None or len({round(float(v), 9) for v in reference.values()}) == 1
+
+
+def toy_reference_problem(attribute: str) -> str:
+    return (f"fid_reference toy-world reweights {' or '.join(TOY_PLANTED)}; {attribute!r} is "
+            "not planted by the world, whose own images serve as a uniform reference only: "
+            "set `reference` to null (uniform) or `evaluation.fid_reference` to a folder")
+
+
 def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -> list[str]:
     """Concept settings that name things that do not exist: classes of pairs, targets,
     reference and target distributions, steering variants and per-variant alphas."""
@@ -60,6 +76,12 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
                 problems.append(f"{key}.pairs: {list(pair)} pairs a class with itself")
         steering = spec.get("steering") or {}
         specific = spec.get("specific_prompts") or {}
+        evaluation = spec.get("evaluation") or {}
+        attribute = (evaluation.get("labeler") or spec.get("labeler") or {}).get("attribute")
+        if (evaluation.get("fid_reference") == "toy-world" and attribute
+                and attribute not in TOY_PLANTED
+                and not unplanted_reference_ok(spec.get("reference"))):
+            problems.append(f"{key}.reference: {toy_reference_problem(attribute)}")
         seen: dict[str, str] = {}
         for name_, prompts in specific.items():
             for prompt in prompts:

@@ -26,6 +26,18 @@ def test_the_shipped_config_has_no_problems(config):
     assert config_problems(config, ROOT) == []
 
 
+def test_a_toy_reference_the_world_cannot_render_is_refused_at_start(config):
+    """The toy world plants colour and shape, not position: `fid_reference: toy-world`
+    serves a pixel-labelled concept (the shipped `position`) only as a uniform reference."""
+    assert config["concepts"]["position"]["labeler"]["attribute"] == "lit_side"
+    config["concepts"]["position"]["reference"] = {"left": 0.7, "right": 0.3}
+    problems = config_problems(config, ROOT)
+    assert any(p.startswith("concepts.position.reference: fid_reference toy-world reweights")
+               and "set `reference` to null" in p for p in problems)
+    config["concepts"]["position"]["reference"] = {"left": 0.5, "right": 0.5}
+    assert config_problems(config, ROOT) == []
+
+
 def test_one_vs_rest_pairs_are_accepted_and_a_class_named_rest_is_not(config):
     config["concepts"]["shape"]["pairs"] = "one-vs-rest"
     assert config_problems(config, ROOT) == []

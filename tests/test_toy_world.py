@@ -218,5 +218,12 @@ def test_neutralising_an_attribute_hides_it_and_nothing_else() -> None:
     assert not np.array_equal(neutralise(image, "shape"),
                               neutralise(render(recoloured, 16), "shape"))
     assert not np.array_equal(neutralise(image, "color"), neutralise(render(reshaped, 16), "color"))
+    # lit_side (where the shape sits): a shape moved by whole pixels looks the same, its
+    # colour still shows
+    shifted = dataclasses.replace(scene, cx=6.0, cy=8.5)
+    assert np.array_equal(neutralise(image, "lit_side"),
+                          neutralise(render(shifted, 16), "lit_side"))
+    assert not np.array_equal(neutralise(image, "lit_side"),
+                              neutralise(render(recoloured, 16), "lit_side"))
     with pytest.raises(ValueError, match="neutralise"):
         neutralise(image, "size")

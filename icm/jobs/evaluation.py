@@ -74,6 +74,7 @@ def render_reference_job(
     """Toy-world "real" images for FID: the world as configured, except that the concept's
     attribute follows the concept's reference distribution (uniform by default)."""
     from icm.atomic import atomic_directory
+    from icm.checks import toy_reference_problem, unplanted_reference_ok
     from icm.debias import target_probabilities
     from icm.toy.world import WorldConfig, make_dataset
 
@@ -86,9 +87,13 @@ def render_reference_job(
         shapes = (WorldConfig.from_dict(config).color_given_shape or {}).keys()
         config["color_given_shape"] = {s: {c: reference.get(c, 0.0)
                                            for c in ("red", "green", "blue")} for s in shapes}
-    else:
+    elif attribute == "shape":
         config["shape_probs"] = {s: reference.get(s, 0.0) for s in ("circle", "square",
                                                                     "triangle")}
+    elif not unplanted_reference_ok(concept.get("reference")):
+        raise ValueError(toy_reference_problem(attribute))  # the start-up check says so too
+    # else: an attribute the world does not plant (where the shape sits): the world's own
+    # images, whose positions are uniform, are already the uniform reference
     data = make_dataset(n, seed, WorldConfig.from_dict(config))
     with atomic_directory(output) as partial:
         partial.mkdir()

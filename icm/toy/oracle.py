@@ -75,7 +75,9 @@ def neutralise(image: np.ndarray, attribute: str) -> np.ndarray:
     """uint8 (H, W, 3) ``image`` with ``attribute`` made uninformative, so that an image
     similarity after it measures what steering ``attribute`` should have left alone:
     ``color`` paints the foreground grey; ``shape`` fills the foreground's bounding box
-    with its median colour (a circle, square or triangle of one extent share that box)."""
+    with its median colour (a circle, square or triangle of one extent share that box);
+    ``lit_side`` (the pixel labeler's brighter half: where the shape sits) moves the
+    foreground's centre to the image's centre (the background wraps: it is one colour)."""
     rgb = np.asarray(image).copy()
     mask = foreground_mask(rgb)
     if mask.sum() < MIN_FG_PIXELS:
@@ -86,9 +88,19 @@ def neutralise(image: np.ndarray, attribute: str) -> np.ndarray:
         rows, cols = np.nonzero(mask)
         colour = np.median(rgb[mask], axis=0).astype(np.uint8)
         rgb[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = colour
+    elif attribute == "lit_side":
+        rows, cols = np.nonzero(mask)
+        height, width = mask.shape
+        shift = (int(np.floor((height - 1) / 2 - rows.mean() + 0.5)),
+                 int(np.floor((width - 1) / 2 - cols.mean() + 0.5)))
+        rgb = np.roll(rgb, shift, axis=(0, 1))
     else:
-        raise ValueError(f"can neutralise 'color' or 'shape', not {attribute!r}")
+        raise ValueError(f"can neutralise {sorted(NEUTRALISED)}, not {attribute!r}")
     return rgb
+
+
+#: The attributes ``neutralise`` can make uninformative.
+NEUTRALISED = ("color", "shape", "lit_side")
 
 
 #: Template search: (step in pixels, centre offsets in steps, size offsets in steps). A coarse
