@@ -209,7 +209,9 @@ def variant_spec(wildcards):
     if variant["sites"] == "none":
         return {**spec, "alpha": 0.0}
     if variant["sites"] == "explicit":  # the concept's hand-picked sites for this model
-        return {**spec, "explicit": explicit_sites(wildcards), "alpha_unit": "absolute"}
+        return {**spec, "explicit": explicit_sites(wildcards), "alpha_unit": "absolute"} | (
+            {"directions": variant["directions"]}
+            if variant.get("directions", "general") != "general" else {})
     alpha = alphas.get(wildcards.variant, variant["alpha"])
     spec["alpha"] = alpha if alpha == "auto" else float(alpha)
     spec["alpha_unit"] = config["steering"]["alpha_unit"]
@@ -225,8 +227,9 @@ def variant_spec(wildcards):
 
 
 def counts_sites(selection):
-    """Whether a selection picks `k` sites: not `all`, nor `h-space` (the one bottleneck)."""
-    return selection not in ("all", "h-space")
+    """Whether a selection picks `k` sites: not `all` or `all-self`, nor `h-space` (the one
+    bottleneck)."""
+    return selection not in ("all", "all-self", "h-space")
 
 
 def steering_k(concept):
