@@ -9,7 +9,9 @@ rule calibrate_steering:
         unpack(lambda wildcards: {k: v for k, v in steer_inputs(wildcards).items()
                                   if k != "alphas"}),
         unpack(lambda wildcards: {k: v for k, v in metric_inputs(wildcards).items()
-                                  if k in ("checkpoints", "toy_features", "toy_features_sidecar")}),
+                                  if k in ("checkpoints", "toy_features", "toy_features_sidecar")
+                                  or (k == "reference"
+                                      and config["steering"]["calibration"]["fid"])}),
         model=model_input,
     output:
         sweep="results/{model}/{concept}/calibration/{variant}.csv",
@@ -24,6 +26,8 @@ rule calibrate_steering:
         variant=lambda wildcards: {k: v for k, v in variant_spec(wildcards).items()
                                    if k != "alpha"},
         calibration=config["steering"]["calibration"],
+        fid_reference=lambda wildcards: fid_reference(wildcards)
+        if config["steering"]["calibration"]["fid"] else None,
         toy=is_toy,
         evaluation=metric_settings,
         labels=concept_params("labeler", "evaluation", "reference"),

@@ -156,6 +156,24 @@ def test_the_papers_gender_operating_point_passes_the_default_floor():
         ClipFloor(0.8, "percent")
 
 
+def test_the_alpha_rule_weighs_fid_against_the_unsteered_images_where_measured():
+    """On the toy, `icm` was kept at FID 493, three times the original's: with FID in the
+    sweep, an alpha may cost at most max_fid_ratio x the unsteered FID."""
+    import pandas as pd
+
+    from icm.jobs.calibration import choose_alpha
+
+    sweep = pd.DataFrame({"alpha": [0, 8, 16, 32, 64], "FD": [0.41, 0.41, 0.27, 0.18, 0.12],
+                          "CLIP-I": [1.0, 0.96, 0.89, 0.80, 0.66],
+                          "FID": [150.0, 160.0, 210.0, 480.0, 700.0]})
+    floor = cosine_floor(0.7)
+    assert choose_alpha(sweep, floor)[0] == 32  # CLIP-I alone: FID 480
+    alpha, rule = choose_alpha(sweep, floor, 1.5)
+    assert alpha == 16 and "FID <= 1.5 x unsteered (225.0)" in rule and "FID 210.0" in rule
+    unmeasured = sweep.assign(FID=float("nan"))
+    assert choose_alpha(unmeasured, floor, 1.5)[0] == 32  # nothing to weigh
+
+
 def test_a_weak_selection_is_pushed_past_the_grid_until_it_costs_fidelity():
     from icm.jobs.calibration import alpha_sweep
 

@@ -24,5 +24,6 @@ with logging_to(sm.log[0]):
         start=sm.input.start,
         output=sm.output.sweep,
         output_alpha=sm.output.alpha,
+        fid_reference=sm.params.fid_reference,
     )
 end_job_process()

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from icm.devices import resolve_device
-from icm.jobs.evaluation import image_embedder, score_fd
+from icm.jobs.evaluation import fid_of_images, image_embedder, score_fd
 from icm.jobs.generation import concept_samples
 from icm.jobs.records import write_json
 from icm.labels import make_labeler
@@ -109,11 +109,13 @@ def calibrate_variant_job(
     start: str | Path,
     output: str | Path,
     output_alpha: str | Path,
+    fid_reference: str | None = None,
 ) -> None:
     """FD and CLIP-I of one variant at each alpha of ``calibration["alphas"]`` (and 0), on
     calibration-stream samples of the evaluation prompts (``calibration_samples_per_prompt``
     each, targets dealt evenly per prompt), with the variant's sites and start as steering
-    uses them."""
+    uses them; FID too where the concept has a ``fid_reference`` and
+    ``calibration["fid"]`` is on."""
     from icm.debias import target_rule
     from icm.generate import SamplerSettings
     from icm.jobs.evaluation import paper_scale
@@ -158,20 +160,26 @@ def calibrate_variant_job(
         embeddings = embedder.embed_images(images)
         base = embeddings if base is None else base
         clip_i = paired_cosine(embeddings, base)
+        fid = math.nan
+        if fid_reference and calibration["fid"]:
+            fid = fid_of_images(images, fid_reference, "toy" if toy else "inception",
+                                toy_features, device)
         row = {"variant": variant_name, "alpha": alpha, "FD": fd, "CLIP-I": clip_i,
-               "CLIP-I_paper": paper_scale(clip_i), "FID": math.nan, "n_images": len(images)}
-        log.info("%s alpha %g: FD %.3f CLIP-I %.3f (%s)", variant_name, alpha, fd,
-                 row["CLIP-I"], fd_from)
+               "CLIP-I_paper": paper_scale(clip_i), "FID": fid, "n_images": len(images)}
+        log.info("%s alpha %g: FD %.3f CLIP-I %.3f FID %.1f (%s)", variant_name, alpha, fd,
+                 row["CLIP-I"], fid, fd_from)
         return row
 
     rows = alpha_sweep([float(a) for a in calibration["alphas"]], floor,
                        int(calibration.get("max_doublings", 0)), measure)
     write_table(output, rows, TRADEOFF_COLUMNS)
-    alpha, rule = choose_alpha(pd.DataFrame(rows), floor)
+    alpha, rule = choose_alpha(pd.DataFrame(rows), floor, calibration["max_fid_ratio"])
     write_json(output_alpha, {"variant": variant_name, "alpha": alpha, "alpha_rule": rule,
                               "clip_i_floor": floor.value, "clip_i_scale": floor.scale,
                               "samples_per_prompt": per_prompt, "batch_size": batch_size,
-                              "targets": "dealt evenly per prompt", "objective": objective})
+                              "targets": "dealt evenly per prompt", "objective": objective,
+                              "max_fid_ratio": calibration["max_fid_ratio"],
+                              "fid_reference": fid_reference if calibration["fid"] else None})
     log.info("%s: alpha %g (%s)", variant_name, alpha, rule)
 
 
@@ -192,18 +200,29 @@ def alpha_sweep(grid: Sequence[float], floor: ClipFloor, doublings: int,
     return rows
 
 
-def choose_alpha(sweep: pd.DataFrame, floor: ClipFloor) -> tuple[float, str]:
+def choose_alpha(sweep: pd.DataFrame, floor: ClipFloor,
+                 max_fid_ratio: float | None = None) -> tuple[float, str]:
     """The lowest-FD alpha (the smaller on a tie) whose CLIP-I is at least ``floor`` on the
-    floor's scale, among the grid's non-zero alphas; the smallest alpha when none keeps
-    that fidelity."""
+    floor's scale and, where the sweep measured FID and ``max_fid_ratio`` is set, whose FID
+    is at most that many times the unsteered FID (alpha 0, the same seeds and count: FID's
+    small-sample bias cancels in the ratio), among the grid's non-zero alphas; the smallest
+    alpha when none keeps both."""
     grid = sweep[sweep["alpha"] > 0].sort_values("alpha")
-    kept = grid[grid[floor.column()] >= floor.value]
+    kept = grid[floor.column()] >= floor.value
+    rule = str(floor)
+    unsteered = sweep.loc[sweep["alpha"] == 0, "FID"] if "FID" in sweep else pd.Series([])
+    if max_fid_ratio is not None and len(unsteered) and np.isfinite(unsteered.iloc[0]):
+        ceiling = max_fid_ratio * float(unsteered.iloc[0])
+        kept &= grid["FID"] <= ceiling
+        rule += f" and FID <= {max_fid_ratio:g} x unsteered ({ceiling:.1f})"
+    kept = grid[kept]
     if kept.empty:
         alpha = float(grid["alpha"].iloc[0])
-        return alpha, f"auto: no alpha keeps {floor}; the smallest of the grid, {alpha:g}"
+        return alpha, f"auto: no alpha keeps {rule}; the smallest of the grid, {alpha:g}"
     best = kept.sort_values(["FD", "alpha"], kind="stable").iloc[0]
+    fid = f", FID {best['FID']:.1f}" if "FID" in best and np.isfinite(best["FID"]) else ""
     return float(best["alpha"]), (f"auto: lowest calibration FD ({best['FD']:.3f}) with "
-                                  f"{floor} ({floor.column()} {best[floor.column()]:.3f})")
+                                  f"{rule} ({floor.column()} {best[floor.column()]:.3f}{fid})")
 
 
 def tradeoff_job(sweeps: Sequence[str | Path], alphas: Sequence[str | Path],
@@ -228,7 +247,10 @@ def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    has_fid = table["FID"].notna().any()
+    fig, axes = plt.subplots(1, 2 if has_fid else 1, figsize=(10 if has_fid else 5.5, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
     for variant, sweep in table.groupby("variant", sort=False):
         sweep = sweep.sort_values("alpha")
         line, = ax.plot(sweep["CLIP-I"], sweep["FD"], marker="o", label=variant)
@@ -238,12 +260,20 @@ def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]],
         pick = sweep[np.isclose(sweep["alpha"], chosen[variant]["alpha"])]
         ax.scatter(pick["CLIP-I"], pick["FD"], s=120, facecolors="none",
                    edgecolors=line.get_color())
+        if has_fid:  # the same curve against FID: what the push costs in artefacts
+            axes[0, 1].plot(sweep["FID"], sweep["FD"], marker="o", color=line.get_color())
+            axes[0, 1].scatter(pick["FID"], pick["FD"], s=120, facecolors="none",
+                               edgecolors=line.get_color())
     ax.axvline(floor.cosine(), color="grey", linestyle="--", linewidth=1, label=str(floor))
     ax.set_xlabel("CLIP-I (cosine) vs unsteered (higher: closer to the original)")
     ax.set_ylabel("FD (lower: fairer)")
     ax.set_title("calibration: FD against image fidelity, labels are alphas", fontsize=9)
     ax.invert_xaxis()
     ax.legend(fontsize=7)
+    if has_fid:
+        axes[0, 1].set_xlabel("FID of the calibration images (lower: fewer artefacts)")
+        axes[0, 1].set_ylabel("FD")
+        axes[0, 1].set_title("FD against FID, the chosen alpha ringed", fontsize=9)
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)

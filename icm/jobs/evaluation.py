@@ -114,6 +114,19 @@ def _fid(images: Sequence[str], reference: str, backend: str, toy_features: str 
                            device=device)
 
 
+def fid_of_images(images: Sequence[Image.Image], reference: str, backend: str,
+                  toy_features: str | None, device: str) -> float:
+    """FID of images in memory (calibration's), written to a temporary folder for
+    clean-fid."""
+    from icm.metrics import compute_fid
+
+    with tempfile.TemporaryDirectory() as folder:
+        for i, image in enumerate(images):
+            image.save(Path(folder) / f"{i:06d}.png")
+        return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
+                           device=device)
+
+
 def image_embedder(toy: bool, toy_features: str | None, evaluation: Mapping[str, Any],
                    device: str, labeler: Mapping[str, Any] | None = None) -> Any:
     """CLIP-I's image tower: the toy feature net in the toy world, on images whose concept
