@@ -138,8 +138,8 @@ def no_start_message(scores: pd.DataFrame, k: int, baseline: str, level: float,
         mean = (group.sort_values("test_acc", ascending=False).groupby("step").head(k)
                 .groupby("step").agg(test_acc=("test_acc", "mean"), base=(column, "first")))
         best = mean["test_acc"].idxmax()
-        lines.append(f"{pair}: best step {best}, its {k} best sites {mean.loc[best, 'test_acc']:.3f} "
-                     f"vs {baseline} {mean.loc[best, 'base']:.3f}")
+        lines.append(f"{pair}: best step {best}, its {k} best sites "
+                     f"{mean.loc[best, 'test_acc']:.3f} vs {baseline} {mean.loc[best, 'base']:.3f}")
     return (f"no step's probes beat the {baseline} baseline significantly (level {level}, "
             f"{correction} over {scores['step'].nunique()} steps): " + "; ".join(lines) +
             ". Label more samples, or set probes.steer_start to a step (the paper's 15).")

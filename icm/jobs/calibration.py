@@ -66,7 +66,8 @@ class ClipFloor:
         return 2 * self.value - 1 if self.scale == "paper" else self.value
 
     def __str__(self) -> str:
-        return f"CLIP-I >= {self.value:g} ({'(cos + 1) / 2' if self.scale == 'paper' else 'cosine'})"
+        scale = "(cos + 1) / 2" if self.scale == "paper" else "cosine"
+        return f"CLIP-I >= {self.value:g} ({scale})"
 
 
 def calibration_reference(classes: Sequence[str], probs: np.ndarray,

@@ -169,8 +169,9 @@ def plan_explicit(classes: list[str], pairs: Sequence[tuple[str, str]], pushes: 
     """The plan of a ``sites: explicit`` variant: per target class the configured sites and
     signed strength (``explicit["targets"]``, absolute units: the probes' unit directions, as
     the paper's Table 6) from ``explicit["start_step"]``, a step of 50 mapped by timestep
-    (``icm.schedule.start_step``: the paper's 15 is timestep 681, step 16 of PNDM's loop). A site the probes do not have (a
-    typo, another model's name) is an error listing the sites there are."""
+    (``icm.schedule.start_step``: the paper's 15 is timestep 681, step 16 of PNDM's loop).
+    A site the probes do not have (a typo, another model's name) is an error listing the
+    sites there are."""
     from safetensors import safe_open
 
     chosen = explicit_pushes(classes, pairs, explicit["targets"])
