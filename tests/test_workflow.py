@@ -530,8 +530,9 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir, tmp_path):
     flow = ("tiny-sana", "tiny-flux")  # the noise objective runs in the toy table test
     # Random weights read nothing beyond chance, so the paper's automatic start would stop
     # the ranking (its error is tested in test_probes.py): a fixed start, as the paper's 15.
-    fixed = tmp_path / "fixed-start.yaml"
-    fixed.write_text("probes: {steer_start: 15}\n")
+    fixed = tmp_path / "fixed-start.yaml"  # ... and a fixed alpha for h-space
+    fixed.write_text("probes: {steer_start: 15}\n"
+                     "concepts: {lit-side: {steering: {alpha: {h-space: 4}}}}\n")
     result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(fixed), "--cores", "2",
                        *[f"results/{m}/lit-side/table.csv" for m in models],
                        *[f"results/{m}/lit-side/metrics/lora-top.json" for m in flow])
@@ -568,8 +569,8 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir, tmp_path):
         if "h-space" in expected:  # the bottleneck, steered by the same probes and rule
             record = json.loads((base / "steer/h-space/shard-000/steering.json").read_text())
             assert record["sites_by_target"] == {"left": ["mid_block"], "right": ["mid_block"]}
-            assert record["alpha"] == json.loads(
-                (base / "calibration/h-space.alpha.json").read_text())["alpha"]
+            assert record["alpha"] == 4 and record["alpha_rule"] == "fixed in config"
+            assert not (base / "calibration/h-space.alpha.json").exists()
         if "paper" in expected:  # each target its listed sites and signed strength
             record = json.loads((base / "steer/paper/shard-000/steering.json").read_text())
             assert record["strengths"] == {"left": -6.0, "right": 6.0}
