@@ -221,7 +221,8 @@ def test_toy_color_through_the_table(workdir, tmp_path):
     # One-target tables (paper Table 5): the same seeds in every variant, none counted twice.
     green = pd.read_csv(base / "target-green/table.csv").set_index("variant")
     assert list(green.index) == list(table.index) and green["n_images"].nunique() == 1
-    assert green.loc["original", "success_rate"] == 0 and green.loc["icm", "n_steered"] > 0
+    assert green.loc["original", "flip_rate"] == 0 and green.loc["icm", "n_steered"] > 0
+    assert green.loc["original", "success_rate"] == green.loc["original", "already_target"]
     assert (green["n_eligible"] <= green["n_images"]).all()
     assert record["alpha_unit"] == "spread"
     # Same seeds everywhere: an unsteered batch (target red, which is only ever a negative
@@ -309,10 +310,14 @@ def check_specific_prompts(workdir, tmp_path):
     assert set(ranking["site"]) == {s for s in pd.read_csv(base / "ranking.csv")["site"]
                                     if s.endswith("attn2")}
     assert "spearman_rho" in json.loads((base / "injection/correlation.json").read_text())
-    # LoRA on the three best attn1 sites, from the specific images, classes balanced.
+    # LoRA on the union of each pair's three best attn1 sites (as steering selects them;
+    # the paper's race LoRA), from the specific images, classes balanced.
     trained = json.loads((base / "finetune/lora-top/training.json").read_text())
-    assert trained["sites"] == list(pd.read_csv(base / "ranking.csv").query(
-        "kind == 'attn1'")["site"][:3])
+    by_pair = pd.read_csv(base / "ranking_by_pair.csv").query("kind == 'attn1'")
+    union = [s for pair in ("red-green", "red-blue")
+             for s in by_pair[by_pair["pair"] == pair].sort_values("rank")["site"][:3]]
+    assert trained["sites"] == list(dict.fromkeys(union))
+    assert trained["sites_from"] == "the union of each pair's selection"
     per_class = trained["training_set"]["per_class"]
     assert set(per_class) == {"red", "green", "blue"} and len(set(per_class.values())) == 1
     assert trained["training_set"]["prompt_pairing"]["a red circle"] == "a circle"
@@ -576,7 +581,9 @@ def test_each_tiny_family_runs_the_whole_workflow_offline(workdir, tmp_path):
             assert record["strengths"] == {"left": -6.0, "right": 6.0}
             assert record["sites_by_target"]["right"] == [
                 "up_blocks.1.attentions.1.transformer_blocks.0.attn1"]
+            # step 20 of 50 is timestep 600: step 1 (501) of PNDM's 751, 501, 501, 251, 1
             assert record["start_step"] == 1 and table.loc["paper", "alpha"] == "left -6; right 6"
+            assert record["start_rule"].startswith("explicit: step 20 of 50")
         if model not in flow:
             continue
         # ICM finetuning through the family table: a LoRA on lora-top's sites, trained with
