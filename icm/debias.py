@@ -86,6 +86,8 @@ def target_probabilities(
 
 
 GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0  # the Weyl step with the most even spread
+#: How steering draws its batch targets (``batch_target``).
+TARGET_DRAWS = ("random", "quasi")
 
 
 def batch_target(classes: Sequence[str], probs: np.ndarray, seed: int, batch_index: int,
@@ -94,8 +96,8 @@ def batch_target(classes: Sequence[str], probs: np.ndarray, seed: int, batch_ind
     if draw == "random":
         rng = np.random.default_rng([seed, batch_index])
         return classes[int(rng.choice(len(classes), p=probs))]
-    if draw != "quasi":
-        raise ValueError(f"unknown target draw {draw!r}; use 'random' or 'quasi'")
+    if draw not in TARGET_DRAWS:
+        raise ValueError(f"unknown target draw {draw!r}; use one of {TARGET_DRAWS}")
     offset = np.random.default_rng(seed).random()
     position = (offset + batch_index * GOLDEN) % 1.0
     edges = np.cumsum(probs)
@@ -130,10 +132,12 @@ def target_rule(classes: Sequence[str], probs: np.ndarray, seed: int, batch_size
     """batch (its samples) -> its target class. ``random`` and ``quasi`` are functions of
     (seed, global batch index) (``batch_target``); ``balanced`` deals each prompt's batches
     (``balanced_targets``) and needs whole batches per prompt."""
-    if draw != "balanced":
-        batch_target(classes, probs, seed, 0, draw)  # an unknown draw fails here, not later
+    if draw in TARGET_DRAWS:
         return lambda batch: batch_target(classes, probs, seed, batch[0].sample // batch_size,
                                           draw)
+    if draw != "balanced":
+        raise ValueError(f"unknown target draw {draw!r}; use one of {TARGET_DRAWS} or "
+                         "'balanced'")
     if not samples_per_prompt or samples_per_prompt % batch_size:
         raise ValueError(f"balanced targets need whole batches per prompt: "
                          f"{samples_per_prompt} samples per prompt, batches of {batch_size}")

@@ -26,8 +26,8 @@ indicator per prompt): its accuracy counts only what the activations add beyond 
 The steering direction always comes from the probe without prompt covariates: an
 unpenalised indicator explains every row of a prompt whose training rows are all one class,
 so a controlled direction would learn nothing from exactly the rare-class prompts ("a person
-with gray hair") that localization adds (planted: cosine with the true axis 0.58 without
-control, 0.35 with it). ``chance_acc``, the majority-class rate of the test split, is the
+with gray hair") that localization adds (planted in the tests, 106 prompts x 5 images:
+cosine with the true axis 0.62 without the covariates, 0.46 with them). ``chance_acc``, the majority-class rate of the test split, is the
 baseline the paper's start rule compares with.
 """
 

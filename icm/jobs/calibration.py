@@ -115,8 +115,8 @@ def calibrate_variant_job(
     """FD and CLIP-I of one variant at each alpha of ``calibration["alphas"]`` (and 0), on
     calibration-stream samples of the evaluation prompts (``calibration_samples_per_prompt``
     each, targets dealt evenly per prompt), with the variant's sites and start as steering
-    uses them; FID too where the concept has a ``fid_reference`` and
-    ``calibration["fid"]`` is on."""
+    uses them; FID too given ``fid_reference`` (the rule passes one where the concept has it
+    and ``calibration["fid"]`` is on)."""
     from icm.debias import target_rule
     from icm.generate import SamplerSettings
     from icm.jobs.evaluation import paper_scale
@@ -162,7 +162,7 @@ def calibrate_variant_job(
         base = embeddings if base is None else base
         clip_i = paired_cosine(embeddings, base)
         fid = math.nan
-        if fid_reference and calibration["fid"]:
+        if fid_reference:
             fid = fid_of_images(images, fid_reference, "toy" if toy else "inception",
                                 toy_features, device)
         row = {"variant": variant_name, "alpha": alpha, "FD": fd, "CLIP-I": clip_i,
@@ -180,7 +180,7 @@ def calibrate_variant_job(
                               "samples_per_prompt": per_prompt, "batch_size": batch_size,
                               "targets": "dealt evenly per prompt", "objective": objective,
                               "max_fid_ratio": calibration["max_fid_ratio"],
-                              "fid_reference": fid_reference if calibration["fid"] else None})
+                              "fid_reference": fid_reference})
     log.info("%s: alpha %g (%s)", variant_name, alpha, rule)
 
 

@@ -128,11 +128,14 @@ def explicit_vs_implicit_job(
              "validation_acc": float(va), "n_train": r.n_train, "n_validation": r.n_test}
             for r in results for step, (tr, va) in enumerate(zip(r.train_acc, r.test_acc))])
 
+        scored: dict[tuple[str, int], tuple[float, float]] = {}  # a kind's best may be it
+
         def chosen(rows: pd.DataFrame) -> tuple[pd.Series, float, float]:
             best = rows.loc[rows["validation_acc"].idxmax()]
-            train, test = held_out_score(all_stores, pick, y, select, held, best["site"],
-                                         int(best["step"]))
-            return best, train, test
+            key = (best["site"], int(best["step"]))
+            if key not in scored:
+                scored[key] = held_out_score(all_stores, pick, y, select, held, *key)
+            return best, *scored[key]
 
         best, train_acc, test_acc = chosen(part)
         row = {"specific_prompt": prompt, "class": name, "best_site": best["site"],
