@@ -9,7 +9,7 @@ cost. Runs alternate plain / captured to cancel drift; the ratio is of the media
     python benchmarks/capture_overhead.py --model tiny-flux    # a family's tiny replica
     python benchmarks/capture_overhead.py --capture head-maps  # per-head maps of 2 words
 
-``--capture head-maps`` times per-head word maps (``icm.head_maps``) of two words at every
+``--capture head-maps`` times per-head word maps (``icm.hooks.head_maps``) of two words at every
 ``attn2`` site instead, and reports the summed maps' bytes per image.
 
 ``--model`` picks the full-size SD1.5 architecture (default) or a tiny replica of another
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from icm.capture import capture_activations
-from icm.head_maps import capture_head_maps
-from icm.models import build_sd15_pipeline
+from icm.hooks.capture import capture_activations
+from icm.hooks.head_maps import capture_head_maps
+from icm.models.tiny import build_sd15_pipeline
 from icm.models.tiny_flux import build_tiny_flux
 from icm.models.tiny_sana import build_tiny_sana
 from icm.models.tiny_sdxl import build_tiny_sdxl

@@ -38,9 +38,9 @@ run() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
     # The image's transformers is not the lock's: the lock test is left out, not a device check.
     python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-        tests/test_finetune.py::test_the_gpu_training_paths_run_on_every_family \
-        tests/test_capture.py tests/test_samples.py tests/test_generate.py \
-        --deselect tests/test_generate.py::test_a_store_records_the_locked_versions 2>&1 \
+        tests/finetuning/test_lora.py::test_the_gpu_training_paths_run_on_every_family \
+        tests/hooks/test_capture.py tests/generation/test_samples.py tests/generation/test_shard.py \
+        --deselect tests/generation/test_shard.py::test_a_store_records_the_locked_versions 2>&1 \
         | tee "$OUT/tests.log" || true
     python3 benchmarks/probe_stage.py --device cuda --check-sites 2 --jobs 1 3 --folder /tmp/stage \
         --out "$OUT/probe_stage.json" 2>&1 | grep -v Warning | tee "$OUT/probe_stage.log"

@@ -1,4 +1,5 @@
-"""Peak memory of probe fitting: read step by step (``icm.store.StepStack``) vs all at once.
+"""Peak memory of probe fitting: read step by step (``icm.io.activations.StepStack``) vs all at
+once.
 
 Writes synthetic stores of one width group (``--sites`` sites of ``--width`` channels) for
 each (samples, steps) of the grid, then fits one pair's probes in a fresh process per run,
@@ -25,9 +26,9 @@ import numpy as np
 
 def write_store(path: Path, samples: int, steps: int, sites: int, width: int) -> list[str]:
     """A store of ``sites`` planted-signal sites, written in batches of 100 samples."""
-    from icm.capture import CapturedBatch
-    from icm.samples import plan_samples
-    from icm.store import ActivationStoreWriter
+    from icm.generation.samples import plan_samples
+    from icm.hooks.capture import CapturedBatch
+    from icm.io.activations import ActivationStoreWriter
 
     rng = np.random.default_rng(0)
     names = [f"down_blocks.2.attentions.0.transformer_blocks.{k}.attn1" for k in range(sites)]
@@ -83,8 +84,8 @@ class PeakRSS:
 def _fit(store: str, names: list[str], mode: str, out) -> None:
     import torch  # noqa: F401  (imports count in the baseline, not in the peak)
 
-    from icm.probes import Pair, fit_pair
-    from icm.store import StepStack, read_sites
+    from icm.io.activations import StepStack, read_sites
+    from icm.probing.probes import Pair, fit_pair
 
     samples = StepStack([store], names).shape[0]
     labels = np.where(np.arange(samples) % 2, "b", "a")
@@ -110,7 +111,7 @@ def measure(store: Path, names: list[str], mode: str) -> tuple[float, float]:
 
 def read_throughput(store: Path, names: list[str]) -> float:
     """MB/s reading every step of every site once, as the streamed fit does."""
-    from icm.store import StepStack
+    from icm.io.activations import StepStack
 
     stack = StepStack([str(store)], names)
     start = time.perf_counter()

@@ -9,6 +9,9 @@ average).
         --widths 64 320 640 1280 2240 3072 --steps 10 --sites 2        # one row per shape
     python benchmarks/probe_speed.py --labels results/toy/color/labels.csv --pair red green \
         --stores results/toy/color/generation/shard-*/activations.zarr  # real toy activations
+    python benchmarks/probe_speed.py --estimator --samples 800 --widths 321 1281 --sites 8
+        # the solvers alone, as estimators: BatchedLogisticRegression on stacked problems
+        # against one scikit-learn LogisticRegression per problem, same standardised data
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icm.probes import Pair, fit_pair
+from icm.probing.probes import Pair, fit_pair
 
 
 def synthetic(samples: int, steps: int, widths: list[int], seed: int = 0):
@@ -41,7 +44,7 @@ def synthetic(samples: int, steps: int, widths: list[int], seed: int = 0):
 
 
 def from_stores(stores: list[str], labels_csv: str, pair: list[str]):
-    from icm.store import read_sites
+    from icm.io.activations import read_sites
 
     samples, acts, _ = read_sites(stores)
     table = pd.read_csv(labels_csv, keep_default_na=False).set_index("sample")
@@ -75,7 +78,7 @@ def timed_run(args: argparse.Namespace, backend: str):
 
 def compare(args: argparse.Namespace) -> dict:
     """Both backends on one data set: alternating fresh-process runs, ratio of medians."""
-    from icm.probes import choose_solver
+    from icm.probing.probes import choose_solver
 
     acts, _, _, data = load(args)
     # Every timed run is its own process, alternating between backends so that drifts in
@@ -154,6 +157,34 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare_estimators(samples: int, width: int, problems: int, threads: int) -> dict:
+    """Seconds to fit ``problems`` standardised (samples x width) problems: one
+    ``BatchedLogisticRegression`` call against a loop of scikit-learn's ``LogisticRegression``
+    (its defaults: lbfgs, tol 1e-4, C 1), and the largest accuracy difference."""
+    from sklearn.linear_model import LogisticRegression
+
+    from icm.probing.solvers import BatchedLogisticRegression
+
+    torch.set_num_threads(threads)
+    acts, labels, pair = synthetic(samples, problems, [width])
+    x = next(iter(acts.values())).transpose(1, 0, 2)  # (problems, samples, width)
+    x = (x - x.mean(axis=1, keepdims=True)) / x.std(axis=1, keepdims=True)
+    y = (labels == pair.positive).astype(int)
+    BatchedLogisticRegression(dtype=torch.float32).fit(x[:1], y)  # torch's first-call costs
+    start = time.perf_counter()
+    batched = BatchedLogisticRegression(dtype=torch.float32).fit(x, y)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = [LogisticRegression(max_iter=1000).fit(x[p], y) for p in range(problems)]
+    theirs = time.perf_counter() - start
+    gap = max(abs(batched.score(x, y)[p] - reference[p].score(x[p], y))
+              for p in range(problems))
+    return {"samples": samples, "width": width, "problems": problems,
+            "solver": batched.solver_, "batched_s": round(ours, 3),
+            "sklearn_s": round(theirs, 3), "speedup": round(theirs / ours, 2),
+            "max_train_acc_gap": round(float(gap), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[1000])
@@ -171,8 +202,15 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true",
                         help="also compare both backends with the exact optimum (untimed)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--estimator", action="store_true",
+                        help="time the solvers as estimators (--sites problems per width)")
     args = parser.parse_args()
     rows = []
+    if args.estimator:
+        rows = [compare_estimators(n, w, args.sites, args.threads)
+                for n in args.samples for w in args.widths]
+        print(pd.DataFrame(rows).to_markdown(index=False))
+        return
     if args.table and not args.stores:
         for samples in args.samples:
             for width in args.widths:

@@ -51,9 +51,9 @@ def write_stores(folder: Path, sites: dict[str, int], samples: int, steps: int, 
     sites, so probes read it more at some (site, step) than at others."""
     import pandas as pd
 
-    from icm.capture import CapturedBatch
-    from icm.samples import plan_samples, shard_bounds
-    from icm.store import ActivationStoreWriter
+    from icm.generation.samples import plan_samples, shard_bounds
+    from icm.hooks.capture import CapturedBatch
+    from icm.io.activations import ActivationStoreWriter
 
     rng = np.random.default_rng(seed)
     plan = plan_samples(PROMPTS, -(-samples // len(PROMPTS)), base_seed=0)[:samples]
@@ -109,9 +109,9 @@ def check_with_sklearn(stores: list[Path], labels_csv: Path, out: Path, pair: tu
     import pandas as pd
     from safetensors.numpy import load_file
 
-    from icm.jobs.probing import fit_stored
-    from icm.probes import Pair
-    from icm.store import open_store, site_widths
+    from icm.io.activations import open_store, site_widths
+    from icm.probing.probes import Pair
+    from icm.probing.stored import fit_stored
 
     samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
     table = pd.read_csv(labels_csv).set_index("sample").loc[samples]
@@ -206,7 +206,7 @@ def main() -> None:
 
     import torch
 
-    from icm.pairs import concept_pairs
+    from icm.probing.pairs import concept_pairs
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from icm.head_study import has_study, hrv_concepts, slot_names, split_prompts
-from icm.pairs import ONE_VS_REST, REST, concept_pairs
+from icm.head_maps.study import has_study, hrv_concepts, slot_names, split_prompts
+from icm.probing.pairs import ONE_VS_REST, REST, concept_pairs
 
 #: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -196,7 +196,7 @@ def path_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[str
         elif kind == "file" and not path.is_file():
             problems.append(f"{key}: no file {value!r}")
         elif kind == "dlib models":
-            from icm.faces import missing_dlib_files
+            from icm.labeling.faces import missing_dlib_files
 
             missing = missing_dlib_files(path)
             if missing:
@@ -218,9 +218,9 @@ def config_problems(config: Mapping[str, Any], root: str | Path = ".") -> list[s
 def explicit_problems(concepts: Mapping[str, Any], models: Mapping[str, Any]) -> list[str]:
     """`steering.explicit` (hand-picked sites per model): each entry names a configured
     model, and each target class a class with a direction and a strength signed toward it
-    (``icm.debias.explicit_pushes``); whether the sites exist is the steering job's check,
+    (``icm.steering.pushes.explicit_pushes``); whether the sites exist is the steering job's check,
     which sees the model's probes."""
-    from icm.debias import explicit_pushes
+    from icm.steering.pushes import explicit_pushes
 
     problems = []
     for name, spec in concepts.items():

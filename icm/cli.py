@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from icm.store import open_store, site_kind_name, verify_store
+from icm.io.activations import open_store, site_kind_name, verify_store
 
 COORDINATE_ARRAYS = {"sample", "step", "timestep", "seed", "prompt_index", "repeat"}
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         np.set_printoptions(precision=3)
         if attributes.get("kind") == "head-maps":
-            from icm.head_store import describe_head_store
+            from icm.head_maps.store import describe_head_store
 
             print(describe_head_store(args.path))
             return 0

@@ -3,15 +3,15 @@
 # What reruns a job (Snakemake's rerun triggers, docs/workflow.md): its inputs (every local
 # file it reads: model files, checkpoints, reference images), its params (only the config it
 # uses, never resources), its script and, through the `code` param, the icm library code
-# its job function runs (icm.tracking).
+# its job function runs (icm.io.fingerprints).
 import re
 from pathlib import Path
 
 from icm.checks import config_problems
-from icm.families import family_named
-from icm.head_study import has_study
-from icm.pairs import concept_pairs as pairs_of
-from icm.tracking import clean_fid_stats_file, code_fingerprint, local_files
+from icm.models.families import family_named
+from icm.head_maps.study import has_study
+from icm.probing.pairs import concept_pairs as pairs_of
+from icm.io.fingerprints import clean_fid_stats_file, code_fingerprint, local_files
 
 MODELS = config["models"]
 CONCEPTS = config["concepts"]

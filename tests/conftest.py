@@ -23,8 +23,8 @@ torch.set_num_threads(1)
 def tiny_pipe():
     """A random-weight SD1.5-architecture pipeline (tiny), shared read-only by tests, with
     the scheduler `models.sd15` runs (DDIM from SD1.5's own scheduler config; the replica
-    ships PNDM as the checkpoint does, and tests/test_schedule.py covers the others)."""
-    from icm.models import build_sd15_pipeline
+    ships PNDM as the checkpoint does, and tests/hooks/test_clock.py covers the others)."""
+    from icm.models.tiny import build_sd15_pipeline
 
     # ICM_TEST_DEVICE=cuda runs the pipeline-level tests on a GPU (see docs/development.md).
     pipe = build_sd15_pipeline("tiny", seed=0, device=os.environ.get("ICM_TEST_DEVICE", "cpu"),
@@ -35,7 +35,7 @@ def tiny_pipe():
 
 @pytest.fixture(scope="session")
 def tiny_settings():
-    from icm.generate import SamplerSettings
+    from icm.generation.shard import SamplerSettings
 
     return SamplerSettings(steps=4, guidance_scale=7.5, resolution=32)
 

@@ -21,32 +21,32 @@ from typing import Any, NoReturn
 
 # Job function -> the module defining it. A job imports only its own module (``__getattr__``
 # below): a table or plot job need not load diffusers, which costs ~10 s a job on 2 cores.
-# icm.tracking reads this mapping to find the code a job runs.
+# icm.io.fingerprints reads this mapping to find the code a job runs.
 JOBS: dict[str, str] = {
-    "build_model_job": "icm.jobs.generation",
+    "build_model_job": "icm.jobs.models",
     "calibrate_variant_job": "icm.jobs.calibration",
     "capture_head_maps_job": "icm.jobs.head_maps",
     "collect_table_job": "icm.jobs.evaluation",
     "compute_metrics_job": "icm.jobs.evaluation",
     "concept_samples": "icm.jobs.generation",
     "evaluate_head_maps_job": "icm.jobs.head_maps",
-    "explicit_vs_implicit_job": "icm.jobs.explicit",
+    "explicit_vs_implicit_job": "icm.jobs.probing",
     "finetune_lora_job": "icm.jobs.finetuning",
     "fit_probes_job": "icm.jobs.probing",
     "inject_prompts_job": "icm.jobs.injection",
     "generate_finetuned_job": "icm.jobs.finetuning",
     "generate_shard_job": "icm.jobs.generation",
-    "label_images_job": "icm.jobs.probing",
+    "label_images_job": "icm.jobs.labeling",
     "merge_probes_job": "icm.jobs.probing",
     "merge_samples_job": "icm.jobs.generation",
     "plot_grid_job": "icm.jobs.evaluation",
-    "plot_head_maps_job": "icm.jobs.head_plots",
+    "plot_head_maps_job": "icm.jobs.head_maps",
     "rank_injection_job": "icm.jobs.injection",
     "rank_sites_job": "icm.jobs.probing",
     "render_reference_job": "icm.jobs.evaluation",
     "score_head_relevance_job": "icm.jobs.head_maps",
     "steer_shard_job": "icm.jobs.steering",
-    "target_table_job": "icm.jobs.targets",
+    "target_table_job": "icm.jobs.evaluation",
     "toy_quality_job": "icm.jobs.toy",
     "tradeoff_job": "icm.jobs.calibration",
     "train_toy_features_job": "icm.jobs.toy",
@@ -102,7 +102,7 @@ def end_job_process() -> NoReturn:
     paid once per job (the test configuration's toy table: 303 s, 253 s with this). What an
     exit does before the teardown still happens, in the interpreter's order: threads still
     running are joined and executors shut down, then the exit handlers run (finalizers such
-    as icm.faces' pool, logging); then Python's and C's stdio are flushed and the process
+    as icm.labeling.faces' pool, logging); then Python's and C's stdio are flushed and the process
     ends with status 0. For ``workflow_scripts/`` only, as their last line: a job that
     raised never gets here, and exits with Python's usual traceback and status.
     """

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +18,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from icm.devices import resolve_device
-from icm.jobs.records import write_json
-from icm.labels import label_table, make_labeler
-from icm.provenance import package_versions
-from icm.tables import write_table
+from icm.evaluation.images import load_images, paper_scale, read_shards
+from icm.evaluation.plots import layers_text, plot_metrics
+from icm.evaluation.targets import TARGET_COLUMNS, read_labels, target_rows
+from icm.io.atomic import write_json, write_table
+from icm.io.provenance import package_versions
+from icm.labeling.labelers import make_labeler
+from icm.models.devices import resolve_device
 
 log = logging.getLogger("icm")
 
@@ -33,39 +33,11 @@ log = logging.getLogger("icm")
 METRIC_COLUMNS = ["FD", "FID", "CLIP-I", "CLIP-T", "FD_labels", "FD_probabilities",
                   "CLIP-I_paper", "CLIP-T_paper"]
 #: ``FD_draw_floor``: the FD perfect steering would reach with the row's realised batch targets
-#: (``icm.metrics.draw_floor``); ``n_no_face``: images FairFace's face finder found no face in,
-#: left out of FD.
+#: (``icm.evaluation.metrics.draw_floor``); ``n_no_face``: images FairFace's face finder found no
+#: face in, left out of FD.
 TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "FD_draw_floor", "n_images", "n_no_face",
                  "alpha", "selection", "layers", *METRIC_COLUMNS[4:],
                  *(f"{m}_backend" for m in METRIC_COLUMNS)]
-
-
-#: How an FD was computed (``score_fd``): the paper's evaluation, or hard labels.
-FD_FROM_PROBABILITIES = "mean class probabilities of every image"
-FD_FROM_LABELS = "shares of labelled images"
-
-
-def paper_scale(cosine: float) -> float:
-    """A mean cosine as the paper reports CLIP-I and CLIP-T: (cos + 1) / 2, in [0, 1]."""
-    return (cosine + 1) / 2
-
-
-def read_shards(tables: Sequence[str | Path]) -> pd.DataFrame:
-    """Concatenate shard tables, image paths made absolute, ordered by sample."""
-    parts = []
-    for table in tables:
-        frame = pd.read_csv(table, keep_default_na=False)
-        frame["image"] = [str((Path(table).parent / p).resolve()) for p in frame["image"]]
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True).sort_values("sample", ignore_index=True)
-
-
-def load_images(paths: Sequence[str]) -> list[Image.Image]:
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
-    return images
 
 
 def render_reference_job(
@@ -73,9 +45,9 @@ def render_reference_job(
 ) -> None:
     """Toy-world "real" images for FID: the world as configured, except that the concept's
     attribute follows the concept's reference distribution (uniform by default)."""
-    from icm.atomic import atomic_directory
     from icm.checks import toy_reference_problem, unplanted_reference_ok
-    from icm.debias import target_probabilities
+    from icm.io.atomic import atomic_directory
+    from icm.steering.batch_targets import target_probabilities
     from icm.toy.world import WorldConfig, make_dataset
 
     classes = list(concept["classes"])
@@ -102,71 +74,6 @@ def render_reference_job(
     log.info("rendered %d reference images with %s %s", n, attribute, reference)
 
 
-def _fid(images: Sequence[str], reference: str, backend: str, toy_features: str | None,
-         device: str) -> float:
-    """clean-fid wants one folder: link the variant's images (spread over shards) into one."""
-    from icm.metrics import compute_fid
-
-    with tempfile.TemporaryDirectory() as folder:
-        for i, path in enumerate(images):
-            os.symlink(path, Path(folder) / f"{i:06d}{Path(path).suffix}")
-        return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
-                           device=device)
-
-
-def fid_of_images(images: Sequence[Image.Image], reference: str, backend: str,
-                  toy_features: str | None, device: str) -> float:
-    """FID of images in memory (calibration's), written to a temporary folder for
-    clean-fid."""
-    from icm.metrics import compute_fid
-
-    with tempfile.TemporaryDirectory() as folder:
-        for i, image in enumerate(images):
-            image.save(Path(folder) / f"{i:06d}.png")
-        return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
-                           device=device)
-
-
-def image_embedder(toy: bool, toy_features: str | None, evaluation: Mapping[str, Any],
-                   device: str, labeler: Mapping[str, Any] | None = None) -> Any:
-    """CLIP-I's image tower: the toy feature net in the toy world, on images whose concept
-    attribute (the oracle ``labeler``'s) is neutralised; else open_clip's CLIP."""
-    from icm.metrics import ClipEmbedder, ToyFeatureEmbedder
-
-    if toy:
-        if not toy_features:
-            raise ValueError("the toy model's metrics need the toy feature extractor")
-        return ToyFeatureEmbedder(toy_features, device=device,
-                                  neutral=(labeler or {}).get("attribute"))
-    return ClipEmbedder(evaluation["clip_model"], evaluation["clip_pretrained"], device=device,
-                        checkpoint_tag=evaluation.get("clip_checkpoint_tag"))
-
-
-def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image],
-             prompts: Sequence[str], classes: Sequence[str],
-             reference: Mapping[str, float] | None,
-             rows: pd.DataFrame) -> tuple[float, dict[str, float], str, pd.DataFrame]:
-    """FD of ``images`` (rows: their sample table) and how it was computed: from mean class
-    probabilities of every image where the labeler has them (FairFace, as the paper), else
-    from shares of labelled images; and per image its ``label`` and ``p_{class}``, the
-    labeler's confidence in each class (its probabilities, else ``labeler.confidences``)."""
-    from icm.metrics import fairness_discrepancy, fairness_discrepancy_from_probabilities
-
-    margin = float(spec.get("margin", 0.0))
-    matrix = labeler.scores(images)
-    labels = label_table(rows, matrix, labeler, margin)["label"]
-    probabilities = labeler.class_probabilities(images)
-    confidence = probabilities if probabilities is not None else labeler.confidences(matrix)
-    labelled = pd.DataFrame({"label": labels.to_numpy(),
-                             **{f"p_{c}": confidence[:, k] for k, c in enumerate(classes)}})
-    if probabilities is not None:
-        fd, per_prompt = fairness_discrepancy_from_probabilities(probabilities, list(prompts),
-                                                                 classes, reference)
-        return fd, per_prompt, FD_FROM_PROBABILITIES, labelled
-    fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
-    return fd, per_prompt, FD_FROM_LABELS, labelled
-
-
 def compute_metrics_job(
     *,
     toy: bool,
@@ -184,12 +91,20 @@ def compute_metrics_job(
     CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
     variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
     the original itself."""
-    from icm.metrics import (
+    # Imported here: the other jobs of this module score nothing (icm.io.fingerprints).
+    from icm.evaluation.metrics import (
         clip_t,
         draw_floor,
         fairness_discrepancy,
         paired_cosines,
         prompt_agreement,
+    )
+    from icm.evaluation.scoring import (
+        FD_FROM_LABELS,
+        FD_FROM_PROBABILITIES,
+        fid_of_files,
+        image_embedder,
+        score_fd,
     )
 
     device = str(resolve_device(evaluation["device"]))
@@ -218,7 +133,7 @@ def compute_metrics_job(
     fid, fid_backend = math.nan, "none (no fid_reference)"
     if fid_reference:
         backend = "toy" if toy else "inception"
-        fid = _fid(list(rows["image"]), fid_reference, backend, toy_features, device)
+        fid = fid_of_files(list(rows["image"]), fid_reference, backend, toy_features, device)
         fid_backend = ("clean-fid, toy features" if toy else "clean-fid, Inception") + \
             f" vs {fid_reference}"
     counts = labels[labels != ""].value_counts().to_dict()
@@ -282,35 +197,6 @@ def collect_table_job(metrics: Sequence[str | Path], records: Sequence[str | Pat
     return table
 
 
-def layers_text(sites: Mapping[str, Sequence[str]] | Sequence[str]) -> str:
-    """The table's ``layers`` cell: ``;``-separated sites, per pair as ``pair: a;b | ...``
-    when pairs steer different sets of sites."""
-    if not isinstance(sites, Mapping):
-        return ";".join(sites)
-    if len({frozenset(v) for v in sites.values()}) == 1:
-        return ";".join(next(iter(sites.values())))
-    return " | ".join(f"{pair}: {';'.join(v)}" for pair, v in sites.items())
-
-
-def plot_metrics(table: pd.DataFrame, output: str | Path) -> None:
-    """One bar chart per metric, a bar per variant: the table at a glance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ["FD", "FID", "CLIP-I", "CLIP-T"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3))
-    for ax, metric in zip(axes, metrics, strict=True):
-        ax.bar(table["variant"], table[metric].astype(float), color="tab:blue")
-        better = "lower" if metric in ("FD", "FID") else "higher"
-        ax.set_title(f"{metric} ({better} is better)", fontsize=9)
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-    fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-
-
 def plot_grid_job(variant_tables: Mapping[str, Sequence[str | Path]], columns: int,
                   output: str | Path) -> None:
     """Rows: variants (first: the original); columns: the same samples (seeds) in each."""
@@ -339,3 +225,22 @@ def plot_grid_job(variant_tables: Mapping[str, Sequence[str | Path]], columns: i
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def target_table_job(target: str, labels: Mapping[str, str | Path], original: str,
+                     records: Mapping[str, str | Path], metrics: Mapping[str, str | Path],
+                     output: str | Path) -> None:
+    """``target-{target}/table.csv`` from every variant's per-image labels."""
+    tables = {v: read_labels(p) for v, p in labels.items()}
+    info = {}
+    for variant, path in records.items():
+        record = json.loads(Path(path).read_text())
+        backend = json.loads(Path(metrics[variant]).read_text())["backends"]["FD"]
+        info[variant] = {"alpha": record["alpha"], "selection": record["selection"],
+                         "labeler": backend}
+    rows = target_rows(tables, original, target, info)
+    write_table(output, rows, TARGET_COLUMNS)
+    for row in rows:
+        log.info("%s -> %s: success %.3f flips %.3f confidence %.3f CLIP-I %.3f (n %d, "
+                 "eligible %d)", row["variant"], target, row["success_rate"], row["flip_rate"],
+                 row["target_confidence"], row["CLIP-I"], row["n_images"], row["n_eligible"])

@@ -7,76 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from icm.jobs.records import write_json
-from icm.tables import write_table
+from icm.finetuning.training import lora_sites, plot_losses, training_set
+from icm.io.atomic import atomic_directory, write_json, write_table
 
 log = logging.getLogger("icm")
-
-
-def training_set(concept: Mapping[str, Any], samples_csv: str | Path, labels_csv: str | Path,
-                 seed: int) -> tuple[Any, dict[str, Any]]:
-    """The finetuning images: specific-prompt images the labeler reads as their prompt's
-    class (the others are counted and left out), each class subsampled so the classes mix
-    as the concept's reference distribution (uniform by default), each image reported
-    under the general prompt closest to its specific one (``general_prompt_for``)."""
-    import numpy as np
-    import pandas as pd
-
-    from icm.debias import target_probabilities
-    from icm.finetune import general_prompt_for
-
-    samples = pd.read_csv(samples_csv, keep_default_na=False)
-    labels = pd.read_csv(labels_csv, keep_default_na=False, dtype={"label": str})
-    table = samples.merge(labels[["sample", "label", "prompt_class"]], on="sample",
-                          validate="one_to_one")
-    classes = list(concept["classes"])
-    agree = table[table["label"] == table["prompt_class"]]
-    probs = dict(zip(classes, target_probabilities(classes, concept.get("reference")),
-                     strict=True))
-    counts = agree["prompt_class"].value_counts().to_dict()
-    wanted = [c for c in classes if probs[c] > 0]
-    missing = [c for c in wanted if not counts.get(c)]
-    if missing:
-        raise ValueError(f"no specific-prompt image the labeler reads as {missing}: "
-                         "nothing to finetune toward them")
-    total = min(counts[c] / probs[c] for c in wanted)
-    rng = np.random.default_rng(seed)
-    parts = []
-    for name in wanted:
-        rows = agree[agree["prompt_class"] == name]
-        take = int(np.floor(total * probs[name] + 1e-9))
-        parts.append(rows.iloc[np.sort(rng.choice(len(rows), take, replace=False))])
-    chosen = pd.concat(parts, ignore_index=True)
-    general = list(concept["prompts"])
-    pairing = {p: general_prompt_for(p, general) for p in dict.fromkeys(table["prompt"])}
-    chosen["general_prompt"] = chosen["prompt"].map(pairing)
-    summary = {"images": len(chosen), "per_class": {
-                   k: int(v) for k, v in chosen["prompt_class"].value_counts().items()},
-               "misread_left_out": int(len(table) - len(agree)),
-               "prompt_pairing": pairing,
-               "mix": "the concept's reference distribution (uniform when null)"}
-    return chosen, summary
-
-
-def lora_sites(concept: Mapping[str, Any], variant: Mapping[str, Any],
-               ranking: str | Path | None, pair_ranking: str | Path | None) -> list[str]:
-    """The sites a LoRA variant trains: the selection of the concept ranking, or with a
-    per-pair ranking the union, in order, of each pair's selection (as steering chooses
-    them: the paper's race LoRA trains the union of its black, indian and asian layers)."""
-    import pandas as pd
-
-    from icm.debias import sites_per_pair
-    from icm.pairs import Pair
-
-    names = [Pair(*p).name for p in concept["pairs"]]
-    per_pair = sites_per_pair(pd.read_csv(ranking) if ranking else None,
-                              pd.read_csv(pair_ranking) if pair_ranking else None,
-                              names, variant["sites"], variant.get("k"), variant["seed"])
-    return list(dict.fromkeys(s for pair in names for s in per_pair[pair]))
 
 
 def finetune_lora_job(
@@ -89,17 +27,22 @@ def finetune_lora_job(
     """Train the variant's adapter: its sites (``lora_sites``), the training set of
     ``training_set``, the settings ``finetuning``. The model loads first; the adapter
     folder appears only complete."""
-    import pandas as pd
     from PIL import Image
     from tqdm import tqdm
 
-    from icm.atomic import atomic_directory
-    from icm.families import family_of
-    from icm.finetune import OBJECTIVES, TrainSettings, save_adapter, target_modules, train_lora
-    from icm.generate import SamplerSettings
-    from icm.models import ModelSpec, load_pipeline
-    from icm.provenance import package_versions
-    from icm.sites import denoiser_of
+    from icm.finetuning.lora import (
+        OBJECTIVES,
+        TrainSettings,
+        save_adapter,
+        target_modules,
+        train_lora,
+    )
+    from icm.generation.shard import SamplerSettings
+    from icm.hooks.sites import denoiser_of
+    from icm.io.atomic import atomic_directory
+    from icm.io.provenance import package_versions
+    from icm.models.families import family_of
+    from icm.models.loading import ModelSpec, load_pipeline
 
     settings = TrainSettings.of(finetuning)
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
@@ -121,7 +64,7 @@ def finetune_lora_job(
         save_adapter(partial, weights, config)
     write_table(losses_csv, [{"step": i, "loss": v} for i, v in enumerate(losses)],
                 columns=["step", "loss"])
-    _plot_losses(losses, loss_plot, variant_name)
+    plot_losses(losses, loss_plot, variant_name)
     write_json(record, {
         "variant": variant_name, "selection": variant["sites"], "sites": sites,
         "sites_from": "the union of each pair's selection" if pair_ranking
@@ -132,27 +75,6 @@ def finetune_lora_job(
         "training_set": summary, "loss_first": losses[0], "loss_last": losses[-1],
         "objective": OBJECTIVES[family_of(denoiser_of(pipe)).objective],
         "versions": package_versions()})
-
-
-def _plot_losses(losses: Sequence[float], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(losses, color="0.7", linewidth=0.8, label="step")
-    window = max(1, len(losses) // 20)
-    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-    ax.plot(np.arange(len(smooth)) + window - 1, smooth, color="tab:blue", label="running mean")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("diffusion loss")
-    ax.set_title(f"LoRA training: {title}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def generate_finetuned_job(
@@ -169,14 +91,12 @@ def generate_finetuned_job(
 
     from tqdm import tqdm
 
-    from icm.atomic import atomic_directory
-    from icm.finetune import load_adapter
-    from icm.generate import SamplerSettings, batches, generate_images, image_name
-    from icm.jobs.generation import concept_samples
-    from icm.jobs.steering import STEER_COLUMNS
-    from icm.models import ModelSpec, load_pipeline
-    from icm.provenance import package_versions
-    from icm.samples import shard_samples
+    from icm.finetuning.lora import load_adapter
+    from icm.generation.samples import concept_samples, shard_samples
+    from icm.generation.shard import SamplerSettings, batches, generate_images, image_name
+    from icm.io.provenance import package_versions
+    from icm.models.loading import ModelSpec, load_pipeline
+    from icm.steering.plan import STEER_COLUMNS
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     prompts = concept.get("evaluation_prompts") or concept["prompts"]

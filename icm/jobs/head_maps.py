@@ -1,14 +1,13 @@
 """Jobs of the head-map study (docs/head-maps.md): capture per-head word maps while
 generating, score head relevance on the train split, judge selections on both splits.
 
-The plots live in ``icm.jobs.head_plots``. Everything a job writes appears at its final path
+Figures come from ``icm.head_maps.plots``. Everything a job writes appears at its final path
 only once complete (stores, image folders and tables are written under temporary names).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import sys
@@ -17,23 +16,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import pandas as pd
 from tqdm import tqdm
 
-from icm.aggregation import Head
-from icm.atomic import atomic_directory
-from icm.head_study import (
+from icm.generation.samples import SEED_RULE, shard_samples
+from icm.head_maps.plots import (
+    MISREAD_COLUMNS,
+    mean_map,
+    middle,
+    misread,
+    plot_curve,
+    plot_overlays,
+    plot_relevance,
+    plot_tau,
+    pyplot,
+    save,
+)
+from icm.head_maps.reading import (
+    SAMPLE_COLUMNS,
+    label_free_choice,
+    read_images,
+    read_masks,
+    read_relevance,
+    read_split,
+)
+from icm.head_maps.relevance import hrv_of_votes
+from icm.head_maps.study import (
     STREAM,
-    excluded,
     hrv_concepts,
     slot_names,
     split_samples,
     words_of,
 )
-from icm.jobs.records import write_json, written
-from icm.provenance import package_versions
-from icm.samples import SEED_RULE, shard_samples
-from icm.tables import write_table
+from icm.io.atomic import atomic_directory, write_json, write_table, written
+from icm.io.provenance import package_versions
 
 log = logging.getLogger("icm")
 
@@ -41,7 +57,6 @@ RELEVANCE_COLUMNS = ["relevance", "word", "site", "head", "score", "rank"]
 TABLE_COLUMNS = ["split", "word", "method", "relevance", "k", "tau", "miou", "miou_low",
                  "miou_high", "n", "diff", "diff_low", "diff_high"]
 CURVE_COLUMNS = ["split", "word", "relevance", "order", "k", "tau", "miou"]
-SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "words", "image"]
 
 
 def capture_head_maps_job(
@@ -55,13 +70,13 @@ def capture_head_maps_job(
     import torch
     from safetensors.torch import save_file
 
-    from icm.families import family_of
-    from icm.generate import GUIDANCE_ROWS, SamplerSettings, batches, generate_images
-    from icm.head_maps import StepWindow, capture_head_maps, cross_attention_sites
-    from icm.head_relevance import ConceptVoting
-    from icm.head_store import HeadMapStoreWriter
-    from icm.models import ModelSpec, load_pipeline
-    from icm.sites import denoiser_of
+    from icm.generation.shard import GUIDANCE_ROWS, SamplerSettings, batches, generate_images
+    from icm.head_maps.relevance import ConceptVoting
+    from icm.head_maps.store import HeadMapStoreWriter
+    from icm.hooks.head_maps import StepWindow, capture_head_maps, cross_attention_sites
+    from icm.hooks.sites import denoiser_of
+    from icm.models.families import family_of
+    from icm.models.loading import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     samples = split_samples(study, split, generation["base_seed"])
@@ -124,68 +139,6 @@ def capture_head_maps_job(
 # -- reading a split back ----------------------------------------------------------------
 
 
-def read_split(tables: Sequence[str | Path], stores: Sequence[str | Path],
-               exclude: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """The sample rows (image paths made absolute) and the float32 maps (site -> (samples,
-    heads, words, y, x)) of a split's shards, in shard order, ``exclude``'d sites left out."""
-    import zarr
-
-    from icm.store import read_checked
-
-    rows: list[dict[str, Any]] = []
-    parts: dict[str, list[np.ndarray]] = {}
-    for table, store in zip(tables, stores, strict=True):
-        with Path(table).open(newline="") as handle:
-            shard_rows = list(csv.DictReader(handle))
-        for row in shard_rows:
-            row["image"] = str(Path(table).parent / row["image"])
-            row["words"] = json.loads(row["words"])
-        group = zarr.open_group(Path(store), mode="r")
-        if group.attrs.get("n_samples") != len(shard_rows):
-            raise ValueError(f"{store} holds {group.attrs.get('n_samples')} samples, "
-                             f"{table} lists {len(shard_rows)}")
-        for site in group.attrs["sites"]:
-            if not excluded(site, list(exclude)):
-                parts.setdefault(site, []).append(
-                    read_checked(group, store, site).astype(np.float32))
-        rows += shard_rows
-    if not parts:
-        raise ValueError(f"every site is excluded ({list(exclude)})")
-    return rows, {site: np.concatenate(chunks) for site, chunks in parts.items()}
-
-
-def read_images(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """(samples, H, W, 3) uint8 images of the rows."""
-    return np.stack([np.asarray(Image.open(row["image"]).convert("RGB")) for row in rows])
-
-
-def read_masks(masks: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], slots: list[str],
-               images: np.ndarray | None = None) -> np.ndarray:
-    """(samples, slots, H, W) ground truth: the toy oracle's foreground of each image (the same
-    for every slot: the one object is what each word names), or ``<path>/<seed>-<slot>.png``."""
-    if masks["type"] == "oracle":
-        from icm.toy.oracle import foreground_mask
-
-        images = read_images(rows) if images is None else images
-        fg = np.stack([foreground_mask(image) for image in images])
-        return np.repeat(fg[:, None], len(slots), axis=1)
-    folder = Path(masks["path"])
-    files = [[folder / f"{row['seed']}-{slot}.png" for slot in slots] for row in rows]
-    missing = [str(f) for per in files for f in per if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} masks missing in {folder}, e.g. {missing[:3]} "
-                                "(one <seed>-<slot>.png per generated image and slot)")
-    size = np.asarray(Image.open(rows[0]["image"])).shape[:2]
-    out = np.zeros((len(rows), len(slots), *size), dtype=bool)
-    for i, per in enumerate(files):
-        for j, path in enumerate(per):
-            mask = np.asarray(Image.open(path).convert("L"))
-            if mask.shape != size:
-                raise ValueError(f"{path} is {mask.shape}, its image {size}")
-            out[i, j] = mask > 0
-    return out
-
-
 # -- relevance ------------------------------------------------------------------------------
 
 
@@ -197,15 +150,15 @@ def score_head_relevance_job(
     """Every relevance source of the study, per (slot, head), fitted on the train split."""
     from safetensors.numpy import save_file
 
-    from icm.aggregation import heads_of
-    from icm.head_relevance import agreement, concentration, oracle_iou, rank_stability
+    from icm.head_maps.aggregation import heads_of
+    from icm.head_maps.relevance import agreement, concentration, oracle_iou, rank_stability
 
     slots, sources = slot_names(study), list(study["relevance"])
     rows, maps = read_split(tables, stores, study["exclude"])
     heads = heads_of(maps)
     size = study["map_size"]
     masks = read_masks(study["masks"], rows, slots) if "oracle" in sources else None
-    hrv = _hrv(votes, heads, slots) if "hrv" in sources else None
+    hrv = hrv_of_votes(votes, heads, slots) if "hrv" in sources else None
     groups = np.asarray([int(r["repeat"]) for r in rows]) % study["stability_groups"]
     scores: dict[str, np.ndarray] = {}
     for w, slot in enumerate(slots):
@@ -244,61 +197,6 @@ def score_head_relevance_job(
         "hrv_concepts": hrv_concepts(study), "versions": package_versions()})
 
 
-def _hrv(votes: Sequence[str | Path], heads: list[Head], slots: list[str]) -> np.ndarray:
-    """(slots, heads) HRV relevance from the shards' summed votes, rows in slot order, over
-    the kept heads only (votes of excluded sites dropped before normalising)."""
-    from safetensors import safe_open
-
-    from icm.head_relevance import hrv_from_votes
-
-    total, order, concepts = None, None, None
-    for path in votes:
-        with safe_open(str(path), "np") as handle:
-            counts = handle.get_tensor("votes")
-            meta = handle.metadata()
-        names = [tuple(h) for h in json.loads(meta["heads"])]
-        if order is not None and names != order:
-            raise ValueError(f"{path} votes for other heads than the first shard")
-        order, concepts = names, json.loads(meta["concepts"])
-        total = counts if total is None else total + counts
-    index = {h: i for i, h in enumerate(order)}
-    kept = total[[index[h] for h in heads]]
-    relevance = hrv_from_votes(kept)  # (concepts, heads)
-    return relevance[[concepts.index(slot) for slot in slots]]
-
-
-def read_relevance(path: str | Path) -> dict[str, dict[str, dict[Head, float]]]:
-    """relevance.csv as source -> slot -> {(site, head): score}."""
-    out: dict[str, dict[str, dict[Head, float]]] = {}
-    with Path(path).open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            out.setdefault(row["relevance"], {}).setdefault(row["word"], {})[
-                (row["site"], int(row["head"]))] = float(row["score"])
-    return out
-
-
-def label_free_choice(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per word and tau: the label-free selection (source and k, the oracle excluded) with
-    the best paired gain over all heads on the train split, and how it does on the held-out
-    split. The train masks choose among a few settings; the held-out images stay unseen."""
-    out = []
-    train = [r for r in rows if r["split"] == "train" and r["method"] == "topk"
-             and r["relevance"] != "oracle"]
-    held = {(r["word"], r["relevance"], r["k"], r["tau"]): r for r in rows
-            if r["split"] == "held-out" and r["method"] == "topk"}
-    for word, tau in dict.fromkeys((r["word"], r["tau"]) for r in train):
-        best = max((r for r in train if r["word"] == word and r["tau"] == tau),
-                   key=lambda r: r["diff"])
-        test = held.get((word, best["relevance"], best["k"], tau))
-        if test is not None:
-            out.append({"word": word, "tau": tau, "relevance": best["relevance"],
-                        "k": best["k"], "train_diff": best["diff"],
-                        "held_out_miou": test["miou"], "held_out_diff": test["diff"],
-                        "held_out_diff_low": test["diff_low"],
-                        "held_out_diff_high": test["diff_high"]})
-    return out
-
-
 # -- evaluation -------------------------------------------------------------------------------
 
 
@@ -309,7 +207,7 @@ def evaluate_head_maps_job(
 ) -> None:
     """table.csv (every method on both splits, paired with ``all``) and curve.csv (mIoU of
     the k most and the k least relevant heads, held-out split)."""
-    from icm.head_eval import WordScorer, curve_counts, evaluate
+    from icm.head_maps.evaluation import WordScorer, curve_counts, evaluate
 
     slots, size = slot_names(study), study["map_size"]
     scores = read_relevance(relevance)
@@ -342,3 +240,65 @@ def evaluate_head_maps_job(
         "settings": {k: study[k] for k in ("ks", "taus", "seed", "map_size", "exclude",
                                            "curve_points")},
         "versions": package_versions()})
+
+
+def plot_head_maps_job(
+    *, study: Mapping[str, Any], table: str | Path, curve: str | Path,
+    relevance: str | Path, held_out: tuple[Sequence[str], Sequence[str]],
+    outputs: Mapping[str, str | Path], per_prompt: int = 2,
+) -> None:
+    """Every figure of the module docstring, from the held-out split."""
+    from icm.head_maps.aggregation import chosen_heads
+    from icm.head_maps.evaluation import WordScorer
+
+    table_frame, curve_frame = pd.read_csv(table), pd.read_csv(curve)
+    tau = middle(study["taus"])
+    plot_curve(curve_frame, table_frame, tau, outputs["curve"])
+    topk = table_frame[table_frame.method == "topk"]
+    k = middle(sorted(topk.k.unique())) if len(topk) else 1
+    plot_tau(table_frame, int(k), outputs["tau"])
+    scores = read_relevance(relevance)
+    plot_relevance(scores, outputs["relevance"])
+
+    slots, size = slot_names(study), study["map_size"]
+    rows, maps = read_split(*held_out, study["exclude"])
+    images = read_images(rows)
+    masks = read_masks(study["masks"], rows, slots, images)
+    shown = [i for i, row in enumerate(rows) if int(row["repeat"]) < per_prompt]
+    panel_rows, panels_by_slot = [], []
+    for w, slot in enumerate(slots):
+        scorer = WordScorer(maps, w, masks[:, w], size)
+        panels = [("all heads", scorer.stack.mean(dim=1).numpy())]
+        for source, per in scores.items():
+            chosen = chosen_heads(scorer.heads, per[slot], int(k))
+            panels.append((f"top-{k} {source}", mean_map(scorer, chosen)))
+        first = next(iter(scores))
+        bottom = chosen_heads(scorer.heads, {h: -v for h, v in scores[first][slot].items()},
+                              int(k))
+        panels.append((f"bottom-{k} {first}", mean_map(scorer, bottom)))
+        panels_by_slot.append(panels)
+        panel_rows += [(i, w) for i in shown]
+    plot_overlays(
+        images[[i for i, _ in panel_rows]],
+        [(name, np.stack([panels_by_slot[w][j][1][i] for i, w in panel_rows]))
+         for j, (name, _) in enumerate(panels_by_slot[0])],
+        [f"{rows[i]['prompt']}: {slots[w]}" for i, w in panel_rows], outputs["overlays"])
+
+    wrong = misread(rows, images, slots) if study["masks"]["type"] == "oracle" else []
+    write_table(outputs["misread"], wrong, MISREAD_COLUMNS)
+    index = {int(row["sample"]): i for i, row in enumerate(rows)}
+    picked = [(index[m["sample"]], slots.index(m["word"]), m) for m in wrong[:12]]
+    if picked:
+        plot_overlays(
+            images[[i for i, _, _ in picked]],
+            [(name, np.stack([panels_by_slot[w][j][1][i] for i, w, _ in picked]))
+             for j, (name, _) in enumerate(panels_by_slot[0])],
+            [f"{m['prompt']}: drew {m['drawn']}" for _, _, m in picked], outputs["misread_plot"])
+    else:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no held-out image drew another word than asked", ha="center",
+                va="center", fontsize=8)
+        ax.axis("off")
+        save(fig, outputs["misread_plot"])
+        plt.close(fig)

@@ -6,32 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from icm.jobs.records import write_json
-from icm.tables import write_table
+from icm.io.atomic import write_json, write_table
+from icm.probing.injection import INJECTION_COLUMNS, flip_table, injected_prompts
+from icm.probing.ranking import short_site
 
 log = logging.getLogger("icm")
-
-#: samples.csv of an injection run: the sample's plan, then where and what was injected
-#: (site and class empty for the uninjected baseline of each seed).
-INJECTION_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "site",
-                     "injected_class", "injected_prompt", "image"]
-
-
-def injected_prompts(concept: Mapping[str, Any]) -> dict[str, str]:
-    """Class -> the prompt injected for it: ``injection.injected``, else each class's first
-    specific prompt; every class needs one."""
-    chosen = dict(concept["injection"].get("injected") or {})
-    for name, prompts in (concept.get("specific_prompts") or {}).items():
-        chosen.setdefault(name, prompts[0])
-    missing = [c for c in concept["classes"] if c not in chosen]
-    if missing:
-        raise ValueError(f"no prompt to inject for {missing}: set injection.injected or "
-                         "specific_prompts for them")
-    return {c: chosen[c] for c in concept["classes"]}
 
 
 def inject_prompts_job(
@@ -46,14 +29,14 @@ def inject_prompts_job(
     work; images appear only complete (``atomic_directory``)."""
     from tqdm import tqdm
 
-    from icm.atomic import atomic_directory
-    from icm.families import family_of
-    from icm.generate import SamplerSettings, generate_images, image_name
-    from icm.injection import PromptInjection, record_text_states
-    from icm.jobs.generation import concept_samples
-    from icm.models import ModelSpec, load_pipeline
-    from icm.provenance import package_versions
-    from icm.sites import denoiser_of, list_sites
+    from icm.generation.samples import concept_samples
+    from icm.generation.shard import SamplerSettings, generate_images, image_name
+    from icm.hooks.injection import PromptInjection, record_text_states
+    from icm.hooks.sites import denoiser_of, list_sites
+    from icm.io.atomic import atomic_directory
+    from icm.io.provenance import package_versions
+    from icm.models.families import family_of
+    from icm.models.loading import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
     injection = concept["injection"]
@@ -109,28 +92,6 @@ def inject_prompts_job(
         "versions": package_versions()})
 
 
-def flip_table(samples: Any, labels: Any) -> Any:
-    """Per (site, injected class): the images, how many seeds' uninjected image is not that
-    class (``eligible``), how many of those the injection turned into it (``flips``), the
-    ``flip_rate`` (flips / eligible) and ``share_class``, the injected images of that class."""
-    import pandas as pd
-
-    table = samples.merge(labels[["sample", "label"]], on="sample", validate="one_to_one")
-    base = table[table["site"] == ""].set_index(["prompt_index", "repeat"])["label"]
-    injected = table[table["site"] != ""].copy()
-    injected["before"] = base.reindex(
-        pd.MultiIndex.from_frame(injected[["prompt_index", "repeat"]])).to_numpy()
-    injected["eligible"] = injected["before"] != injected["injected_class"]
-    injected["is_class"] = injected["label"] == injected["injected_class"]
-    injected["flip"] = injected["eligible"] & injected["is_class"]
-    flips = (injected.groupby(["site", "injected_class"], sort=False)
-             .agg(images=("sample", "size"), eligible=("eligible", "sum"),
-                  flips=("flip", "sum"), share_class=("is_class", "mean"))
-             .reset_index())
-    flips["flip_rate"] = flips["flips"] / flips["eligible"].where(flips["eligible"] > 0)
-    return flips
-
-
 def rank_injection_job(
     samples_csv: str | Path, labels_csv: str | Path, ranking_csv: str | Path,
     output_flips: str | Path, output_ranking: str | Path, output_record: str | Path,
@@ -177,7 +138,7 @@ def rank_injection_job(
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     ax.scatter(per_site["probe_mean_test_acc"], per_site["flip_rate"], color="tab:blue")
     for _, row in per_site.head(3).iterrows():
-        ax.annotate(_short(row["site"]), (row["probe_mean_test_acc"], row["flip_rate"]),
+        ax.annotate(short_site(row["site"]), (row["probe_mean_test_acc"], row["flip_rate"]),
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("probe mean test accuracy (from the steering start)")
     ax.set_ylabel("flip rate toward the injected class")
@@ -186,9 +147,4 @@ def rank_injection_job(
     fig.savefig(output_plot, dpi=120)
     plt.close(fig)
 
-
-def _short(site: str) -> str:
-    from icm.ranking import _short as short
-
-    return short(site)
 

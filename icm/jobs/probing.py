@@ -1,4 +1,5 @@
-"""Jobs of stages 2-3: label images, fit probes per class pair, rank sites."""
+"""Jobs of stage 3: fit probes per class pair, merge a pair's probe groups, rank sites, and
+compare implicit with explicit choices (the paper's Table 3, ``icm.probing.explicit``)."""
 
 from __future__ import annotations
 
@@ -7,100 +8,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from icm.devices import resolve_device
-from icm.jobs.records import write_json
-from icm.tables import write_table
+from icm.io.atomic import write_json, write_table
+from icm.probing.explicit import EXPLICIT, IMPLICIT, balanced_rows, held_out_score
+from icm.probing.stored import fit_stored, group_sites, write_probes
 
 log = logging.getLogger("icm")
-
-
-
-def label_images_job(
-    concept: Mapping[str, Any], samples_csv: str | Path, output: str | Path,
-    sidecar: str | Path, device: str = "auto",
-) -> None:
-    """Label every generated image; the labeler loads (and fails) before any work. Images
-    of class-specific prompts (``concept["specific_prompts"]``) also get the class their
-    prompt names (column ``prompt_class``) beside the labeler's."""
-    import pandas as pd
-
-    from icm.labels import label_images, make_labeler
-    from icm.provenance import package_versions
-
-    labeler = make_labeler(concept["labeler"], concept["classes"],
-                           device=str(resolve_device(device)))
-    samples = pd.read_csv(samples_csv)
-    table = label_images(samples, Path(samples_csv).parent, labeler,
-                         margin=concept["labeler"]["margin"])
-    extra = {}
-    if concept.get("specific_prompts"):
-        from icm.jobs.generation import specific_prompts
-
-        named = specific_prompts(concept)
-        table["prompt_class"] = samples["prompt"].map(named).to_numpy()
-        if table["prompt_class"].isna().any():
-            raise ValueError(f"{samples_csv}: prompts that are not specific prompts of the "
-                             "concept; regenerate (rule generate_specific_images)")
-        agree = table["label"] == table["prompt_class"]
-        extra["agreement"] = {"meaning": "share of each class's specific-prompt images the "
-                              "labeler gives that class",
-                              **{c: float(agree[table["prompt_class"] == c].mean())
-                                 for c in dict.fromkeys(named.values())}}
-    write_table(output, table.to_dict("records"), columns=list(table.columns))
-    counts = table.loc[table["kept"], "label"].value_counts().to_dict()
-    unscored = table["margin"].isna()
-    faceless = ~table["face"] if "face" in table else pd.Series(False, index=table.index)
-    dropped = {"no class": int((unscored & ~faceless).sum()),
-               "below margin": int((~table["kept"] & ~unscored).sum())}
-    if "face" in table:  # FairFace on face crops: no face found, no label
-        dropped["no face"] = int(faceless.sum())
-    write_json(sidecar, {"labeler": labeler.name, "classes": concept["classes"],
-                          "margin": concept["labeler"]["margin"], "counts": counts,
-                          "dropped": int((~table["kept"]).sum()), "dropped_by_reason": dropped,
-                          **extra, "versions": package_versions()})
-    log.info("labelled %d images: %s; dropped %s", len(table), counts, dropped)
-
-
-
-def group_sites(sites: Sequence[str], groups: int, group: int) -> list[str]:
-    """Group ``group`` of ``groups`` near-equal runs of ``sites`` (store order): the share of
-    one ``fit_probe_group`` job."""
-    if not 0 <= group < groups:
-        raise ValueError(f"probe group {group} of {groups}")
-    size, extra = divmod(len(sites), groups)
-    start = group * size + min(group, extra)
-    return list(sites[start:start + size + (group < extra)])
-
-
-def fit_stored(stores: Sequence[str | Path], widths: Mapping[str, int], rows: Any, y: Any,
-               target: Any, probes: Mapping[str, Any], memory_mb: float,
-               groups: Any = None, control: bool = False) -> list[Any]:
-    """``icm.probes.fit_pair`` over the sites ``widths`` names, read from ``stores`` (their
-    samples concatenated; ``rows`` picks and orders them, aligned with the labels ``y``).
-    The torch backend reads each width group step by step, in batches of sites sized to
-    ``memory_mb``; the scikit-learn reference holds a batch's sites in memory."""
-    from icm.probes import fit_pair, sites_per_fit
-    from icm.store import StepStack, read_sites
-
-    device = str(resolve_device(probes["device"]))
-    batches = []  # (sites of one width, fitted together)
-    for width in dict.fromkeys(widths.values()):
-        sites = [s for s, w in widths.items() if w == width]
-        size = sites_per_fit(len(rows), width, memory_mb) if probes["backend"] == "torch" \
-            else len(sites)
-        batches += [sites[i:i + size] for i in range(0, len(sites), size)]
-    log.info("%d sites in %d batched fits", len(widths), len(batches))
-    results = []
-    for sites in batches:
-        if probes["backend"] == "torch":  # read step by step: memory of one step
-            activations = StepStack(list(stores), sites, rows=rows)
-        else:
-            activations = {s: a[rows] for s, a in read_sites(list(stores), sites)[1].items()}
-        results += fit_pair(activations, y, target,
-                            backend=probes["backend"], test_size=probes["test_size"],
-                            seed=probes["seed"], min_per_class=probes["min_per_class"],
-                            device=device, groups=groups, control=control)
-    return results
 
 
 def fit_probes_job(
@@ -119,12 +31,12 @@ def fit_probes_job(
     import numpy as np
     import pandas as pd
 
-    from icm.finite import nonfinite_steps
-    from icm.label_table import read_labels
-    from icm.pairs import REST
-    from icm.probes import Pair
-    from icm.sites import site_kind
-    from icm.store import open_store, site_widths
+    from icm.hooks.sites import site_kind
+    from icm.io.activations import open_store, site_widths
+    from icm.io.finite import nonfinite_steps
+    from icm.labeling.table import read_labels
+    from icm.probing.pairs import REST
+    from icm.probing.probes import Pair
 
     target = Pair(negative=pair[0], positive=pair[1])
     samples = np.concatenate([open_store(p)["sample"][:] for p in stores])
@@ -196,38 +108,6 @@ def fit_probes_job(
                  output_meta, output_heatmap)
 
 
-def write_probes(scores: Any, directions: Mapping[str, Any], order: Sequence[str],
-                 meta: Mapping[str, Any], output_scores: str | Path,
-                 output_directions: str | Path, output_meta: str | Path,
-                 output_heatmap: str | Path | None) -> None:
-    """A pair's (or a group's) scores.csv, directions.safetensors and directions.json; the
-    heatmap too when given a path."""
-    from safetensors.numpy import save_file
-
-    from icm.jobs.records import written
-    from icm.provenance import package_versions
-    from icm.ranking import plot_heatmap, step_timesteps
-
-    Path(output_scores).parent.mkdir(parents=True, exist_ok=True)
-    write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
-    with written(output_directions) as partial:
-        save_file({s: directions[s] for s in order}, str(partial),
-                  metadata={"pair": meta["pair"], "positive": meta["positive"]})
-    write_json(output_meta, {
-        **meta,
-        "timesteps": [float(t) for t in step_timesteps(scores)],
-        "entries": [{k: row[k] for k in ("site", "step", "timestep", "train_acc", "test_acc",
-                                         "spread")}
-                    for row in scores.to_dict("records")],
-        "versions": package_versions(),
-    })
-    # No steering start here: it is the ranking's business (rank_sites), so that changing
-    # it does not refit the probes.
-    if output_heatmap is not None:
-        plot_heatmap(scores, None, output_heatmap,
-                     title=f"probe test accuracy, {meta['negative']} vs {meta['positive']}")
-
-
 def merge_probes_job(
     groups: Sequence[tuple[str | Path, str | Path, str | Path]], output_scores: str | Path,
     output_directions: str | Path, output_meta: str | Path, output_heatmap: str | Path,
@@ -268,7 +148,7 @@ def rank_sites_job(
     rankings, the summary per site kind, the heatmap and the start (``ranking.json``)."""
     import pandas as pd
 
-    from icm.ranking import (
+    from icm.probing.ranking import (
         auto_start_step,
         kind_summary,
         no_start_message,
@@ -312,3 +192,113 @@ def rank_sites_job(
     write_table(output_by_kind, summary.to_dict("records"), columns=list(summary.columns))
     plot_heatmap(scores, ranking, output_heatmap,
                  title=f"probe test accuracy (mean over {scores['pair'].nunique()} pairs)")
+
+
+def explicit_vs_implicit_job(
+    concept: Mapping[str, Any], probes: Mapping[str, Any], labels_csv: str | Path,
+    stores: Sequence[str | Path], specific_labels_csv: str | Path,
+    specific_stores: Sequence[str | Path], output_table: str | Path,
+    output_scores: str | Path, output_heatmap: str | Path, output_record: str | Path,
+    memory_mb: float = 2000,
+) -> None:
+    """``explicit_vs_implicit.csv``: per specific prompt, the (site, step) whose probe tells
+    explicit from implicit best on validation rows, its train accuracy and its accuracy on
+    rows held out from the choice (``test_acc``), the mean validation accuracy over all
+    (site, step) and the counts; ``scores.csv`` every probe; a heatmap of the validation
+    accuracy averaged over the specific prompts."""
+    import numpy as np
+    import pandas as pd
+
+    from icm.generation.samples import specific_prompts
+    from icm.hooks.sites import site_kind
+    from icm.io.activations import open_store, site_widths
+    from icm.io.provenance import package_versions
+    from icm.labeling.table import read_labels
+    from icm.probing.probes import Pair, split_indices
+    from icm.probing.ranking import plot_heatmap
+    from icm.probing.stored import fit_stored
+
+    classes = list(concept["classes"])
+    general = np.concatenate([open_store(p)["sample"][:] for p in stores])
+    specific = np.concatenate([open_store(p)["sample"][:] for p in specific_stores])
+    labels, _ = read_labels(labels_csv, general, classes)
+    specific_labels, _ = read_labels(specific_labels_csv, specific, classes)
+    widths = site_widths(stores[0])
+    if site_widths(specific_stores[0]) != widths:
+        raise ValueError("the specific prompts' stores hold other sites or widths than the "
+                         "general prompts': regenerate them with the same model")
+    timesteps = open_store(stores[0])["timestep"][:]
+    if not np.allclose(open_store(specific_stores[0])["timestep"][:], timesteps):
+        raise ValueError("the specific prompts' stores have other timesteps than the general "
+                         "prompts': regenerate them with the same model settings")
+    general_label = labels.set_index("sample").loc[general, "label"].to_numpy()
+    rows = specific_labels.set_index("sample").loc[specific]
+    target = Pair(negative=IMPLICIT, positive=EXPLICIT)
+    all_stores = [*stores, *specific_stores]  # rows: general samples first, then specific
+    scores, summary = [], []
+    if "prompt_class" not in rows:
+        raise ValueError(f"{specific_labels_csv}: no prompt_class column; relabel the "
+                         "specific prompts' images (rule label_specific_images)")
+    # The specific generation numbers its prompts in specific_prompts' order.
+    for index, (prompt, name) in enumerate(specific_prompts(concept).items()):
+        implicit = np.flatnonzero(general_label == name)
+        of_prompt = rows["prompt_index"].to_numpy() == index
+        if (rows.loc[of_prompt, "prompt_class"] != name).any():
+            raise ValueError(f"{specific_labels_csv}: prompt {index} is not {prompt!r} of "
+                             f"class {name}: the specific prompts changed; regenerate")
+        explicit = np.flatnonzero(of_prompt & (rows["label"].to_numpy() == name))
+        misread = int(of_prompt.sum()) - len(explicit)
+        implicit, explicit = balanced_rows(implicit, explicit, probes["seed"])
+        pick = np.concatenate([implicit, len(general) + explicit])
+        y = np.array([IMPLICIT] * len(implicit) + [EXPLICIT] * len(explicit))
+        log.info("%s: %d explicit (%d read as another class, left out) vs %d implicit",
+                 prompt, len(explicit), misread, len(implicit))
+        select, held = split_indices(y, probes["test_size"], probes["seed"])
+        results = fit_stored(all_stores, widths, pick[select], y[select], target, probes,
+                             memory_mb)
+        part = pd.DataFrame([
+            {"specific_prompt": prompt, "class": name, "site": r.site, "kind": site_kind(r.site),
+             "step": step, "timestep": float(timesteps[step]), "train_acc": float(tr),
+             "validation_acc": float(va), "n_train": r.n_train, "n_validation": r.n_test}
+            for r in results for step, (tr, va) in enumerate(zip(r.train_acc, r.test_acc))])
+
+        scored: dict[tuple[str, int], tuple[float, float]] = {}  # a kind's best may be it
+
+        def chosen(rows: pd.DataFrame) -> tuple[pd.Series, float, float]:
+            best = rows.loc[rows["validation_acc"].idxmax()]
+            key = (best["site"], int(best["step"]))
+            if key not in scored:
+                scored[key] = held_out_score(all_stores, pick, y, select, held, *key)
+            return best, *scored[key]
+
+        best, train_acc, test_acc = chosen(part)
+        row = {"specific_prompt": prompt, "class": name, "best_site": best["site"],
+               "best_kind": best["kind"], "best_step": int(best["step"]),
+               "train_acc": train_acc, "test_acc": test_acc,
+               "validation_acc": float(best["validation_acc"]),
+               "mean_validation_acc": float(part["validation_acc"].mean()), "chance": 0.5}
+        # Per site kind: a cross-attention output reads the prompt's own words, which differ
+        # by design, so the other kinds say more about the representation of the choice.
+        for kind, of_kind in part.groupby("kind", sort=False):
+            top, _, top_test = chosen(of_kind)
+            row |= {f"best_{kind}_site": top["site"], f"best_{kind}_step": int(top["step"]),
+                    f"best_{kind}_test_acc": top_test,
+                    f"mean_{kind}_validation_acc": float(of_kind["validation_acc"].mean())}
+        summary.append(row | {"n_explicit": len(explicit), "n_implicit": len(implicit),
+                              "n_misread": misread, "n_test": len(held)})
+        scores.append(part)
+    scores = pd.concat(scores, ignore_index=True)
+    write_table(output_scores, scores.to_dict("records"), columns=list(scores.columns))
+    write_table(output_table, summary, columns=list(summary[0]))
+    write_json(output_record, {
+        "meaning": "probes telling each specific prompt's images from the general prompts' "
+                   "images of the same class (both labelled that class, equal numbers: "
+                   "chance 0.5); best = highest validation accuracy over (site, step), "
+                   "test_acc = that probe refitted on the selection rows and scored on rows "
+                   "held out from the choice",
+        "backend": probes["backend"], "test_size": probes["test_size"],
+        "seed": probes["seed"], "versions": package_versions()})
+    plot_heatmap(scores.rename(columns={"specific_prompt": "pair",
+                                        "validation_acc": "test_acc"}), None, output_heatmap,
+                 title=f"explicit vs implicit: probe validation accuracy (mean over "
+                       f"{len(summary)} specific prompts; chance 0.5)")

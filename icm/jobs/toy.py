@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from icm.devices import resolve_device
-from icm.generate import SamplerSettings
-from icm.jobs.records import write_json
-from icm.models import ModelSpec, load_pipeline
+from icm.generation.shard import SamplerSettings
+from icm.io.atomic import write_json
+from icm.models.devices import resolve_device
+from icm.models.loading import ModelSpec, load_pipeline
 
 log = logging.getLogger("icm")
 

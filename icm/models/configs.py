@@ -3,8 +3,8 @@ component), and the denoisers of SDXL base, SANA 1600M and FLUX.1-dev.
 
 Values follow the checkpoints' ``*/config.json`` files (``stable-diffusion-v1-5``,
 ``stable-diffusion-xl-base-1.0``, ``Sana_1600M_1024px_diffusers``, ``FLUX.1-dev``); version
-and provenance keys, and keys at their diffusers default, are dropped. They let us build the full-size
-architecture (random weights, or on the meta device) to plan capture sites and
+and provenance keys, and keys at their diffusers default, are dropped. They let us build the
+full-size architecture (random weights, or on the meta device) to plan capture sites and
 memory without the real weights.
 """
 

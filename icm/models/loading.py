@@ -23,8 +23,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import EntryNotFoundError
 
-from icm.devices import resolve_device  # noqa: F401 (re-exported)
-from icm.schedule import check_scheduler
+from icm.hooks.clock import check_scheduler
+from icm.models.devices import resolve_device  # noqa: F401 (re-exported)
 
 Family = Literal["sd15", "sdxl", "sana", "flux", "toy"]
 DType = Literal["float32", "float16", "bfloat16"]

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from icm.families import Family, family_named, kind_of, site_width
+from icm.hooks.sites import list_sites
 from icm.models.configs import DENOISER_CONFIGS
-from icm.sites import list_sites
+from icm.models.families import Family, family_named, kind_of, site_width
 
 
 def denoiser_config(name: str, model: Mapping[str, Any]) -> tuple[Family, dict[str, Any], str]:

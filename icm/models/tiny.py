@@ -22,7 +22,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from icm.atomic import atomic_directory
+from icm.io.atomic import atomic_directory
 from icm.models.configs import (
     sd15_scheduler_config,
     sd15_text_encoder_config,

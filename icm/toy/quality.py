@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from icm.generate import SamplerSettings, batches, generate_images
-from icm.samples import plan_samples
+from icm.generation.samples import plan_samples
+from icm.generation.shard import SamplerSettings, batches, generate_images
 from icm.toy.oracle import oracle_label
 from icm.toy.world import COLORS, SHAPES
 

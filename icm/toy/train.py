@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from icm.atomic import atomic_directory
-from icm.provenance import package_versions
+from icm.io.atomic import atomic_directory
+from icm.io.provenance import package_versions
 from icm.toy.pipeline import ToyPipeline, build_toy_pipeline, to_model_range, toy_scheduler_config
 from icm.toy.world import VOCABULARY, WorldConfig, make_dataset
 

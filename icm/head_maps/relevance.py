@@ -1,0 +1,186 @@
+"""How relevant each cross-attention head is to a concept, from three kinds of source.
+
+Heads are ``(site, head index)`` pairs in site order. Every function returns one score per
+head (higher: more relevant), to rank heads for
+``icm.head_maps.aggregation.aggregate(mode="topk")``:
+
+* ``hrv``: concept-word voting as in Head Relevance Vectors (HRV; no masks, concept word
+  lists): while images generate, each head's image queries also attend to sequences holding
+  one word per concept; the concept with the most attention mass (mean over pixels and the
+  word's tokens) gets that head's vote, per image and step (a text mask would not change
+  it: padding only adds to the softmax's common denominator). Votes are normalised per head,
+  then each concept's row is L1-normalised and scaled by the number of heads (rows average 1);
+* ``oracle``: a head's mean IoU with ground-truth masks (an upper bound, only where masks
+  exist, such as the toy world's oracle);
+* label-free signals of the maps themselves: spatial ``concentration`` (1 - normalised
+  entropy), ``agreement`` with the all-head map (Pearson correlation), and the
+  ``rank_stability`` of any score across seed groups.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icm.head_maps.aggregation import Head, ious, segment_batch, word_stack
+from icm.head_maps.tokens import word_positions
+from icm.hooks.head_maps import attention_probabilities, cross_attention_sites
+from icm.hooks.registry import CFGMode, SiteHooks
+from icm.hooks.sites import denoiser_of
+from icm.models.families import family_of
+
+
+def encode_texts(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
+    """(texts, tokens, width) text states as the denoiser's cross-attention receives them:
+    the pipeline's encoding, then the modules the family table names (SANA projects and
+    normalises the Gemma states to its width first)."""
+    with torch.no_grad():
+        if "do_classifier_free_guidance" in inspect.signature(pipe.encode_prompt).parameters:
+            states = pipe.encode_prompt(list(texts), device=pipe.device,
+                                        num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0]
+        else:
+            states = pipe.encode_prompt(list(texts))
+        denoiser = denoiser_of(pipe)
+        for name in family_of(denoiser).text_projection:
+            states = getattr(denoiser, name)(states)
+        return states
+
+
+def voting_sequences(concepts: Mapping[str, Sequence[str]]) -> list[list[str]]:
+    """HRV's sequences: the i-th holds the i-th word of each concept (shorter lists wrap)."""
+    longest = max(len(words) for words in concepts.values())
+    return [[words[i % len(words)] for words in concepts.values()] for i in range(longest)]
+
+
+class ConceptVoting(SiteHooks):
+    """Counts, per ``attn2`` head, the votes of its image queries for each concept."""
+
+    purpose = "head_votes"
+    reads_inputs = True
+
+    def __init__(self, pipe: Any, concepts: Mapping[str, Sequence[str]],
+                 sites: Sequence[str] | None = None, cfg: CFGMode = "auto") -> None:
+        chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
+        super().__init__(pipe, chosen, cfg)
+        self.concepts = list(concepts)
+        sequences = voting_sequences(concepts)
+        texts = [" ".join(words) for words in sequences]
+        self.context = encode_texts(pipe, texts)  # (sequences, tokens, width)
+        length = self.context.shape[1]
+        weights = torch.zeros(len(texts), length, len(self.concepts))
+        for s, (text, words) in enumerate(zip(texts, sequences, strict=True)):
+            for c, word in enumerate(words):
+                positions = word_positions(pipe, text, word, instruction=False)
+                weights[s, positions, c] = 1.0 / len(positions)
+        self.weights = weights
+        self.votes: dict[str, torch.Tensor] = {}
+
+    def on_call(self, site: str, step: int, module: nn.Module, args: tuple, kwargs: dict,
+                output: Any) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rows = hidden[self.cond_slice(hidden.shape[0])]
+        with torch.no_grad():
+            context = self.context.to(rows.device, rows.dtype)
+            weights = self.weights.to(rows.device)
+            counts = self.votes.get(site)
+            for s in range(context.shape[0]):
+                keys = context[s:s + 1].expand(rows.shape[0], -1, -1)
+                probs = attention_probabilities(module, rows, keys)  # (B, heads, N, T)
+                mass = (probs @ weights[s]).mean(dim=2)  # (B, heads, concepts)
+                vote = torch.nn.functional.one_hot(mass.argmax(dim=-1), len(self.concepts))
+                total = vote.sum(dim=0).float()  # (heads, concepts)
+                counts = total if counts is None else counts + total
+            self.votes[site] = counts
+        return None
+
+    def relevance(self) -> tuple[list[Head], np.ndarray]:
+        """The heads and their (concepts, heads) HRV relevance from the votes so far."""
+        if not self.votes:
+            raise RuntimeError("no votes: run the pipeline inside the context first")
+        heads = [(s, h) for s in self.sites for h in range(self.votes[s].shape[0])]
+        votes = torch.cat([self.votes[s] for s in self.sites]).cpu().numpy()  # (heads, C)
+        return heads, hrv_from_votes(votes)
+
+
+def hrv_from_votes(votes: np.ndarray) -> np.ndarray:
+    """(concepts, heads) relevance from (heads, concepts) vote counts: each head's votes as
+    shares, then each concept's row L1-normalised and times the number of heads."""
+    shares = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-12)
+    rows = shares.T
+    return rows / np.maximum(rows.sum(axis=1, keepdims=True), 1e-12) * rows.shape[1]
+
+
+def concentration(maps: Mapping[str, np.ndarray], word: int) -> np.ndarray:
+    """Per head: 1 - the normalised spatial entropy of its map of word slot ``word``
+    (1: all mass on one pixel, 0: uniform), averaged over images."""
+    out = []
+    for m in maps.values():
+        values = np.clip(np.asarray(m[:, :, word], dtype=np.float64), 0, None)
+        flat = values.reshape(values.shape[0], values.shape[1], -1)
+        p = flat / np.maximum(flat.sum(axis=-1, keepdims=True), 1e-12)
+        entropy = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)
+        out.append((1 - entropy / np.log(flat.shape[-1])).mean(axis=0))
+    return np.concatenate(out)
+
+
+def agreement(maps: Mapping[str, np.ndarray], word: int, size: int = 64) -> np.ndarray:
+    """Per head: Pearson correlation of its upsampled map of word slot ``word`` with the
+    all-head (DAAM) map, averaged over images."""
+    flat = word_stack(maps, word, size).flatten(2).double()
+    mean_map = flat.mean(dim=1, keepdim=True)
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(dim=-1, keepdim=True)
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    return (centred(flat) * centred(mean_map)).sum(-1).mean(0).numpy()
+
+
+def oracle_iou(maps: Mapping[str, np.ndarray], word: int, masks: np.ndarray,
+               tau: float = 0.4, size: int = 64) -> np.ndarray:
+    """Per head: mean IoU of its segmentation of word slot ``word`` with ``masks`` (images,
+    H, W boolean ground truth): an oracle, usable only where masks exist."""
+    stacked = word_stack(maps, word, size)
+    images, heads = stacked.shape[:2]
+    pred = segment_batch(stacked.reshape(images * heads, size, size), masks.shape[-1], tau)
+    truth = np.repeat(np.asarray(masks, dtype=bool), heads, axis=0)
+    return ious(pred, truth).reshape(images, heads).mean(axis=0)
+
+
+def rank_stability(scores: np.ndarray) -> np.ndarray:
+    """Per head, from (groups, heads) scores of disjoint seed groups: 1 - the standard
+    deviation of the head's percentile rank across groups (1: the same rank everywhere)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    ranks = scores.argsort(axis=1).argsort(axis=1) / max(scores.shape[1] - 1, 1)
+    return 1 - ranks.std(axis=0)
+
+
+def hrv_of_votes(votes: Sequence[str | Path], heads: list[Head], slots: list[str]) -> np.ndarray:
+    """(slots, heads) HRV relevance from the shards' summed votes, rows in slot order, over
+    the kept heads only (votes of excluded sites dropped before normalising)."""
+    from safetensors import safe_open
+
+    from icm.head_maps.relevance import hrv_from_votes
+
+    total, order, concepts = None, None, None
+    for path in votes:
+        with safe_open(str(path), "np") as handle:
+            counts = handle.get_tensor("votes")
+            meta = handle.metadata()
+        names = [tuple(h) for h in json.loads(meta["heads"])]
+        if order is not None and names != order:
+            raise ValueError(f"{path} votes for other heads than the first shard")
+        order, concepts = names, json.loads(meta["concepts"])
+        total = counts if total is None else total + counts
+    index = {h: i for i, h in enumerate(order)}
+    kept = total[[index[h] for h in heads]]
+    relevance = hrv_from_votes(kept)  # (concepts, heads)
+    return relevance[[concepts.index(slot) for slot in slots]]

@@ -1,0 +1,108 @@
+"""Head relevance: HRV voting, the mask oracle and label-free signals, on planted maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from icm.head_maps.relevance import (
+    ConceptVoting,
+    agreement,
+    concentration,
+    hrv_from_votes,
+    oracle_iou,
+    rank_stability,
+    voting_sequences,
+)
+
+
+def planted_maps(images=3, size=8, seed=0):
+    """Two sites of 4 heads, one word slot: site a's head 2 holds a square, the rest noise."""
+    rng = np.random.default_rng(seed)
+    square = np.zeros((size, size))
+    square[2:6, 2:6] = 1.0
+    maps = {s: rng.random((images, 4, 1, size, size)) * 0.2 for s in ("a.attn2", "b.attn2")}
+    maps["a.attn2"][:, 2, 0] += square * 3
+    masks = np.repeat(np.kron(square, np.ones((2, 2)))[None].astype(bool), images, axis=0)
+    return maps, masks
+
+
+def test_label_free_signals_and_the_oracle_find_the_planted_head():
+    maps, masks = planted_maps()
+    for score in (concentration(maps, 0), agreement(maps, 0), oracle_iou(maps, 0, masks)):
+        assert score.shape == (8,) and int(np.argmax(score)) == 2
+    assert oracle_iou(maps, 0, masks)[2] > 0.9
+    other = planted_maps(seed=1)[0]
+    stability = rank_stability(np.stack([concentration(maps, 0), concentration(other, 0)]))
+    assert stability[2] == pytest.approx(1.0)  # first in both seed groups
+
+
+def test_hrv_rows_average_one_and_follow_the_votes():
+    votes = np.array([[9, 1], [5, 5], [0, 10]], dtype=float)  # (heads, concepts)
+    relevance = hrv_from_votes(votes)
+    assert relevance.shape == (2, 3)
+    np.testing.assert_allclose(relevance.mean(axis=1), 1.0)
+    assert np.argmax(relevance[0]) == 0 and np.argmax(relevance[1]) == 2
+    assert voting_sequences({"color": ["red", "blue"], "shape": ["circle"]}) == \
+        [["red", "circle"], ["blue", "circle"]]
+
+
+def test_concept_voting_counts_one_vote_per_head_image_step_and_sequence(tiny_pipe):
+    concepts = {"color": ["red", "blue"], "shape": ["circle", "square"]}
+    steps, images = 2, 2
+    with ConceptVoting(tiny_pipe, concepts) as voting:
+        generator = [torch.Generator("cpu").manual_seed(i) for i in range(images)]
+        tiny_pipe(["a photo"] * images, num_inference_steps=steps, height=32, width=32,
+                  generator=generator, output_type="np")
+        heads, relevance = voting.relevance()
+    for votes in voting.votes.values():  # (heads, concepts)
+        np.testing.assert_array_equal(votes.sum(dim=1).numpy(), images * steps * 2)
+    assert relevance.shape == (2, len(heads))
+    np.testing.assert_allclose(relevance.mean(axis=1), 1.0, rtol=1e-6)
+
+
+def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
+    from icm.head_maps.aggregation import iou
+    from icm.head_maps.evaluation import evaluate
+
+    maps, masks = planted_maps(images=12)
+    decoy = np.zeros((8, 8))
+    decoy[0:3, 5:8] = 1.0  # other heads look elsewhere: the all-head map spreads
+    maps["b.attn2"][:, :, 0] += decoy
+    truth = {("a.attn2", 2): 1.0}
+    relevance = {(s, h): float((s, h) in truth) for s in maps for h in range(4)}
+    rows = evaluate(maps, masks, 0, "shape", "held-out", {"oracle": relevance}, ks=[1],
+                    taus=[0.4])
+    by = {(r["method"], r["relevance"]): r for r in rows}
+    assert set(by) == {("all", "none"), ("random-k", "random"), ("topk", "oracle"),
+                       ("bottom-k", "oracle")}
+    top, everything = by["topk", "oracle"], by["all", "none"]
+    assert top["miou"] > 0.9 and top["miou"] > everything["miou"]
+    assert top["diff_low"] > 0  # the paired interval excludes zero
+    assert by["bottom-k", "oracle"]["miou"] < everything["miou"]
+    for row in rows:
+        assert row["miou_low"] <= row["miou"] <= row["miou_high"] and row["n"] == 12
+    assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+
+
+def test_the_fast_scorer_equals_aggregate_segment_and_iou_image_by_image():
+    from icm.head_maps.aggregation import aggregate, chosen_heads, iou, segment
+    from icm.head_maps.evaluation import WordScorer
+
+    maps, masks = planted_maps(images=5, seed=3)
+    rng = np.random.default_rng(1)
+    relevance = {(s, h): float(rng.random()) for s in maps for h in range(4)}
+    scorer = WordScorer(maps, 0, masks)
+    for k, tau in ((3, 0.4), (0.5, 0.3)):
+        direct = aggregate(maps, "topk", relevance, k)
+        expected = [iou(segment(direct[i, 0], masks.shape[-1], tau), masks[i])
+                    for i in range(len(masks))]
+        chosen = chosen_heads(scorer.heads, relevance, k)
+        np.testing.assert_allclose(scorer.ious(chosen, tau), expected)
+    everything = aggregate(maps, "all")
+    np.testing.assert_allclose(
+        scorer.ious(None, 0.4),
+        [iou(segment(everything[i, 0], 16, 0.4), masks[i]) for i in range(len(masks))])
+    curve = scorer.curve(relevance, [1, 8], 0.4)
+    assert curve["most"][-1] == pytest.approx(curve["least"][-1])  # all heads either way
