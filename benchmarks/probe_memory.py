@@ -4,8 +4,8 @@ once.
 Writes synthetic stores of one width group (``--sites`` sites of ``--width`` channels) for
 each (samples, steps) of the grid, then fits one pair's probes in a fresh process per run,
 the way ``fit_probes`` does, and reports the peak resident memory of the fit above the
-process's memory before it (sampled every 2 ms), and the store's read throughput. Goal (issue 12): the streamed peak does not grow
-with the number of steps.
+process's memory before it (sampled every 2 ms), and the store's read throughput. Goal (issue 12):
+the streamed peak does not grow with the number of steps.
 
     python benchmarks/probe_memory.py                       # 8 sites x 1280, N 250/500, 10/40 steps
     python benchmarks/probe_memory.py --sites 16 --samples 500 1000 --steps 10 50

@@ -1,4 +1,5 @@
-"""Command line: ``python -m icm inspect PATH`` summarises an activation store;
+"""Command line: ``python -m icm inspect PATH`` summarises an activation store; ``plan``
+prices a target before it runs;
 ``python -m icm sites MODEL`` lists a model's sites (kind, width) without its weights."""
 
 from __future__ import annotations
@@ -95,6 +96,28 @@ def describe_sites(model: str, config_path: str | Path = "config.yaml") -> str:
     return "\n".join(lines)
 
 
+def print_plan(targets: Sequence[str], configfiles: Sequence[str], rates: Path | None) -> int:
+    """Print the cost plan of ``targets`` (``icm.costs``); 2 when the workflow cannot plan."""
+    import yaml
+
+    from icm.costs.plan import load_config, plan, planned_jobs, rule_stages
+    from icm.costs.rates import rates_with, report
+
+    try:
+        jobs = planned_jobs(targets, configfiles)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = load_config(configfiles)
+    table = plan(jobs, config, rule_stages())
+    models = {j.wildcards["model"] for j in jobs if "model" in j.wildcards}
+    measured = rates_with(yaml.safe_load(rates.read_text()) if rates else None)
+    print(f"plan of {' '.join(targets)} ({len(jobs)} jobs of a fresh run; calibration counted "
+          "with every doubling of its sweep, an upper bound)")
+    print(report(table, models, measured))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="icm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -103,7 +126,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     sites = commands.add_parser("sites", help="list a model's sites without its weights")
     sites.add_argument("model", help="a model of config.yaml (sd15, sdxl, ...) or a family")
     sites.add_argument("--config", type=Path, default=Path("config.yaml"))
+    plan = commands.add_parser("plan", help="what a target costs before it runs: images, "
+                               "denoiser rows, store size, GPU- and CPU-hours per stage")
+    plan.add_argument("targets", nargs="+", help="workflow targets, as given to snakemake")
+    plan.add_argument("--configfile", nargs="+", default=[],
+                      help="config.yaml and overlays, as given to snakemake")
+    plan.add_argument("--rates", type=Path, help="YAML of measured per-unit costs "
+                      "(icm.costs.rates.DEFAULT_RATES' keys) to use instead of the defaults")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return print_plan(args.targets, args.configfile, args.rates)
     if args.command == "sites":
         try:
             print(describe_sites(args.model, args.config))

@@ -23,26 +23,28 @@ FD_FROM_LABELS = "shares of labelled images"
 
 
 def fid_of_files(images: Sequence[str], reference: str, backend: str, toy_features: str | None,
-         device: str) -> float:
-    """clean-fid wants one folder: link the variant's images (spread over shards) into one."""
-    from icm.evaluation.metrics import compute_fid
-
-    with tempfile.TemporaryDirectory() as folder:
-        for i, path in enumerate(images):
-            os.symlink(path, Path(folder) / f"{i:06d}{Path(path).suffix}")
-        return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
-                           device=device)
+                 device: str) -> float:
+    """FID of image files (a variant's, spread over shards): linked into one folder."""
+    return _fid_of_folder(lambda folder: [
+        os.symlink(path, folder / f"{i:06d}{Path(path).suffix}") for i, path in enumerate(images)],
+        reference, backend, toy_features, device)
 
 
 def fid_of_images(images: Sequence[Image.Image], reference: str, backend: str,
                   toy_features: str | None, device: str) -> float:
-    """FID of images in memory (calibration's), written to a temporary folder for
-    clean-fid."""
+    """FID of images in memory (calibration's): written as PNG into one folder."""
+    return _fid_of_folder(lambda folder: [
+        image.save(folder / f"{i:06d}.png") for i, image in enumerate(images)],
+        reference, backend, toy_features, device)
+
+
+def _fid_of_folder(fill: Any, reference: str, backend: str, toy_features: str | None,
+                   device: str) -> float:
+    """clean-fid scores one folder: ``fill(folder)`` puts the images in a temporary one."""
     from icm.evaluation.metrics import compute_fid
 
     with tempfile.TemporaryDirectory() as folder:
-        for i, image in enumerate(images):
-            image.save(Path(folder) / f"{i:06d}.png")
+        fill(Path(folder))
         return compute_fid(folder, reference, backend=backend, toy_features=toy_features,
                            device=device)
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from icm.evaluation.images import paper_scale
+
 TARGET_COLUMNS = ["target", "variant", "success_rate", "target_confidence", "CLIP-I",
                   "CLIP-I_paper", "flip_rate", "already_target", "n_images", "n_eligible",
                   "n_steered", "alpha", "selection", "labeler"]
@@ -59,7 +61,7 @@ def target_rows(per_variant: Mapping[str, pd.DataFrame], original: str, target: 
             "target": target, "variant": name,
             "success_rate": float((mine["label"].fillna("").astype(str) == target).mean()),
             "target_confidence": float(mine[column].mean()),
-            "CLIP-I": clip_i, "CLIP-I_paper": (clip_i + 1) / 2,
+            "CLIP-I": clip_i, "CLIP-I_paper": paper_scale(clip_i),
             "flip_rate": float((after == target).mean()) if len(eligible) else np.nan,
             "already_target": float((before == target).mean()),
             "n_images": len(seeds), "n_eligible": len(eligible),

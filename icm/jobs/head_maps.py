@@ -131,9 +131,10 @@ def capture_head_maps_job(
         counts = torch.cat([voting.votes[s] for s in voting.sites]).contiguous()
         heads = [[s, h] for s in voting.sites for h in range(voting.votes[s].shape[0])]
         with written(votes) as partial:
-            save_file({"votes": counts.cpu()}, str(partial), metadata={"heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
-                            "what": "HRV votes (heads, concepts): per image, step and "
-                                    "concept-word sequence, one vote per head"})
+            save_file({"votes": counts.cpu()}, str(partial), metadata={
+                "heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
+                "what": "HRV votes (heads, concepts): per image, step and concept-word "
+                        "sequence, one vote per head"})
 
 
 # -- reading a split back ----------------------------------------------------------------

@@ -64,7 +64,6 @@ def test_maps_change_no_pixel_and_equal_diffusers_own_attention_scores(tiny_pipe
     assert got.shape[:3] == (4, heads, 2) and got.shape[3] * got.shape[4] == \
         reference[0].shape[2]
     probs = torch.stack(reference).sum(dim=0)  # summed over steps: (images, heads, N, T)
-    tokenizer = tiny_pipe.tokenizer
     assert maps.words == [words[0], words[0], words[1], words[1]]
     for image in range(4):
         prompt = PROMPTS[image // 2]

@@ -218,6 +218,21 @@ def test_toy_color_through_the_table(workdir, tmp_path):
             "shard-*/samples.csv")])["seed"]
         assert not set(seeds) & set(generated["seed"]), variant
     assert (base / "grid.png").exists() and (base / "metrics.png").exists()
+    # The cost plan counted the images this run made, stage by stage (icm.costs).
+    from icm.costs.plan import load_config, plan, planned_jobs, rule_stages
+
+    jobs = planned_jobs(["results/toy/color/table.csv"], [str(TEST_CONFIG)], workdir)
+    costs = plan(jobs, load_config([str(TEST_CONFIG)], workdir), rule_stages(workdir))
+    for stage, pattern in (("generation", "generation/shard-*/samples.csv"),
+                           ("steering", "steer/*/shard-*/samples.csv")):
+        made = sum(len(pd.read_csv(path)) for path in base.glob(pattern))
+        assert costs[stage]["images"] == made, stage
+    swept = tradeoff.groupby("variant")["n_images"]
+    assert (swept.nunique() == 1).all()  # the same count at every alpha
+    calibration = load_config([str(TEST_CONFIG)], workdir)["steering"]["calibration"]
+    alphas = 1 + len(calibration["alphas"]) + calibration["max_doublings"]
+    assert costs["calibration"]["images"] == alphas * swept.first().sum()
+    assert tradeoff.groupby("variant").size().max() <= alphas
     # One-target tables (paper Table 5): the same seeds in every variant, none counted twice.
     green = pd.read_csv(base / "target-green/table.csv").set_index("variant")
     assert list(green.index) == list(table.index) and green["n_images"].nunique() == 1

@@ -1,0 +1,240 @@
+"""What a run costs before it starts: the work of every job the workflow plans for a target.
+
+The jobs are the workflow's own: ``snakemake --dry-run --forceall`` lists each job with its
+rule and wildcards, so the plan holds exactly the jobs a fresh run would (what already exists
+is counted too: the plan is of the whole target). Each job's work is counted from the same
+config and the same library functions the job itself uses (``concept_samples``,
+``shard_samples``, ``calibration_samples_per_prompt``), in units a machine's speed turns into
+time (``icm.costs.rates``): images generated, denoiser rows (an image is ``steps`` steps,
+two rows each under classifier-free guidance), LoRA training examples, images labelled on
+the CPU by FairFace's face finder, and bytes of activation store.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from icm.generation.samples import concept_samples, shard_samples
+
+#: Work counted per job, summed per stage.
+UNITS = ("jobs", "images", "denoiser_rows", "train_examples", "face_images", "store_bytes")
+
+
+@dataclass
+class Job:
+    """One planned job: its rule and wildcards, as the dry run names them."""
+
+    rule: str
+    wildcards: dict[str, str] = field(default_factory=dict)
+
+
+def planned_jobs(targets: Sequence[str], configfiles: Sequence[str] = (),
+                 workdir: str | Path = ".") -> list[Job]:
+    """The jobs of a fresh run of ``targets``: Snakemake's own dry run (``--forceall``)."""
+    command = [sys.executable, "-m", "snakemake", "--dry-run", "--forceall", *targets]
+    if configfiles:
+        command += ["--configfile", *configfiles]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError("the workflow could not plan "
+                           f"{' '.join(targets)}:\n{(result.stdout + result.stderr)[-3000:]}")
+    return parse_dry_run(result.stdout + result.stderr)
+
+
+def parse_dry_run(text: str) -> list[Job]:
+    """Jobs from a dry run's job blocks (``rule NAME:`` / ``localrule NAME:``, then an
+    indented ``wildcards:`` line where the rule has wildcards)."""
+    jobs: list[Job] = []
+    for line in text.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):$", line)
+        if head:
+            jobs.append(Job(head.group(1)))
+        elif jobs and line.startswith("    wildcards: "):
+            pairs = line.split(": ", 1)[1].split(", ")
+            jobs[-1].wildcards = dict(p.split("=", 1) for p in pairs)
+    return jobs
+
+
+def load_config(configfiles: Sequence[str | Path], workdir: str | Path = ".") -> dict[str, Any]:
+    """``config.yaml`` updated by each overlay in order (nested keys merged, as Snakemake's
+    ``--configfile`` does), validated with the schema's defaults filled in."""
+    from snakemake.utils import update_config, validate
+
+    root = Path(workdir)
+    config: dict[str, Any] = yaml.safe_load((root / "config.yaml").read_text())
+    for path in configfiles:
+        if Path(path).resolve() != (root / "config.yaml").resolve():
+            update_config(config, yaml.safe_load((root / path).read_text()) or {})
+    validate(config, str(root / "schemas/config.schema.yaml"))
+    return config
+
+
+def rule_stages(workdir: str | Path = ".") -> dict[str, str]:
+    """Rule -> its stage, the name of the rule file that defines it (``generation``, ...),
+    in the Snakefile's order of includes, which is the pipeline's."""
+    root = Path(workdir)
+    includes = re.findall(r'^include: "rules/(\w+)\.smk"', (root / "Snakefile").read_text(),
+                          flags=re.MULTILINE)
+    stages = {}
+    for stem in includes:
+        text = (root / "rules" / f"{stem}.smk").read_text()
+        for name in re.findall(r"^\s*rule (\w+):", text, flags=re.MULTILINE):
+            stages[name] = stem
+    return stages
+
+
+class Work:
+    """Counts the work of jobs under one config; ``of(job)`` -> units (``UNITS``)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self._sites: dict[str, list[dict[str, Any]]] = {}
+
+    def model(self, name: str) -> dict[str, Any]:
+        return dict(self.config["models"][name])
+
+    def concept(self, name: str) -> dict[str, Any]:
+        return dict(self.config["concepts"][name])
+
+    def sites(self, model: str) -> list[dict[str, Any]]:
+        """The model's sites with kind and width, from its config on the meta device."""
+        if model not in self._sites:
+            from icm.models.meta import denoiser_config, denoiser_on_meta, site_table
+
+            _, denoiser, _ = denoiser_config(model, self.model(model))
+            self._sites[model] = site_table(denoiser_on_meta(denoiser))
+        return self._sites[model]
+
+    def rows_per_call(self, model: str) -> int:
+        """Denoiser rows per image and step: 2 under classifier-free guidance (``[uncond,
+        cond]``), 1 where guidance is embedded (FLUX.1-dev) or off."""
+        from icm.models.families import family_named
+
+        spec = self.model(model)
+        batched = family_named(spec["family"]).guidance == "batched"
+        return 2 if batched and float(spec.get("guidance_scale", 1.0)) > 1.0 else 1
+
+    def images(self, model: str, n: int) -> dict[str, int]:
+        spec = self.model(model)
+        return {"images": n, "denoiser_rows": n * int(spec["steps"]) * self.rows_per_call(model)}
+
+    def shard(self, model: str, samples: list, shard: str) -> list:
+        return shard_samples(samples, int(self.model(model)["n_shards"]), int(shard))
+
+    def evaluation_samples(self, model: str, concept: str) -> list:
+        """The evaluation stream's samples: the steering samples of the evaluation prompts."""
+        c = self.concept(concept)
+        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
+        return concept_samples(c, self.model(model), self.config["generation"],
+                               c["steering"]["samples_per_prompt"], stream="evaluation",
+                               prompts=prompts)
+
+    def of(self, job: Job) -> dict[str, int]:
+        """The job's work; rules that only read tables and draw plots count as a job alone."""
+        w = job.wildcards
+        counter = getattr(self, f"_{job.rule}", None)
+        work = counter(w) if counter else {}
+        return {"jobs": 1, **work}
+
+    # One method per rule that does measurable work, named after the rule.
+
+    def _generate_images(self, w: Mapping[str, str]) -> dict[str, int]:
+        c, m = self.concept(w["concept"]), self.model(w["model"])
+        samples = self.shard(w["model"], concept_samples(c, m, self.config["generation"]),
+                             w["shard"])
+        return {**self.images(w["model"], len(samples)),
+                "store_bytes": self.store_bytes(w["model"], len(samples))}
+
+    def _generate_specific_images(self, w: Mapping[str, str]) -> dict[str, int]:
+        c, m = self.concept(w["concept"]), self.model(w["model"])
+        samples = self.shard(w["model"], concept_samples(c, m, self.config["generation"],
+                                                         prompt_set="specific"), w["shard"])
+        return {**self.images(w["model"], len(samples)),
+                "store_bytes": self.store_bytes(w["model"], len(samples))}
+
+    def _steer_images(self, w: Mapping[str, str]) -> dict[str, int]:
+        samples = self.shard(w["model"], self.evaluation_samples(w["model"], w["concept"]),
+                             w["shard"])
+        return self.images(w["model"], len(samples))
+
+    _generate_finetuned_images = _steer_images
+
+    def _calibrate_steering(self, w: Mapping[str, str]) -> dict[str, int]:
+        """Every alpha of the grid and alpha 0, and the doublings past the grid's top alpha
+        (``max_doublings``): an upper bound, as a sweep stops doubling once CLIP-I falls."""
+        from icm.steering.batch_targets import target_probabilities
+        from icm.steering.calibration import calibration_samples_per_prompt
+
+        c, m = self.concept(w["concept"]), self.model(w["model"])
+        calibration = self.config["steering"]["calibration"]
+        probs = target_probabilities(c["classes"], c["steering"].get("target_probs"))
+        batch = (calibration.get("batch_size") or c["steering"].get("batch_size")
+                 or m["batch_size"])
+        per_prompt = calibration_samples_per_prompt(calibration, probs, batch)
+        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
+        alphas = 1 + len(calibration["alphas"]) + int(calibration["max_doublings"])
+        n = alphas * per_prompt * len(prompts)
+        return {**self.images(w["model"], n), "face_images": self.faces(w["concept"], n)}
+
+    def _inject_prompts(self, w: Mapping[str, str]) -> dict[str, int]:
+        """Each sample as it is and once per (cross-attention site, class) injected."""
+        c = self.concept(w["concept"])
+        injection = c["injection"]
+        prompts = injection.get("prompts") or c["prompts"]
+        cross = sum(1 for s in self.sites(w["model"]) if s["kind"] == "attn2")
+        per_sample = 1 + cross * len(c["classes"])
+        n = len(prompts) * int(injection["samples_per_prompt"]) * per_sample
+        return self.images(w["model"], n)
+
+    def _finetune_lora(self, w: Mapping[str, str]) -> dict[str, int]:
+        """Training examples: steps x batch x gradient accumulation (each one denoiser
+        forward and backward pass)."""
+        settings = {**self.config["finetuning"],
+                    **(self.model(w["model"]).get("finetuning") or {}),
+                    **(self.concept(w["concept"]).get("finetuning") or {})}
+        return {"train_examples": int(settings["steps"]) * int(settings["batch_size"])
+                * int(settings.get("gradient_accumulation", 1))}
+
+    def _compute_metrics(self, w: Mapping[str, str]) -> dict[str, int]:
+        n = len(self.evaluation_samples(w["model"], w["concept"]))
+        return {"face_images": self.faces(w["concept"], n)}
+
+    def faces(self, concept: str, n: int) -> int:
+        """Of ``n`` images labelled by the concept's evaluation labeler (metrics and the
+        calibration's FD), those whose faces dlib finds on the CPU: all of them under
+        FairFace with its own face pipeline, none otherwise."""
+        c = self.concept(concept)
+        labeler = (c.get("evaluation") or {}).get("labeler") or c["labeler"]
+        dlib = (labeler.get("face") or {}).get("detector", "dlib") == "dlib"
+        return n if labeler.get("type") == "fairface" and dlib else 0
+
+    def store_bytes(self, model: str, samples: int) -> int:
+        """An activation store's size before compression: samples x steps x the widths of
+        every site, in the store's dtype."""
+        itemsize = 2 if self.config["generation"]["store_dtype"] == "float16" else 4
+        width = sum(int(s["width"]) for s in self.sites(model))
+        return samples * int(self.model(model)["steps"]) * width * itemsize
+
+
+def plan(jobs: Iterable[Job], config: Mapping[str, Any],
+         stages: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """Units per stage (the rule file's word, in pipeline order; ``other`` for the
+    Snakefile's own rules) and in total (``"total"``)."""
+    work = Work(config)
+    order = list(dict.fromkeys(stages.values()))
+    table: dict[str, dict[str, int]] = {}
+    for job in sorted(jobs, key=lambda j: order.index(stages[j.rule]) if j.rule in stages
+                      else len(order)):
+        row = table.setdefault(stages.get(job.rule, "other"), dict.fromkeys(UNITS, 0))
+        for unit, value in work.of(job).items():
+            row[unit] += value
+    table["total"] = {u: sum(row[u] for row in table.values()) for u in UNITS}
+    return table

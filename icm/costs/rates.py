@@ -1,0 +1,66 @@
+"""Per-unit costs that turn a plan's work (``icm.costs.plan``) into hours, and its report.
+
+Defaults are the reference machines' measurements (``benchmarks/README.md``); a user's own,
+from a short run on their machine, replace them (``python -m icm plan --rates FILE``, a YAML
+mapping of these keys). A model without a measured rate gets no GPU-hours: the report says
+so instead of guessing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: Seconds per denoiser row (one image at one step, one guidance half), by model name; the
+#: reference: SD1.5 in float16 at 512 px on one H100, 20 steps x batch 8 x 2 rows in
+#: 1.276 s (benchmarks/README.md, capture on); the toy on 2 CPU cores, 0.12 s per image of
+#: 20 steps x 2 rows (localization generation of `make demo`).
+DEFAULT_RATES: dict[str, Any] = {
+    "denoiser_row_s": {"sd15": 1.276 / (20 * 8 * 2), "toy": 0.12 / (20 * 2)},
+    # A LoRA training example: a forward and a backward pass, about three rows' work.
+    "train_example_rows": 3.0,
+    # dlib's CNN face detector and landmarks at FairFace's settings, 512 px, one CPU core.
+    "face_image_cpu_s": 26.0,
+}
+
+
+def rates_with(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The default rates updated by a user's (``denoiser_row_s`` merged per model)."""
+    rates = {**DEFAULT_RATES, "denoiser_row_s": dict(DEFAULT_RATES["denoiser_row_s"])}
+    for key, value in (overrides or {}).items():
+        if key not in DEFAULT_RATES:
+            raise KeyError(f"unknown rate {key!r}; known: {sorted(DEFAULT_RATES)}")
+        if key == "denoiser_row_s":
+            rates[key].update(value)
+        else:
+            rates[key] = value
+    return rates
+
+
+def hours(row: Mapping[str, int], models: set[str], rates: Mapping[str, Any]) -> dict:
+    """GPU-hours (None where a model of the plan has no rate) and CPU-hours of one row."""
+    per_row = [rates["denoiser_row_s"].get(m) for m in models]
+    gpu = None
+    if per_row and all(r is not None for r in per_row):
+        rate = max(per_row)  # one model per target in practice; the slower if several
+        rows = row["denoiser_rows"] + row["train_examples"] * rates["train_example_rows"]
+        gpu = rows * rate / 3600
+    return {"gpu_hours": gpu, "cpu_hours": row["face_images"] * rates["face_image_cpu_s"] / 3600}
+
+
+def report(table: Mapping[str, Mapping[str, int]], models: set[str],
+           rates: Mapping[str, Any]) -> str:
+    """The plan as a Markdown table, one row per stage and the total."""
+    lines = ["| stage | jobs | images | denoiser rows | LoRA examples | store GB | GPU-h | "
+             "CPU-h (faces) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for stage, row in table.items():
+        cost = hours(row, models, rates)
+        gpu = "?" if cost["gpu_hours"] is None else f"{cost['gpu_hours']:.2f}"
+        lines.append(f"| {stage} | {row['jobs']} | {row['images']:,} | "
+                     f"{row['denoiser_rows']:,} | {row['train_examples']:,} | "
+                     f"{row['store_bytes'] / 1e9:.2f} | {gpu} | {cost['cpu_hours']:.1f} |")
+    missing = sorted(m for m in models if rates["denoiser_row_s"].get(m) is None)
+    if missing:
+        lines.append(f"\nNo measured rate for {', '.join(missing)}: GPU-hours unknown (give "
+                     "`denoiser_row_s` with --rates).")
+    return "\n".join(lines)

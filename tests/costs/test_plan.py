@@ -1,0 +1,72 @@
+"""The cost plan counts the jobs the workflow plans and the work each one does."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from workflow_helpers import snakemake
+
+from icm.costs.plan import load_config, parse_dry_run, plan, planned_jobs, rule_stages
+from icm.costs.rates import DEFAULT_RATES, hours, rates_with, report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DRY_RUN = """
+rule generate_images:
+    input: resources/models/toy
+    wildcards: model=toy, concept=color, shard=000
+    resources: tmpdir=/tmp
+localrule rank_sites:
+    wildcards: model=toy, concept=color
+rule all:
+    input: results/toy/color/table.csv
+"""
+
+
+def test_a_dry_runs_jobs_are_read_with_their_wildcards():
+    jobs = parse_dry_run(DRY_RUN)
+    assert [j.rule for j in jobs] == ["generate_images", "rank_sites", "all"]
+    assert jobs[0].wildcards == {"model": "toy", "concept": "color", "shard": "000"}
+    assert jobs[2].wildcards == {}
+
+
+def test_the_sd15_gender_plan_holds_the_dry_runs_jobs_and_the_protocols_image_counts(workdir):
+    """Counted by hand from config.yaml: 102 prompts x 5 localization images, 2 specific
+    prompts x 250; 10 steered or original variants and 4 LoRA variants x 4 evaluation prompts
+    x 500; 7 calibrated variants x 10 alphas (0, the grid's 6, 3 doublings) x 4 prompts x 96
+    (3 batches of 16 per class, 2 classes)."""
+    target = "results/sd15/gender/table.csv"
+    dry = snakemake(workdir, "-n", "-F", target, "--configfile", "config.yaml")
+    total = int(re.search(r"^total\s+(\d+)$", dry.stdout, flags=re.MULTILINE).group(1))
+    jobs = planned_jobs([target], ["config.yaml"], workdir)
+    assert len(jobs) == total == 101
+    table = plan(jobs, load_config(["config.yaml"], workdir), rule_stages(workdir))
+    assert table["generation"]["images"] == 102 * 5 + 2 * 250
+    assert table["steering"]["images"] == 10 * 4 * 500
+    assert table["finetuning"]["images"] == 4 * 4 * 500
+    assert table["calibration"]["images"] == 7 * 10 * 4 * 96
+    assert table["finetuning"]["train_examples"] == 4 * 2000 * 2 * 4
+    # SD1.5 under guidance: two denoiser rows per image and step, 50 steps.
+    assert table["total"]["denoiser_rows"] == table["total"]["images"] * 50 * 2
+    # FairFace's dlib crops: every evaluated and every calibration image.
+    assert table["total"]["face_images"] == 14 * 2000 + 7 * 10 * 4 * 96
+    # The localization stores: samples x 50 steps x every site's width, float32.
+    # attn1 and attn2 of 2 blocks at 320, 640, 1280 down, 1 in the middle, 3 at 1280, 640,
+    # 320 up; and the bottleneck's 1,280.
+    widths = 2 * (2 * (320 + 640 + 1280) + 1280 + 3 * (1280 + 640 + 320)) + 1280
+    assert table["generation"]["store_bytes"] == (102 * 5 + 2 * 250) * 50 * widths * 4
+    assert table["total"]["jobs"] == total
+
+
+def test_hours_follow_the_rates_and_say_where_a_model_has_none():
+    row = {"jobs": 1, "images": 100, "denoiser_rows": 10_000, "train_examples": 0,
+           "face_images": 360, "store_bytes": 0}
+    cost = hours(row, {"sd15"}, DEFAULT_RATES)
+    assert abs(cost["gpu_hours"] - 10_000 * DEFAULT_RATES["denoiser_row_s"]["sd15"] / 3600) < 1e-9
+    assert cost["cpu_hours"] == 360 * 26.0 / 3600
+    assert hours(row, {"flux"}, DEFAULT_RATES)["gpu_hours"] is None
+    assert "No measured rate for flux" in report({"total": row}, {"flux"}, DEFAULT_RATES)
+    mine = rates_with({"denoiser_row_s": {"flux": 0.05}, "face_image_cpu_s": 1.0})
+    assert hours(row, {"flux"}, mine)["gpu_hours"] == 10_000 * 0.05 / 3600
+    assert mine["denoiser_row_s"]["sd15"] == DEFAULT_RATES["denoiser_row_s"]["sd15"]
