@@ -38,7 +38,7 @@ rule calibrate_steering:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("calibrate_steering"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"

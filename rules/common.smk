@@ -7,7 +7,11 @@
 import re
 from pathlib import Path
 
+import yaml
+
 from icm.checks import config_problems
+from icm.costs.plan import Job, Work
+from icm.costs.rates import job_minutes, rates_with
 from icm.models.families import family_named
 from icm.head_maps.study import has_study
 from icm.probing.pairs import concept_pairs as pairs_of
@@ -127,6 +131,26 @@ def mem_resources(wildcards):
 
 def runtime_resources(wildcards):
     return MODELS[wildcards.model]["resources"]["runtime"]
+
+
+WORK = Work(config)  # what each job does, counted as the cost plan counts it (icm.costs)
+RATES = rates_with(yaml.safe_load(Path(config["cluster"]["rates"]).read_text())
+                   if config["cluster"]["rates"] else None)
+
+
+def planned_runtime(rule):
+    """Resource `runtime` of `rule`'s jobs: the job's planned work at the measured rates
+    times `cluster.runtime_margin`, plus start-up (icm.costs.rates.job_minutes), never under
+    the model's `resources.runtime`, doubled on each retry: a retry after a time limit gets
+    more time, not the same."""
+
+    def runtime(wildcards, attempt):
+        row = WORK.of(Job(rule, dict(wildcards.items())))
+        minutes = job_minutes(row, wildcards.model, model_threads(wildcards), RATES,
+                              config["cluster"]["runtime_margin"])
+        return max(minutes or 0, runtime_resources(wildcards)) * attempt
+
+    return runtime
 
 
 

@@ -38,6 +38,7 @@ rule compute_metrics:
     threads: model_threads
     resources:
         gpu=metrics_gpu,
+        runtime=planned_runtime("compute_metrics"),
         slurm_partition=lambda wildcards: partition(metrics_gpu(wildcards)),
     conda:
         "../envs/generation.yaml"

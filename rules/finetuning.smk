@@ -38,7 +38,7 @@ rule finetune_lora:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("finetune_lora"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"
@@ -70,7 +70,7 @@ rule generate_finetuned_images:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("generate_finetuned_images"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"

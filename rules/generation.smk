@@ -22,7 +22,7 @@ rule generate_images:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("generate_images"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"
@@ -72,7 +72,7 @@ rule generate_specific_images:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("generate_specific_images"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"

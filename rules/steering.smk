@@ -26,7 +26,7 @@ rule steer_images:
     resources:
         gpu=gpu_resources,
         mem_mb=mem_resources,
-        runtime=runtime_resources,
+        runtime=planned_runtime("steer_images"),
         slurm_partition=model_partition,
     conda:
         "../envs/generation.yaml"

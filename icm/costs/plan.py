@@ -97,6 +97,7 @@ class Work:
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
         self._sites: dict[str, list[dict[str, Any]]] = {}
+        self._evaluation: dict[tuple[str, str], list] = {}
 
     def model(self, name: str) -> dict[str, Any]:
         return dict(self.config["models"][name])
@@ -130,7 +131,14 @@ class Work:
         return shard_samples(samples, int(self.model(model)["n_shards"]), int(shard))
 
     def evaluation_samples(self, model: str, concept: str) -> list:
-        """The evaluation stream's samples: the steering samples of the evaluation prompts."""
+        """The evaluation stream's samples: the steering samples of the evaluation prompts
+        (computed once per (model, concept): the workflow asks for every job's)."""
+        key = (model, concept)
+        if key not in self._evaluation:
+            self._evaluation[key] = self._evaluation_samples(model, concept)
+        return self._evaluation[key]
+
+    def _evaluation_samples(self, model: str, concept: str) -> list:
         c = self.concept(concept)
         prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
         return concept_samples(c, self.model(model), self.config["generation"],

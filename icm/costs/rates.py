@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 #: Seconds per denoiser row (one image at one step, one guidance half), by model name; the
 #: reference: SD1.5 in float16 at 512 px on one H100, 20 steps x batch 8 x 2 rows in
 #: 1.276 s (benchmarks/README.md, capture on); the toy on 2 CPU cores, 0.12 s per image of
@@ -64,3 +66,23 @@ def report(table: Mapping[str, Mapping[str, int]], models: set[str],
         lines.append(f"\nNo measured rate for {', '.join(missing)}: GPU-hours unknown (give "
                      "`denoiser_row_s` with --rates).")
     return "\n".join(lines)
+
+
+#: Minutes a job spends starting: loading the model, its libraries, the first batch.
+STARTUP_MINUTES = 10
+
+
+def job_minutes(row: Mapping[str, int], model: str, threads: int, rates: Mapping[str, Any],
+                margin: float) -> int | None:
+    """A job's time limit from its planned work (``icm.costs.plan.Work.of``): the denoiser's
+    time at the model's rate and the CPU face crops spread over the job's threads, times
+    ``margin``, plus ``STARTUP_MINUTES``; None where the job denoises with a model that has
+    no measured rate (the caller keeps its configured limit)."""
+    rate = rates["denoiser_row_s"].get(model)
+    rows = row.get("denoiser_rows", 0) + row.get("train_examples", 0) * rates[
+        "train_example_rows"]
+    if rows and rate is None:
+        return None
+    seconds = rows * (rate or 0.0) + row.get("face_images", 0) * rates[
+        "face_image_cpu_s"] / max(1, threads)
+    return int(np.ceil(margin * seconds / 60)) + STARTUP_MINUTES

@@ -7,8 +7,16 @@ from pathlib import Path
 
 from workflow_helpers import snakemake
 
-from icm.costs.plan import load_config, parse_dry_run, plan, planned_jobs, rule_stages
-from icm.costs.rates import DEFAULT_RATES, hours, rates_with, report
+from icm.costs.plan import (
+    Job,
+    Work,
+    load_config,
+    parse_dry_run,
+    plan,
+    planned_jobs,
+    rule_stages,
+)
+from icm.costs.rates import DEFAULT_RATES, hours, job_minutes, rates_with, report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,3 +78,44 @@ def test_hours_follow_the_rates_and_say_where_a_model_has_none():
     mine = rates_with({"denoiser_row_s": {"flux": 0.05}, "face_image_cpu_s": 1.0})
     assert hours(row, {"flux"}, mine)["gpu_hours"] == 10_000 * 0.05 / 3600
     assert mine["denoiser_row_s"]["sd15"] == DEFAULT_RATES["denoiser_row_s"]["sd15"]
+
+
+def test_every_jobs_time_limit_covers_its_planned_work(workdir):
+    """SLURM time limits follow the work (rules/common.smk, planned_runtime): no job of the
+    SD1.5 gender table is planned with a limit under its own estimate at the reference
+    rates, and the calibration and metrics jobs, whose CPU face crops outlast the model's
+    240 minutes, get more than that."""
+    target = "results/sd15/gender/table.csv"
+    dry = snakemake(workdir, "-n", "-F", target, "--configfile", "config.yaml")
+    limits: dict[tuple[str, str], int] = {}
+    job = None
+    for line in dry.stdout.splitlines():
+        head = re.match(r"^(?:local)?rule (\w+):", line)
+        job = (head.group(1), "") if head else job
+        if job and line.startswith("    wildcards: "):
+            job = (job[0], line.split(": ", 1)[1])
+        runtime = re.search(r"runtime=(\d+)", line)
+        if job and runtime:
+            limits[job] = int(runtime.group(1))
+    config = load_config(["config.yaml"], workdir)
+    work = Work(config)
+    threads = config["models"]["sd15"]["resources"]["threads"]
+    estimated = 0
+    for (rule, wildcards), limit in limits.items():
+        if not wildcards:
+            continue
+        row = work.of(Job(rule, dict(p.split("=", 1) for p in wildcards.split(", "))))
+        need = job_minutes(row, "sd15", threads, DEFAULT_RATES, margin=1.0)
+        if need is not None and row.get("images", 0) + row.get("face_images", 0):
+            estimated += 1
+            assert limit >= need, (rule, wildcards, limit, need)
+    assert estimated >= 80
+    assert min(v for (r, _), v in limits.items() if r == "calibrate_steering") > 240
+    # 2,000 images x 26 s of face crops over 8 threads, twice: 227 minutes, under 240.
+    assert min(v for (r, _), v in limits.items() if r == "compute_metrics") >= 227
+
+
+def test_a_job_without_a_measured_rate_keeps_its_configured_limit():
+    row = {"denoiser_rows": 1000, "train_examples": 0, "face_images": 0}
+    assert job_minutes(row, "sdxl", 8, DEFAULT_RATES, 2.0) is None
+    assert job_minutes({"face_images": 480}, "sdxl", 8, DEFAULT_RATES, 2.0) == 52 + 10
