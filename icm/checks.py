@@ -16,6 +16,9 @@ from typing import Any
 from icm.head_maps.study import has_study, hrv_concepts, slot_names, split_prompts
 from icm.probing.pairs import ONE_VS_REST, REST, concept_pairs
 
+#: The calibration's unsteered images, shared by every variant's sweep (rules/calibration.smk).
+UNSTEERED = "unsteered"
+
 #: A hub id: owner/name (the loading code also accepts it when no folder of that name exists).
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 #: Suffixes of checkpoint files: a `pretrained` value ending so is a path, not a tag.
@@ -42,6 +45,9 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
     """Concept settings that name things that do not exist: classes of pairs, targets,
     reference and target distributions, steering variants and per-variant alphas."""
     problems = []
+    if UNSTEERED in variants:
+        problems.append(f"steering.variants.{UNSTEERED}: the name of every calibration's "
+                        "alpha-0 images (calibration/unsteered.csv); name the variant otherwise")
     for name, spec in concepts.items():
         key = f"concepts.{name}"
         classes = list(spec.get("classes") or [])

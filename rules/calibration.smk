@@ -3,16 +3,52 @@
 # evaluation's); each keeps the lowest-FD alpha whose CLIP-I stays above the floor, in a file
 # of its own. plot_tradeoff draws them all (table.csv asks for it).
 
+rule calibrate_unsteered:
+    input:
+        unpack(lambda wildcards: scoring_inputs(
+            wildcards, fid=config["steering"]["calibration"]["fid"])),
+        model=model_input,
+    output:
+        row="results/{model}/{concept}/calibration/unsteered.csv",
+        embeddings="results/{model}/{concept}/calibration/unsteered.safetensors",
+    log:
+        "logs/{model}/{concept}/calibration/unsteered.log",
+    params:
+        model=model_params,
+        source=lambda wildcards: model_source(wildcards.model),
+        concept=steer_concept,
+        generation={k: config["generation"][k] for k in ("base_seed", "device")},
+        # what the samples depend on: not the alphas, the floor or the ratio (a sweep's)
+        calibration={k: config["steering"]["calibration"][k]
+                     for k in ("batches_per_class", "batch_size")},
+        fid_reference=lambda wildcards: fid_reference(wildcards)
+        if config["steering"]["calibration"]["fid"] else None,
+        toy=is_toy,
+        evaluation=metric_settings,
+        labels=concept_params("labeler", "evaluation", "reference"),
+        code=job_code("calibrate_unsteered_job"),
+    threads: model_threads
+    resources:
+        gpu=gpu_resources,
+        mem_mb=mem_resources,
+        runtime=planned_runtime("calibrate_unsteered"),
+        slurm_partition=model_partition,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/calibrate_unsteered.py"
+
+
 rule calibrate_steering:
     input:
         # what steering reads, but the alphas (which this rule decides)
         unpack(lambda wildcards: {k: v for k, v in steer_inputs(wildcards).items()
                                   if k != "alphas"}),
-        unpack(lambda wildcards: {k: v for k, v in metric_inputs(wildcards).items()
-                                  if k in ("checkpoints", "toy_features", "toy_features_sidecar")
-                                  or (k == "reference"
-                                      and config["steering"]["calibration"]["fid"])}),
+        unpack(lambda wildcards: scoring_inputs(
+            wildcards, fid=config["steering"]["calibration"]["fid"])),
         model=model_input,
+        unsteered="results/{model}/{concept}/calibration/unsteered.csv",
+        unsteered_embeddings="results/{model}/{concept}/calibration/unsteered.safetensors",
     output:
         sweep="results/{model}/{concept}/calibration/{variant}.csv",
         alpha="results/{model}/{concept}/calibration/{variant}.alpha.json",

@@ -424,17 +424,23 @@ def steer_files(name, variant="{variant}"):
 
 def metric_inputs(wildcards):
     """Images and tables of the variant (and of the original, for CLIP-I), and every local
-    file the metrics read: labeler and CLIP checkpoints, the FID reference, the toy
-    feature net and its sidecar."""
-    concept = CONCEPTS[wildcards.concept]
+    file the metrics read (`scoring_inputs`)."""
     inputs = {
         "steered": steer_files("samples.csv")(wildcards),
         "images": steer_files("images")(wildcards),
-        "checkpoints": labeler_files(concept["evaluation"]["labeler"] or concept["labeler"]),
     }
     if ORIGINAL and wildcards.variant != ORIGINAL:
         inputs["original"] = steer_files("samples.csv", ORIGINAL)(wildcards)
-    reference = concept["evaluation"]["fid_reference"]
+    return {**inputs, **scoring_inputs(wildcards)}
+
+
+def scoring_inputs(wildcards, fid=True):
+    """Every local file that scoring images reads: labeler and CLIP checkpoints, the FID
+    reference (unless `fid` is off), the toy feature net and its sidecar."""
+    concept = CONCEPTS[wildcards.concept]
+    inputs = {"checkpoints": labeler_files(concept["evaluation"]["labeler"]
+                                           or concept["labeler"])}
+    reference = concept["evaluation"]["fid_reference"] if fid else None
     if reference == "toy-world":
         inputs["reference"] = fid_reference(wildcards)  # rendered by render_reference
     elif reference and reference.startswith("stats:"):

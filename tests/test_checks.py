@@ -124,3 +124,8 @@ def test_dlib_face_models_are_a_folder_and_yunet_a_file(config, tmp_path):
     (tmp_path / "yunet.onnx").write_bytes(b"")
     labeler["face"]["model"] = "yunet.onnx"
     assert not [p for p in path_problems(cfg, tmp_path) if key in p]
+
+
+def test_a_variant_named_like_the_calibrations_unsteered_images_is_refused(config):
+    config["steering"]["variants"]["unsteered"] = {"sites": "top", "alpha": "auto"}
+    assert any("steering.variants.unsteered" in p for p in config_problems(config, ROOT))

@@ -22,6 +22,8 @@ with logging_to(sm.log[0]):
         directions=list(sm.input.directions),
         directions_meta=list(sm.input.directions_meta),
         start=sm.input.start,
+        unsteered=sm.input.unsteered,
+        unsteered_embeddings=sm.input.unsteered_embeddings,
         output=sm.output.sweep,
         output_alpha=sm.output.alpha,
         fid_reference=sm.params.fid_reference,

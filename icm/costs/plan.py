@@ -176,8 +176,9 @@ class Work:
     _generate_finetuned_images = _steer_images
 
     def _calibrate_steering(self, w: Mapping[str, str]) -> dict[str, int]:
-        """Every alpha of the grid and alpha 0, and the doublings past the grid's top alpha
-        (``max_doublings``): an upper bound, as a sweep stops doubling once CLIP-I falls."""
+        """Every alpha of the grid and the doublings past its top alpha (``max_doublings``):
+        an upper bound, as a sweep stops doubling once CLIP-I falls. Alpha 0 is the
+        concept's ``calibrate_unsteered`` job's."""
         from icm.steering.batch_targets import target_probabilities
         from icm.steering.calibration import calibration_samples_per_prompt
 
@@ -188,9 +189,17 @@ class Work:
                  or m["batch_size"])
         per_prompt = calibration_samples_per_prompt(calibration, probs, batch)
         prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
-        alphas = 1 + len(calibration["alphas"]) + int(calibration["max_doublings"])
+        alphas = len(calibration["alphas"]) + int(calibration["max_doublings"])
         n = alphas * per_prompt * len(prompts)
         return {**self.images(w["model"], n), "face_images": self.faces(w["concept"], n)}
+
+    def _calibrate_unsteered(self, w: Mapping[str, str]) -> dict[str, int]:
+        """Every sweep's alpha 0, once per concept: one alpha's images."""
+        calibration = self.config["steering"]["calibration"]
+        per_alpha = self._calibrate_steering(w)["images"] // (
+            len(calibration["alphas"]) + int(calibration["max_doublings"]))
+        return {**self.images(w["model"], per_alpha),
+                "face_images": self.faces(w["concept"], per_alpha)}
 
     def _inject_prompts(self, w: Mapping[str, str]) -> dict[str, int]:
         """Each sample as it is and once per (cross-attention site, class) injected."""

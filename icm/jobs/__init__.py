@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 # icm.io.fingerprints reads this mapping to find the code a job runs.
 JOBS: dict[str, str] = {
     "build_model_job": "icm.jobs.models",
+    "calibrate_unsteered_job": "icm.jobs.calibration",
     "calibrate_variant_job": "icm.jobs.calibration",
     "capture_head_maps_job": "icm.jobs.head_maps",
     "collect_table_job": "icm.jobs.evaluation",

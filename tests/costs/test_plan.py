@@ -42,23 +42,23 @@ def test_a_dry_runs_jobs_are_read_with_their_wildcards():
 def test_the_sd15_gender_plan_holds_the_dry_runs_jobs_and_the_protocols_image_counts(workdir):
     """Counted by hand from config.yaml: 102 prompts x 5 localization images, 2 specific
     prompts x 250; 10 steered or original variants and 4 LoRA variants x 4 evaluation prompts
-    x 500; 7 calibrated variants x 10 alphas (0, the grid's 6, 3 doublings) x 4 prompts x 96
-    (3 batches of 16 per class, 2 classes)."""
+    x 500; 7 calibrated variants x 9 alphas (the grid's 6, 3 doublings) and alpha 0 once, x 4
+    prompts x 96 (3 batches of 16 per class, 2 classes)."""
     target = "results/sd15/gender/table.csv"
     dry = snakemake(workdir, "-n", "-F", target, "--configfile", "config.yaml")
     total = int(re.search(r"^total\s+(\d+)$", dry.stdout, flags=re.MULTILINE).group(1))
     jobs = planned_jobs([target], ["config.yaml"], workdir)
-    assert len(jobs) == total == 101
+    assert len(jobs) == total == 102
     table = plan(jobs, load_config(["config.yaml"], workdir), rule_stages(workdir))
     assert table["generation"]["images"] == 102 * 5 + 2 * 250
     assert table["steering"]["images"] == 10 * 4 * 500
     assert table["finetuning"]["images"] == 4 * 4 * 500
-    assert table["calibration"]["images"] == 7 * 10 * 4 * 96
+    assert table["calibration"]["images"] == (7 * 9 + 1) * 4 * 96
     assert table["finetuning"]["train_examples"] == 4 * 2000 * 2 * 4
     # SD1.5 under guidance: two denoiser rows per image and step, 50 steps.
     assert table["total"]["denoiser_rows"] == table["total"]["images"] * 50 * 2
     # FairFace's dlib crops: every evaluated and every calibration image.
-    assert table["total"]["face_images"] == 14 * 2000 + 7 * 10 * 4 * 96
+    assert table["total"]["face_images"] == 14 * 2000 + (7 * 9 + 1) * 4 * 96
     # The localization stores: samples x 50 steps x every site's width, float32.
     # attn1 and attn2 of 2 blocks at 320, 640, 1280 down, 1 in the middle, 3 at 1280, 640,
     # 320 up; and the bottleneck's 1,280.

@@ -228,11 +228,15 @@ def test_toy_color_through_the_table(workdir, tmp_path):
         made = sum(len(pd.read_csv(path)) for path in base.glob(pattern))
         assert costs[stage]["images"] == made, stage
     swept = tradeoff.groupby("variant")["n_images"]
-    assert (swept.nunique() == 1).all()  # the same count at every alpha
+    assert swept.nunique().eq(1).all() and tradeoff["n_images"].nunique() == 1
     calibration = load_config([str(TEST_CONFIG)], workdir)["steering"]["calibration"]
-    alphas = 1 + len(calibration["alphas"]) + calibration["max_doublings"]
-    assert costs["calibration"]["images"] == alphas * swept.first().sum()
-    assert tradeoff.groupby("variant").size().max() <= alphas
+    alphas = len(calibration["alphas"]) + calibration["max_doublings"]  # alpha 0 apart
+    per_alpha = int(tradeoff["n_images"].iloc[0])
+    assert costs["calibration"]["images"] == (alphas * swept.ngroups + 1) * per_alpha
+    assert tradeoff.groupby("variant").size().max() <= alphas + 1
+    # Alpha 0 is one set of images for every variant: the same row in every sweep.
+    zero = tradeoff[tradeoff["alpha"] == 0].drop(columns="variant")
+    assert len(zero) == swept.ngroups and len(zero.drop_duplicates()) == 1
     # One-target tables (paper Table 5): the same seeds in every variant, none counted twice.
     green = pd.read_csv(base / "target-green/table.csv").set_index("variant")
     assert list(green.index) == list(table.index) and green["n_images"].nunique() == 1
@@ -477,7 +481,9 @@ def check_what_reruns(workdir, tmp_path):
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/evaluation/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
-    assert plan() == recalibrated | {"compute_metrics": 6, "total": 22}  # both score images
+    # All three score images: the metrics, the sweeps and their shared alpha 0.
+    assert plan() == recalibrated | {"compute_metrics": 6, "calibrate_unsteered": 1,
+                                     "total": 23}
     metrics.write_text(original.replace('"""Evaluation metrics', '"""Metrics of evaluation', 1))
     assert plan() == {}
     hooks = workdir / "icm/hooks/registry.py"
@@ -492,7 +498,8 @@ def check_what_reruns(workdir, tmp_path):
     os.utime(sidecar)
     assert plan() == {}  # touched, same content
     sidecar.write_text(sidecar.read_text() + "\n")
-    assert plan() == recalibrated | {"compute_metrics": 6, "total": 22}
+    assert plan() == recalibrated | {"compute_metrics": 6, "calibrate_unsteered": 1,
+                                     "total": 23}
     weights = workdir / "resources/models/toy/unet/diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes())  # an in-place write, as `git checkout` does
     replaced = plan()
