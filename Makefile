@@ -43,7 +43,7 @@ demo: install  ## run the main job on the embedded default model
 	@echo; echo "Top sites (results/toy/color/ranking.csv; heatmap: results/toy/color/ranking_heatmap.png):"
 	@head -6 results/toy/color/ranking.csv | cut -d, -f1-4 | column -t -s,
 	@echo; echo "Debiasing by steering (results/toy/color/table.csv; grid.png, metrics.png beside it):"
-	@$(BIN)/python -c "import pandas as pd; t = pd.read_csv('results/toy/color/table.csv'); print(t.iloc[:, :8].round(3).to_string(index=False))"
+	@$(BIN)/python -c "import pandas as pd; t = pd.read_csv('results/toy/color/table.csv'); print(t[['variant', 'alpha', 'FD', 'FD_draw_floor', 'FID', 'CLIP-I', 'CLIP-T']].round(3).to_string(index=False))"
 	@echo; echo "Steering toward one colour (results/toy/color/target-*/table.csv; calibration/tradeoff.png):"
 	@$(BIN)/python -c "import glob, pandas as pd; t = pd.concat([pd.read_csv(p) for p in sorted(glob.glob('results/toy/color/target-*/table.csv'))]); print(t.pivot(index='variant', columns='target', values='success_rate').round(2).to_string())"
 	@echo; echo "Head maps: held-out mIoU at tau 0.4, top-k heads vs all (results/toy/objects/head-maps/table.csv; curve.png, overlays.png):"

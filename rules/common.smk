@@ -133,7 +133,7 @@ def runtime_resources(wildcards):
     return MODELS[wildcards.model]["resources"]["runtime"]
 
 
-WORK = Work(config)  # what each job does, counted as the cost plan counts it (icm.costs)
+WORK = Work(config, stores=False)  # each job's work, as the cost plan counts it (icm.costs)
 RATES = rates_with(yaml.safe_load(Path(config["cluster"]["rates"]).read_text())
                    if config["cluster"]["rates"] else None)
 

@@ -94,8 +94,11 @@ def rule_stages(workdir: str | Path = ".") -> dict[str, str]:
 class Work:
     """Counts the work of jobs under one config; ``of(job)`` -> units (``UNITS``)."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        self.config = config
+    def __init__(self, config: Mapping[str, Any], stores: bool = True) -> None:
+        """``stores``: count activation-store bytes, which needs each model's sites (its
+        denoiser on the meta device: torch, and a built model's folder); time limits need
+        none of it, and the Snakefile must not import torch."""
+        self.config, self.stores = config, stores
         self._sites: dict[str, list[dict[str, Any]]] = {}
         self._evaluation: dict[tuple[str, str], list] = {}
 
@@ -236,6 +239,8 @@ class Work:
     def store_bytes(self, model: str, samples: int) -> int:
         """An activation store's size before compression: samples x steps x the widths of
         every site, in the store's dtype."""
+        if not self.stores:
+            return 0
         itemsize = 2 if self.config["generation"]["store_dtype"] == "float16" else 4
         width = sum(int(s["width"]) for s in self.sites(model))
         return samples * int(self.model(model)["steps"]) * width * itemsize

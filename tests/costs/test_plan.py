@@ -119,3 +119,23 @@ def test_a_job_without_a_measured_rate_keeps_its_configured_limit():
     row = {"denoiser_rows": 1000, "train_examples": 0, "face_images": 0}
     assert job_minutes(row, "sdxl", 8, DEFAULT_RATES, 2.0) is None
     assert job_minutes({"face_images": 480}, "sdxl", 8, DEFAULT_RATES, 2.0) == 52 + 10
+
+
+def test_time_limits_need_neither_torch_nor_a_built_models_folder():
+    """The Snakefile counts each job's work for its time limit (rules/common.smk): without
+    stores the count reads only the config, so it imports no torch and needs no model built
+    yet (tiny-flux is built by the workflow itself)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from icm.costs.plan import Job, Work, load_config\n"
+        f"config = load_config(['tests/data/tiny-workflow.yaml'], {str(ROOT)!r})\n"
+        "work = Work(config, stores=False)\n"
+        "row = work.of(Job('generate_images', {'model': 'tiny-flux', 'concept': 'lit-side',"
+        " 'shard': '000'}))\n"
+        "assert row['images'] > 0 and row['store_bytes'] == 0, row\n"
+        "assert 'torch' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
