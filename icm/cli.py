@@ -119,13 +119,18 @@ def print_plan(targets: Sequence[str], configfiles: Sequence[str], rates: Path |
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="icm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="icm", description="The ICM workflow's command line (also `python -m icm`): "
+        "inspect a store, list a model's sites, price a target before it runs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    inspect = commands.add_parser("inspect", help="summarise a Zarr activation store")
-    inspect.add_argument("path", type=Path)
+    inspect = commands.add_parser("inspect", help="summarise and check a Zarr store: "
+                                  "activations or per-head word maps")
+    inspect.add_argument("path", type=Path, help="the store's folder, e.g. results/toy/color/"
+                         "generation/shard-000/activations.zarr")
     sites = commands.add_parser("sites", help="list a model's sites without its weights")
     sites.add_argument("model", help="a model of config.yaml (sd15, sdxl, ...) or a family")
-    sites.add_argument("--config", type=Path, default=Path("config.yaml"))
+    sites.add_argument("--config", type=Path, default=Path("config.yaml"),
+                       help="the config whose models section names the model")
     plan = commands.add_parser("plan", help="what a target costs before it runs: images, "
                                "denoiser rows, store size, GPU- and CPU-hours per stage")
     plan.add_argument("targets", nargs="+", help="workflow targets, as given to snakemake")
