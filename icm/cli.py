@@ -76,12 +76,22 @@ def describe_sites(model: str, config_path: str | Path = "config.yaml") -> str:
 
     import yaml
 
+    from icm.models.families import FAMILIES, family_of_folder
     from icm.models.meta import denoiser_config, denoiser_on_meta, site_table
 
     models = {}
     if Path(config_path).is_file():
         models = (yaml.safe_load(Path(config_path).read_text()) or {}).get("models", {})
-    entry = models.get(model) or {"family": model}
+    folder = family_of_folder(model) if Path(model).is_dir() else None
+    if model in models:
+        entry = models[model]
+    elif folder is not None:  # a local diffusers folder: its own denoiser config
+        entry = {"family": folder.name, "source": model}
+    elif model in FAMILIES:
+        entry = {"family": model}
+    else:
+        raise ValueError(f"{model!r} is no model of {config_path} ({', '.join(models)}), no "
+                         f"family ({', '.join(FAMILIES)}) and no diffusers model folder")
     family, config, origin = denoiser_config(model, entry)
     rows = site_table(denoiser_on_meta(config))
     width = max((len(r["site"]) for r in rows), default=4)

@@ -28,8 +28,10 @@ Full-size configs of each family's denoiser are in ``icm.models.configs``.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # torch is imported where tensors are met: the Snakefile reads this table
@@ -98,6 +100,9 @@ class Family:
     objective: str = "noise"
     lora_projections: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     latent_layout: str = "grid"
+    # The diffusers pipeline classes of this family (model_index.json's `_class_name`), so a
+    # model folder names its family (`python -m icm sites FOLDER`).
+    pipelines: tuple[str, ...] = ()
     shared_inputs: tuple[str, ...] = ()
 
     def selects(self, selection: str) -> bool:
@@ -113,22 +118,34 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd15", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
            ("attn1",), "batched",
-           ("down_blocks", "mid_block", "up_blocks")),
+           ("down_blocks", "mid_block", "up_blocks"), pipelines=("StableDiffusionPipeline",)),
     Family("sdxl", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
            ("attn1",), "batched",
-           ("down_blocks", "mid_block", "up_blocks")),
+           ("down_blocks", "mid_block", "up_blocks"), pipelines=("StableDiffusionXLPipeline",)),
     Family("toy", "unet", "UNet2DConditionModel", ("attn1", "attn2", "h-space"),
            ("attn1",), "batched",
-           ("down_blocks", "mid_block", "up_blocks")),
+           ("down_blocks", "mid_block", "up_blocks"), pipelines=("ToyPipeline",)),
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
            "batched", text_encoding="sana",
-           text_projection=("caption_projection", "caption_norm"), objective="flow"),
+           text_projection=("caption_projection", "caption_norm"), objective="flow",
+           pipelines=("SanaPipeline",)),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
            timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux",
            objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v"),
-           latent_layout="packed", shared_inputs=("txt_ids", "img_ids")),
+           latent_layout="packed", shared_inputs=("txt_ids", "img_ids"),
+           pipelines=("FluxPipeline",)),
 )}
+
+
+def family_of_folder(folder: str | Path) -> Family | None:
+    """The family of a diffusers model folder, by the pipeline class its
+    ``model_index.json`` names; None where there is none or no family claims it."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    name = json.loads(index.read_text()).get("_class_name")
+    return next((f for f in FAMILIES.values() if name in f.pipelines), None)
 
 
 def family_named(name: str) -> Family:

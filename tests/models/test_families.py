@@ -77,7 +77,11 @@ def test_the_sites_command_reads_configs_and_local_folders():
     assert "guidance   embedded" in describe_sites("flux")
     toy = describe_sites("toy")  # the committed folder's config
     assert "resources/models/toy/unet/config.json" in toy and "7 attn1" in toy
-    with pytest.raises(ValueError, match="unknown family"):
+    # A diffusers folder names its family by its pipeline class (docs/families.md).
+    folder = describe_sites("resources/models/toy")
+    assert "(family toy," in folder and "7 attn1" in folder and "1 h-space" in folder
+    # An unknown name is told which names would do: the config's models and the families.
+    with pytest.raises(ValueError, match="no model of config.yaml .*tiny-flux.*no family"):
         describe_sites("no-such-model")
 
 
