@@ -56,6 +56,10 @@ def test_config_validates_and_defaults_are_filled():
     lambda c: c["generation"].update(base_seed=-1),
     lambda c: c["probes"].update(steer_start=80),   # of 50: was clamped to the last step
     lambda c: c["models"].update({"bad name": {"family": "sd15"}}),
+    # A misspelt key of the evaluation's labeler (weight: for weights:), checked by the
+    # concept labeler's schema.
+    lambda c: c["concepts"]["gender"]["evaluation"]["labeler"].update(weight="x.pt"),
+    lambda c: c["concepts"]["gender"]["evaluation"].update(labeler={"type": "fairfce"}),
 ])
 def test_bad_config_is_refused(mutate):
     cfg = copy.deepcopy(config())
