@@ -30,10 +30,11 @@ UNITS = ("jobs", "images", "denoiser_rows", "train_examples", "face_images", "st
 
 @dataclass
 class Job:
-    """One planned job: its rule and wildcards, as the dry run names them."""
+    """One planned job: its rule, wildcards and resources, as the dry run names them."""
 
     rule: str
     wildcards: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, str] = field(default_factory=dict)
 
 
 def planned_jobs(targets: Sequence[str], configfiles: Sequence[str] = (),
@@ -50,16 +51,16 @@ def planned_jobs(targets: Sequence[str], configfiles: Sequence[str] = (),
 
 
 def parse_dry_run(text: str) -> list[Job]:
-    """Jobs from a dry run's job blocks (``rule NAME:`` / ``localrule NAME:``, then an
-    indented ``wildcards:`` line where the rule has wildcards)."""
+    """Jobs from a dry run's job blocks (``rule NAME:`` / ``localrule NAME:``, then indented
+    ``wildcards:`` and ``resources:`` lines where the job has them)."""
     jobs: list[Job] = []
     for line in text.splitlines():
         head = re.match(r"^(?:local)?rule (\w+):$", line)
         if head:
             jobs.append(Job(head.group(1)))
-        elif jobs and line.startswith("    wildcards: "):
-            pairs = line.split(": ", 1)[1].split(", ")
-            jobs[-1].wildcards = dict(p.split("=", 1) for p in pairs)
+        elif jobs and line.startswith(("    wildcards: ", "    resources: ")):
+            key, value = line.strip().split(": ", 1)
+            setattr(jobs[-1], key, dict(p.split("=", 1) for p in value.split(", ")))
     return jobs
 
 
@@ -182,27 +183,26 @@ class Work:
         """Every alpha of the grid and the doublings past its top alpha (``max_doublings``):
         an upper bound, as a sweep stops doubling once CLIP-I falls. Alpha 0 is the
         concept's ``calibrate_unsteered`` job's."""
-        from icm.steering.batch_targets import target_probabilities
-        from icm.steering.calibration import calibration_samples_per_prompt
-
-        c, m = self.concept(w["concept"]), self.model(w["model"])
         calibration = self.config["steering"]["calibration"]
-        probs = target_probabilities(c["classes"], c["steering"].get("target_probs"))
-        batch = (calibration.get("batch_size") or c["steering"].get("batch_size")
-                 or m["batch_size"])
-        per_prompt = calibration_samples_per_prompt(calibration, probs, batch)
-        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
         alphas = len(calibration["alphas"]) + int(calibration["max_doublings"])
-        n = alphas * per_prompt * len(prompts)
-        return {**self.images(w["model"], n), "face_images": self.faces(w["concept"], n)}
+        return self.calibration_images(w, alphas)
 
     def _calibrate_unsteered(self, w: Mapping[str, str]) -> dict[str, int]:
         """Every sweep's alpha 0, once per concept: one alpha's images."""
-        calibration = self.config["steering"]["calibration"]
-        per_alpha = self._calibrate_steering(w)["images"] // (
-            len(calibration["alphas"]) + int(calibration["max_doublings"]))
-        return {**self.images(w["model"], per_alpha),
-                "face_images": self.faces(w["concept"], per_alpha)}
+        return self.calibration_images(w, 1)
+
+    def calibration_images(self, w: Mapping[str, str], alphas: int) -> dict[str, int]:
+        """``alphas`` sweeps' worth of the concept's calibration images, each one alpha's:
+        ``calibration_batching``'s images per prompt over the evaluation prompts."""
+        from icm.steering.calibration import calibration_batching
+
+        c = self.concept(w["concept"])
+        _, _, per_prompt = calibration_batching(self.config["steering"]["calibration"],
+                                                c["steering"], c["classes"],
+                                                self.model(w["model"]))
+        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
+        n = alphas * per_prompt * len(prompts)
+        return {**self.images(w["model"], n), "face_images": self.faces(w["concept"], n)}
 
     def _inject_prompts(self, w: Mapping[str, str]) -> dict[str, int]:
         """Each sample as it is and once per (cross-attention site, class) injected."""

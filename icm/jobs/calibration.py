@@ -18,16 +18,13 @@ import numpy as np
 import pandas as pd
 
 from icm.evaluation.scoring import fid_of_images, image_embedder, score_fd
-from icm.generation.samples import concept_samples
 from icm.io.atomic import write_json, write_table
 from icm.labeling.labelers import make_labeler
 from icm.models.devices import resolve_device
-from icm.steering.batch_targets import target_probabilities
 from icm.steering.calibration import (
     ClipFloor,
     alpha_sweep,
-    calibration_reference,
-    calibration_samples_per_prompt,
+    calibration_plan,
     choose_alpha,
     plot_tradeoff,
 )
@@ -35,26 +32,6 @@ from icm.steering.calibration import (
 log = logging.getLogger("icm")
 
 TRADEOFF_COLUMNS = ["variant", "alpha", "FD", "CLIP-I", "CLIP-I_paper", "FID", "n_images"]
-
-
-def calibration_plan(concept: Mapping[str, Any], model: Mapping[str, Any],
-                     generation: Mapping[str, Any], calibration: Mapping[str, Any]) -> dict:
-    """What every variant of a concept calibrates on: the samples (calibration stream, the
-    evaluation prompts, ``calibration_samples_per_prompt`` each), the batch size, and what FD
-    measures the distance to. Shared by the unsteered job and each variant's, so alpha 0 is
-    one set of images for all of them."""
-    classes = concept["classes"]
-    probs = target_probabilities(classes, concept["steering"].get("target_probs"))
-    prompts = concept.get("evaluation_prompts") or concept["prompts"]
-    batch_size = (calibration.get("batch_size") or concept["steering"].get("batch_size")
-                  or model["batch_size"])
-    per_prompt = calibration_samples_per_prompt(calibration, probs, batch_size)
-    reference, objective = calibration_reference(classes, probs, concept.get("reference"))
-    samples = concept_samples(concept, model, generation, per_prompt, stream="calibration",
-                              prompts=prompts)
-    return {"classes": classes, "probs": probs, "prompts": prompts, "batch_size": batch_size,
-            "per_prompt": per_prompt, "reference": reference, "objective": objective,
-            "samples": samples}
 
 
 class Scorer:

@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from icm.generation.samples import concept_samples
+from icm.steering.batch_targets import calibration_batches, target_probabilities
+
 #: Scales a CLIP-I floor may be on: the raw cosine, or the paper's (cos + 1) / 2.
 CLIP_I_SCALES = ("paper", "cosine")
 
@@ -64,12 +67,23 @@ def calibration_reference(classes: Sequence[str], probs: np.ndarray,
     return reference, "FD against the concept's reference"
 
 
+def calibration_batching(calibration: Mapping[str, Any], steering: Mapping[str, Any],
+                         classes: Sequence[str], model: Mapping[str, Any]
+                         ) -> tuple[np.ndarray, int, int]:
+    """(target probabilities, batch size, images per prompt and alpha) of a concept's
+    calibration: the batch is ``calibration.batch_size``, else the concept's steering batch,
+    else the model's. The calibration jobs and the cost plan (``icm.costs.plan``) both count
+    with it."""
+    probs = target_probabilities(classes, steering.get("target_probs"))
+    batch = int(calibration.get("batch_size") or steering.get("batch_size")
+                or model["batch_size"])
+    return probs, batch, calibration_samples_per_prompt(calibration, probs, batch)
+
+
 def calibration_samples_per_prompt(calibration: Mapping[str, Any], probs: np.ndarray,
                                    batch_size: int) -> int:
     """Images per prompt and alpha: ``batches_per_class`` batches for the rarest target
     class, the others in proportion (``icm.steering.batch_targets.calibration_batches``)."""
-    from icm.steering.batch_targets import calibration_batches
-
     return calibration_batches(probs, int(calibration["batches_per_class"])) * batch_size
 
 
@@ -153,3 +167,21 @@ def plot_tradeoff(table: pd.DataFrame, chosen: Mapping[str, Mapping[str, Any]],
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)
+
+
+def calibration_plan(concept: Mapping[str, Any], model: Mapping[str, Any],
+                     generation: Mapping[str, Any], calibration: Mapping[str, Any]) -> dict:
+    """What every variant of a concept calibrates on: the samples (calibration stream, the
+    evaluation prompts, ``calibration_samples_per_prompt`` each), the batch size, and what FD
+    measures the distance to. Shared by the unsteered job and each variant's, so alpha 0 is
+    one set of images for all of them."""
+    classes = concept["classes"]
+    probs, batch_size, per_prompt = calibration_batching(calibration, concept["steering"],
+                                                         classes, model)
+    prompts = concept.get("evaluation_prompts") or concept["prompts"]
+    reference, objective = calibration_reference(classes, probs, concept.get("reference"))
+    samples = concept_samples(concept, model, generation, per_prompt, stream="calibration",
+                              prompts=prompts)
+    return {"classes": classes, "probs": probs, "prompts": prompts, "batch_size": batch_size,
+            "per_prompt": per_prompt, "reference": reference, "objective": objective,
+            "samples": samples}

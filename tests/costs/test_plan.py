@@ -8,7 +8,6 @@ from pathlib import Path
 from workflow_helpers import snakemake
 
 from icm.costs.plan import (
-    Job,
     Work,
     load_config,
     parse_dry_run,
@@ -37,6 +36,7 @@ def test_a_dry_runs_jobs_are_read_with_their_wildcards():
     assert [j.rule for j in jobs] == ["generate_images", "rank_sites", "all"]
     assert jobs[0].wildcards == {"model": "toy", "concept": "color", "shard": "000"}
     assert jobs[2].wildcards == {}
+    assert jobs[0].resources == {"tmpdir": "/tmp"} and jobs[1].resources == {}
 
 
 def test_the_sd15_gender_plan_holds_the_dry_runs_jobs_and_the_protocols_image_counts(workdir):
@@ -87,32 +87,28 @@ def test_every_jobs_time_limit_covers_its_planned_work(workdir):
     240 minutes, get more than that."""
     target = "results/sd15/gender/table.csv"
     dry = snakemake(workdir, "-n", "-F", target, "--configfile", "config.yaml")
-    limits: dict[tuple[str, str], int] = {}
-    job = None
-    for line in dry.stdout.splitlines():
-        head = re.match(r"^(?:local)?rule (\w+):", line)
-        job = (head.group(1), "") if head else job
-        if job and line.startswith("    wildcards: "):
-            job = (job[0], line.split(": ", 1)[1])
-        runtime = re.search(r"runtime=(\d+)", line)
-        if job and runtime:
-            limits[job] = int(runtime.group(1))
+    limited = [j for j in parse_dry_run(dry.stdout) if "runtime" in j.resources]
     config = load_config(["config.yaml"], workdir)
     work = Work(config)
     threads = config["models"]["sd15"]["resources"]["threads"]
     estimated = 0
-    for (rule, wildcards), limit in limits.items():
-        if not wildcards:
+    for job in limited:
+        if not job.wildcards:
             continue
-        row = work.of(Job(rule, dict(p.split("=", 1) for p in wildcards.split(", "))))
+        limit = int(job.resources["runtime"])
+        row = work.of(job)
         need = job_minutes(row, "sd15", threads, DEFAULT_RATES, margin=1.0)
         if need is not None and row.get("images", 0) + row.get("face_images", 0):
             estimated += 1
-            assert limit >= need, (rule, wildcards, limit, need)
+            assert limit >= need, (job, limit, need)
     assert estimated >= 80
-    assert min(v for (r, _), v in limits.items() if r == "calibrate_steering") > 240
+
+    def least(rule: str) -> int:
+        return min(int(j.resources["runtime"]) for j in limited if j.rule == rule)
+
+    assert least("calibrate_steering") > 240
     # 2,000 images x 26 s of face crops over 8 threads, twice: 227 minutes, under 240.
-    assert min(v for (r, _), v in limits.items() if r == "compute_metrics") >= 227
+    assert least("compute_metrics") >= 227
 
 
 def test_a_job_without_a_measured_rate_keeps_its_configured_limit():
