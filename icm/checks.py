@@ -8,6 +8,7 @@ start.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -94,8 +95,12 @@ def concept_problems(concepts: Mapping[str, Any], variants: Mapping[str, Any]) -
                 if seen.setdefault(prompt, name_) != name_:
                     problems.append(f"{key}.specific_prompts: {prompt!r} is listed under both "
                                     f"{seen[prompt]} and {name_}")
+        labelers = (("labeler", spec.get("labeler")), ("evaluation.labeler",
+                                                        evaluation.get("labeler")))
         for sub, values in (("reference", spec.get("reference")),
                             ("specific_prompts", specific),
+                            *((f"{name_}.prompts", (labeler or {}).get("prompts"))
+                              for name_, labeler in labelers),
                             ("injection.injected", (spec.get("injection") or {}).get("injected")),
                             ("steering.target_probs", steering.get("target_probs")),
                             ("steering.targets", steering.get("targets"))):
@@ -241,3 +246,144 @@ def explicit_problems(concepts: Mapping[str, Any], models: Mapping[str, Any]) ->
             except ValueError as error:
                 problems.append(f"{key}.{model}: {error}")
     return problems
+
+
+def run_problems(config: Mapping[str, Any], model: str, concept: str,
+                 model_dir: str | Path | None = None) -> list[str]:
+    """Problems of running ``concept`` on ``model`` that only the pair shows: counts that must
+    agree (each sample stream fills every shard; the localization can hold the probes'
+    minimum per class) and prompts the model's text encoder would cut
+    (``prompt_problems``; ``model_dir`` is the model's folder where it is local). Checked for
+    the pairs a run asks for (``rules/common.smk``), before any job starts."""
+    return count_problems(config, model, concept) + \
+        prompt_problems(config, model, concept, model_dir)
+
+
+def sample_streams(config: Mapping[str, Any], model: str, concept: str
+                   ) -> Iterator[tuple[str, list, int, str]]:
+    """(stream, its samples, the batch size its jobs shard by, the keys that set its count)
+    for every sample stream the concept has, as its jobs plan them."""
+    from icm.generation.samples import concept_samples
+    from icm.head_maps.study import split_samples
+
+    c, m, generation = config["concepts"][concept], config["models"][model], config["generation"]
+    key = f"concepts.{concept}"
+    per_prompt = (f"models.{model}.samples_per_prompt" if m.get("samples_per_prompt")
+                  else f"{key}.samples_per_prompt")
+    if c.get("prompts"):
+        yield ("localization", concept_samples(c, m, generation), m["batch_size"],
+               f"{key}.prompts x {per_prompt}")
+        steering = c.get("steering") or {}
+        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
+        yield ("evaluation", concept_samples(c, m, generation, steering["samples_per_prompt"],
+                                             stream="evaluation", prompts=prompts),
+               steering.get("batch_size") or m["batch_size"],
+               f"{key}.evaluation.prompts x {key}.steering.samples_per_prompt")
+    if c.get("specific_prompts"):
+        yield ("specific", concept_samples(c, m, generation, prompt_set="specific"),
+               m["batch_size"], f"{key}.specific_prompts x {key}.specific_samples_per_prompt")
+    if has_study(c.get("head_maps")):
+        for split in ("train", "held-out"):
+            yield (f"head-map {split}", split_samples(c["head_maps"], split,
+                                                      generation["base_seed"]),
+                   m["batch_size"], f"{key}.head_maps.{split.replace('-', '_')}_samples_per_prompt")
+
+
+def count_problems(config: Mapping[str, Any], model: str, concept: str) -> list[str]:
+    """Counts that must agree: every shard of every stream gets a batch
+    (``models.<m>.n_shards`` at most the stream's batches), and the localization holds at
+    least ``probes.min_per_class`` images per class."""
+    problems = []
+    shards = int(config["models"][model]["n_shards"])
+    c = config["concepts"][concept]
+    for stream, samples, batch, keys in sample_streams(config, model, concept):
+        batches = -(-len(samples) // batch)
+        if batches < shards:
+            problems.append(f"models.{model}.n_shards: {shards} shards, but {concept}'s "
+                            f"{stream} images ({keys} = {len(samples)}) make {batches} "
+                            f"batches of {batch}: lower n_shards or raise the count")
+        if stream == "localization" and c.get("classes"):
+            least = int(config["probes"]["min_per_class"]) * len(c["classes"])
+            if len(samples) < least:
+                problems.append(f"probes.min_per_class: {len(c['classes'])} classes need "
+                                f"{least} labelled images, but {concept}'s localization "
+                                f"generates {len(samples)} ({keys})")
+    return problems
+
+
+def concept_prompts(spec: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(key, prompt) for every prompt of a concept that the denoiser's text encoder reads."""
+    from icm.head_maps.study import study_prompts
+
+    for i, prompt in enumerate(spec.get("prompts") or []):
+        yield f"prompts[{i}]", prompt
+    for i, prompt in enumerate((spec.get("evaluation") or {}).get("prompts") or []):
+        yield f"evaluation.prompts[{i}]", prompt
+    for name, prompts in (spec.get("specific_prompts") or {}).items():
+        for i, prompt in enumerate(prompts):
+            yield f"specific_prompts.{name}[{i}]", prompt
+    injection = spec.get("injection") or {}
+    for i, prompt in enumerate(injection.get("prompts") or []):
+        yield f"injection.prompts[{i}]", prompt
+    for name, prompt in (injection.get("injected") or {}).items():
+        yield f"injection.injected.{name}", prompt
+    if has_study(spec.get("head_maps")):
+        for i, item in enumerate(study_prompts(spec["head_maps"])):
+            yield f"head_maps prompt {i}", item.prompt
+
+
+def prompt_problems(config: Mapping[str, Any], model: str, concept: str,
+                    model_dir: str | Path | None) -> list[str]:
+    """Prompts longer than the model's text encoder reads (its tokenizer's length, or the
+    pipeline's ``max_sequence_length`` where the family has one): the pipeline would cut
+    them silently. Read from the model's own tokenizer where it is on disk (``model_dir``,
+    or the hub cache), without torch; a model not yet on disk is not checked."""
+    from icm.models.families import family_named
+
+    spec = config["models"][model]
+    family = family_named(spec["family"])
+    folder = tokenizer_folder(spec, family.prompt_tokenizer, model_dir)
+    if folder is None:
+        return []
+    tokenizer = _tokenizer(str(folder))
+    if tokenizer is None:
+        return []
+    limit = tokenizer.model_max_length
+    if family.prompt_length is not None:
+        argument, default = family.prompt_length
+        limit = int((spec.get("pipeline_arguments") or {}).get(argument, default))
+    problems = []
+    for key, prompt in concept_prompts(config["concepts"][concept]):
+        n = len(tokenizer(prompt, verbose=False).input_ids)
+        if n > limit:
+            problems.append(f"concepts.{concept}.{key}: {prompt!r} is {n} tokens, but "
+                            f"{model}'s text encoder reads {limit}: the rest would be cut")
+    return problems
+
+
+def tokenizer_folder(spec: Mapping[str, Any], subfolder: str,
+                     model_dir: str | Path | None) -> Path | None:
+    """The folder of a model's tokenizer: in its local folder, else in the hub cache."""
+    if model_dir is not None and Path(model_dir, subfolder).is_dir():
+        return Path(model_dir, subfolder)
+    source = str(spec.get("source") or "")
+    if not source or spec.get("builder") or not HUB_ID.match(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, f"{subfolder}/tokenizer_config.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+@functools.cache
+def _tokenizer(folder: str) -> Any:
+    """The tokenizer class its config names, from transformers' top level (which, unlike
+    AutoTokenizer, imports no torch); None where the config names none."""
+    import json
+
+    import transformers
+
+    name = json.loads(Path(folder, "tokenizer_config.json").read_text()).get("tokenizer_class")
+    if not name or not hasattr(transformers, name):
+        return None
+    return getattr(transformers, name).from_pretrained(folder)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from icm.checks import config_problems
+import functools
+
+from icm.checks import config_problems, run_problems
 from icm.costs.plan import Job, Work
 from icm.costs.rates import job_minutes, rates_with
 from icm.models.families import family_named
@@ -31,7 +33,10 @@ def model_params(wildcards):
     """The model's settings a job reads: everything but `resources`, which are the
     scheduler's business (raising a time limit must not regenerate anything), and
     `finetuning`, which only `finetune_lora` reads (`finetune_settings`): training longer
-    must not regenerate the images it trains on."""
+    must not regenerate the images it trains on. Every (model, concept) job reads it, so
+    the pair is checked here, once, while Snakemake plans (before any job runs)."""
+    if "concept" in wildcards.keys():
+        check_run(wildcards.model, wildcards.concept)
     return {k: v for k, v in MODELS[wildcards.model].items()
             if k not in ("resources", "finetuning")}
 
@@ -168,6 +173,16 @@ def check_config():
 
 
 check_config()
+
+
+@functools.cache
+def check_run(model, concept):
+    """Refuse a (model, concept) pair whose counts disagree or whose prompts the model's text
+    encoder would cut (icm.checks.run_problems), naming each key."""
+    local = model_source(model)
+    problems = run_problems(config, model, concept, local if Path(local).is_dir() else None)
+    if problems:
+        raise ValueError(f"config.yaml, {model} x {concept}:\n  " + "\n  ".join(problems))
 
 
 def pair_names(concept):

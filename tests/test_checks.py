@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from icm.checks import config_problems, path_problems
+from icm.checks import config_problems, path_problems, run_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,10 @@ def test_one_vs_rest_pairs_are_accepted_and_a_class_named_rest_is_not(config):
      "concepts.color.reference: ['pink'] are not classes"),
     (lambda c: c["concepts"]["color"]["steering"].update(variants=["icm", "best"]),
      "concepts.color.steering.variants: ['best'] are not steering.variants"),
+    # A labeler's per-class prompt groups (a misspelt class would silently fall back to
+    # "a photo of a {class}").
+    (lambda c: c["concepts"]["gender"]["labeler"].update(prompts={"women": ["a woman"]}),
+     "concepts.gender.labeler.prompts: ['women'] are not classes"),
     (lambda c: c["concepts"]["color"]["steering"].update(alpha={"icn": 3}),
      "concepts.color.steering.alpha: ['icn'] are not steering.variants"),
     # The paper's Table 6 as config: a sign pushing away from the target, a class without a
@@ -129,3 +133,55 @@ def test_dlib_face_models_are_a_folder_and_yunet_a_file(config, tmp_path):
 def test_a_variant_named_like_the_calibrations_unsteered_images_is_refused(config):
     config["steering"]["variants"]["unsteered"] = {"sites": "top", "alpha": "auto"}
     assert any("steering.variants.unsteered" in p for p in config_problems(config, ROOT))
+
+
+TOY = ROOT / "resources" / "models" / "toy"
+
+
+def test_the_shipped_pairs_have_no_run_problems(config):
+    """The demo's pairs with the toy's own tokenizer, and the paper's (counts only: their
+    tokenizers are not on disk here)."""
+    for concept in ("color", "shape", "position"):
+        assert run_problems(config, "toy", concept, TOY) == []
+    for concept in ("gender", "age", "race"):
+        assert run_problems(config, "sd15", concept) == []
+    assert run_problems(config, "sdxl", "president") == []
+
+
+def test_more_shards_than_batches_are_refused_naming_the_keys(config):
+    """A shard without a batch failed only when its generation job ran."""
+    config["models"]["toy"]["n_shards"] = 9  # 4 x 250 localization images: 8 batches of 125
+    problems = run_problems(config, "toy", "color", TOY)
+    assert problems == [
+        "models.toy.n_shards: 9 shards, but color's localization images (concepts.color."
+        "prompts x concepts.color.samples_per_prompt = 1000) make 8 batches of 125: lower "
+        "n_shards or raise the count"]
+    config["models"]["toy"]["n_shards"] = 8
+    assert run_problems(config, "toy", "color", TOY) == []
+
+
+def test_a_localization_too_small_for_the_probes_is_refused(config):
+    config["concepts"]["color"]["samples_per_prompt"] = 2  # 4 prompts x 2 < 3 classes x 10
+    problems = run_problems(config, "toy", "color", TOY)
+    assert any(p.startswith("probes.min_per_class: 3 classes need 30 labelled images, but "
+                            "color's localization generates 8") for p in problems), problems
+
+
+def test_a_prompt_the_text_encoder_would_cut_is_refused_with_its_token_count(config, tmp_path):
+    """Counted by the model's own tokenizer where it is on disk: the toy's (8 tokens), and a
+    CLIP tokenizer of SD1.5's length (77) in a model folder."""
+    from icm.models.tokenizer import build_clip_tokenizer
+
+    config["concepts"]["color"]["prompts"] = ["a red circle", "a b c d e f g h"]
+    problems = run_problems(config, "toy", "color", TOY)
+    assert problems == ["concepts.color.prompts[1]: 'a b c d e f g h' is 10 tokens, but toy's "
+                        "text encoder reads 8: the rest would be cut"]
+    build_clip_tokenizer(tmp_path / "tokenizer", words=["person"]).save_pretrained(
+        tmp_path / "tokenizer")
+    long = " ".join(["person"] * 76)
+    config["concepts"]["gender"]["prompts"].append(long)
+    problems = run_problems(config, "sd15", "gender", tmp_path)
+    index = len(config["concepts"]["gender"]["prompts"]) - 1
+    assert problems == [f"concepts.gender.prompts[{index}]: {long!r} is 78 tokens, but sd15's "
+                        "text encoder reads 77: the rest would be cut"]
+    assert run_problems(config, "sd15", "gender") == []  # no tokenizer on disk: not checked

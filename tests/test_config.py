@@ -60,6 +60,9 @@ def test_config_validates_and_defaults_are_filled():
     # concept labeler's schema.
     lambda c: c["concepts"]["gender"]["evaluation"]["labeler"].update(weight="x.pt"),
     lambda c: c["concepts"]["gender"]["evaluation"].update(labeler={"type": "fairfce"}),
+    # Class names become paths and wildcards (target-{class}, pairs joined by '-').
+    lambda c: c["concepts"]["gender"].update(classes=["woman", "men/boys"]),
+    lambda c: c["concepts"]["gender"].update(classes=["woman", "older man"]),
 ])
 def test_bad_config_is_refused(mutate):
     cfg = copy.deepcopy(config())

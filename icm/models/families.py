@@ -103,6 +103,11 @@ class Family:
     # The diffusers pipeline classes of this family (model_index.json's `_class_name`), so a
     # model folder names its family (`python -m icm sites FOLDER`).
     pipelines: tuple[str, ...] = ()
+    # The tokenizer (pipeline subfolder) of the text encoder whose positions the denoiser
+    # reads, and how many tokens it keeps: the tokenizer's own length, or where the pipeline
+    # sets it, (its argument, the default) (icm.checks.prompt_problems).
+    prompt_tokenizer: str = "tokenizer"
+    prompt_length: tuple[str, int] | None = None
     shared_inputs: tuple[str, ...] = ()
 
     def selects(self, selection: str) -> bool:
@@ -128,13 +133,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sana", "transformer", "SanaTransformer2DModel", ("attn1", "attn2"), ("attn1",),
            "batched", text_encoding="sana",
            text_projection=("caption_projection", "caption_norm"), objective="flow",
-           pipelines=("SanaPipeline",)),
+           pipelines=("SanaPipeline",), prompt_length=("max_sequence_length", 300)),
     Family("flux", "transformer", "FluxTransformer2DModel", ("double", "single"),
            ("double", "single"), "embedded", ("transformer_blocks", "single_transformer_blocks"),
            timestep_scale=1000.0, separate_uncond=True, cross_kind=None, schedule="flux",
            objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v"),
            latent_layout="packed", shared_inputs=("txt_ids", "img_ids"),
-           pipelines=("FluxPipeline",)),
+           pipelines=("FluxPipeline",), prompt_tokenizer="tokenizer_2",
+           prompt_length=("max_sequence_length", 512)),
 )}
 
 
