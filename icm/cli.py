@@ -36,7 +36,10 @@ def describe_store(path: str | Path) -> str:
     group = open_store(path)
     attrs = dict(group.attrs)
     arrays = dict(group.arrays())
-    sites = [name for name in arrays if name not in COORDINATE_ARRAYS]
+    # Forward order, as the attributes list them (the group lists arrays alphabetically:
+    # FLUX's single-stream blocks before its double-stream ones, block 10 before block 2).
+    listed = [name for name in attrs.get("sites") or [] if name in arrays]
+    sites = listed + sorted(set(arrays) - set(listed) - set(COORDINATE_ARRAYS))
     samples = arrays["sample"][:]
     timesteps = arrays["timestep"][:]
     lines = [f"store      {path}"]

@@ -83,6 +83,21 @@ def test_inspect_prints_a_summary(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path)]) == 2
 
 
+def test_inspect_lists_sites_in_forward_order(tmp_path, capsys):
+    """As the denoiser runs them (FLUX: double-stream blocks 0..10, then single-stream),
+    not as the group lists its arrays."""
+    forward = ["transformer_blocks.2", "transformer_blocks.10", "single_transformer_blocks.0"]
+    samples = plan_samples(["p"], 2, base_seed=0)
+    rng = np.random.default_rng(0)
+    acts = {s: rng.standard_normal((2, len(TIMESTEPS), 4)).astype(np.float32) for s in forward}
+    with ActivationStoreWriter(tmp_path / "s.zarr", samples, {"sites": forward}) as w:
+        w.write(CapturedBatch(acts, TIMESTEPS))
+    assert cli_main(["inspect", str(tmp_path / "s.zarr")]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("  ") and "blocks." in line]
+    assert rows == forward
+
+
 ATTN1 = next(iter(SITES))
 
 
