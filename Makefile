@@ -8,9 +8,11 @@ CORES ?= 2
 # (/etc/xdg/pip); anywhere else pip resolves torch normally (override: make TORCH_PIN=...).
 TORCH_PIN ?= $(if $(wildcard /etc/xdg/pip/constraints.txt),torch==2.14.1 torchvision==0.29.1,)
 DEMO_TARGET ?= results/toy/color/table.csv results/toy/objects/head-maps/curve.png
+# The demo's sizes (configs/demo.yaml); `make study` runs the same targets at full size.
+DEMO_CONFIG ?= --configfile config.yaml configs/demo.yaml
 PYTEST_FLAGS ?= -n 2 --dist worksteal --durations=15
 
-.PHONY: install lock demo test check lint bench clean toy-model toy-quality
+.PHONY: install lock demo study report test check lint bench clean toy-model toy-quality
 
 # Exact versions of everything but the torch stack, which follows TORCH_PIN (or pip's
 # choice for this machine); `make lock` regenerates it from pyproject.toml's ranges.
@@ -37,8 +39,15 @@ lock: install  ## re-resolve pyproject.toml's ranges into requirements.lock (doc
 	mv $(LOCK).tmp $(LOCK)
 	@echo "$(LOCK): $$(grep -c '==' $(LOCK)) pinned packages (the torch stack left to TORCH_PIN)"
 
-demo: install  ## run the main job on the embedded default model
+demo: install  ## the toy study at demo size (configs/demo.yaml), then its results
+	$(BIN)/snakemake --cores $(CORES) $(DEMO_TARGET) $(DEMO_CONFIG)
+	@$(MAKE) --no-print-directory report
+
+study: install  ## the same targets at full size (config.yaml alone), then its results
 	$(BIN)/snakemake --cores $(CORES) $(DEMO_TARGET)
+	@$(MAKE) --no-print-directory report
+
+report:  ## print what the last demo or study made
 	$(BIN)/python -m icm inspect results/toy/color/generation/shard-000/activations.zarr
 	@echo; echo "Top sites (results/toy/color/ranking.csv; heatmap: results/toy/color/ranking_heatmap.png):"
 	@head -6 results/toy/color/ranking.csv | cut -d, -f1-4 | column -t -s,

@@ -87,7 +87,8 @@ def rule_stages(workdir: str | Path = ".") -> dict[str, str]:
     stages = {}
     for stem in includes:
         text = (root / "rules" / f"{stem}.smk").read_text()
-        for name in re.findall(r"^\s*rule (\w+):", text, flags=re.MULTILINE):
+        for name in re.findall(r"^\s*(?:use rule \w+ as|rule) (\w+)", text,
+                               flags=re.MULTILINE):
             stages[name] = stem
     return stages
 
@@ -131,8 +132,13 @@ class Work:
         spec = self.model(model)
         return {"images": n, "denoiser_rows": n * int(spec["steps"]) * self.rows_per_call(model)}
 
-    def shard(self, model: str, samples: list, shard: str) -> list:
-        return shard_samples(samples, int(self.model(model)["n_shards"]), int(shard))
+    def shard(self, model: str, samples: list, shard: str, batch_size: int | None = None
+              ) -> list:
+        """The shard's samples, cut by whole batches as the job cuts them (``batch_size``:
+        the job's, by default the model's)."""
+        m = self.model(model)
+        return shard_samples(samples, int(m["n_shards"]), int(shard),
+                             int(batch_size or m["batch_size"]))
 
     def evaluation_samples(self, model: str, concept: str) -> list:
         """The evaluation stream's samples: the steering samples of the evaluation prompts
@@ -173,11 +179,26 @@ class Work:
                 "store_bytes": self.store_bytes(w["model"], len(samples))}
 
     def _steer_images(self, w: Mapping[str, str]) -> dict[str, int]:
+        batch = self.concept(w["concept"])["steering"].get("batch_size")
         samples = self.shard(w["model"], self.evaluation_samples(w["model"], w["concept"]),
-                             w["shard"])
+                             w["shard"], batch)
         return self.images(w["model"], len(samples))
 
     _generate_finetuned_images = _steer_images
+
+    def _capture_head_maps(self, w: Mapping[str, str], split: str = "held-out"
+                           ) -> dict[str, int]:
+        """A head-map study's shard of one split (its map store is not counted)."""
+        from icm.head_maps.study import split_samples
+
+        m = self.model(w["model"])
+        samples = split_samples(self.concept(w["concept"])["head_maps"], split,
+                                self.config["generation"]["base_seed"])
+        mine = shard_samples(samples, int(m["n_shards"]), int(w["shard"]), int(m["batch_size"]))
+        return self.images(w["model"], len(mine))
+
+    def _capture_train_head_maps(self, w: Mapping[str, str]) -> dict[str, int]:
+        return self._capture_head_maps(w, "train")
 
     def _calibrate_steering(self, w: Mapping[str, str]) -> dict[str, int]:
         """Every alpha of the grid and the doublings past its top alpha (``max_doublings``):
