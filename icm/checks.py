@@ -165,7 +165,8 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
                 yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
             face = labeler.get("face") or {}
             if face.get("model"):  # dlib's is a folder of its two files, the others' a file
-                kind = "dlib models" if face.get("detector", "dlib") == "dlib" else "file"
+                dlib = face.get("detector", "dlib") in ("dlib", "dlib-hog")
+                kind = "dlib models" if dlib else "file"
                 yield f"concepts.{name}.{key}.face.model", str(face["model"]), kind
             if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":
                 yield f"concepts.{name}.{key}.pretrained", str(labeler["pretrained"]), "weights"

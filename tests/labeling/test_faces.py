@@ -219,3 +219,21 @@ def test_fairface_s_own_settings_find_the_real_face():
     found, reference = paper.detect(photo), quick.detect(photo)
     assert len(found) == 1 and iou(found[0].box, reference[0].box) > 0.7
     assert np.abs(found[0].landmarks - reference[0].landmarks).max() < 10
+
+
+def test_the_hog_finder_gives_the_cnn_s_face_and_chip_far_faster():
+    """`dlib-hog` swaps only the detector: on the real photo its largest face is the CNN's
+    (box IoU > 0.6), the landmarks on it within 4 % of the chip, the chips alike; and
+    noise has no face. (Speed: benchmarks/face_crops.py.)"""
+    photo = Image.open(PHOTO).convert("RGB")
+    cnn, hog = make_cropper(QUICK), make_cropper({**QUICK, "detector": "dlib-hog"})
+    assert hog.detector.name == "dlib HOG + 5-point landmarks" != cnn.detector.name
+    reference, found = cnn.detector.detect(photo)[0], hog.detector.detect(photo)
+    assert len(found) == 1 and iou(found[0].box, reference.box) > 0.6
+    side = reference.box[2] * 1.5  # the chip spans the face square and its padding
+    assert np.linalg.norm(found[0].landmarks - reference.landmarks, axis=1).max() < 0.04 * side
+    assert correlation(cnn.crop(photo), hog.crop(photo)) > 0.9
+    noise = np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    assert hog.crop(Image.fromarray(noise)) is None
+    with pytest.raises(ValueError, match="unknown dlib face finder"):
+        DlibDetector(finder="mmod")
