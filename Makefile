@@ -17,6 +17,8 @@ PYTEST_FLAGS ?= -n 2 --dist worksteal --durations=15
 # Exact versions of everything but the torch stack, which follows TORCH_PIN (or pip's
 # choice for this machine); `make lock` regenerates it from pyproject.toml's ranges.
 LOCK := requirements.lock
+# MTCNN's torch code and weights (`face.detector: mtcnn`), without its outdated pins (pyproject.toml)
+FACENET := facenet-pytorch==2.6.0
 TORCH_STACK := ^(torch|torchvision|triton|nvidia-|cuda-)
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
@@ -24,7 +26,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/python -m pip install --quiet $(TORCH_PIN))
 	$(BIN)/python -m pip install --quiet -r $(LOCK)
-	$(BIN)/python -m pip install --quiet --no-deps -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps -e '.[test]' $(FACENET)
 	touch $@
 
 install: $(VENV)/.installed

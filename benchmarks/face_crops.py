@@ -9,7 +9,8 @@ MMOD CNN at ``max_size`` 800, ``upsample`` 1). For each candidate and image: whe
 is found where the reference finds one (and none where there is none), the IoU of the
 largest face's box with the reference's, and the mean distance of its 5 landmarks from the
 reference's in pixels of the 300 px chip (what FairFace classifies). Seconds per image are
-measured in the same run, one image at a time in this process.
+measured in the same run, one image at a time in this process (MTCNN's batches on a GPU are
+not measured here: no GPU was lent).
 
     .venv/bin/python benchmarks/face_crops.py              # every candidate, CPU
     .venv/bin/python benchmarks/face_crops.py --only dlib-hog haar
@@ -85,6 +86,7 @@ def candidates(names: list[str] | None) -> dict[str, Callable[[], object]]:
         "dlib (paper), upsample 0": lambda: DlibDetector(upsample=0),
         "dlib-hog, upsample 1": lambda: DlibDetector(finder="hog"),
         "dlib-hog, upsample 0": lambda: DlibDetector(upsample=0, finder="hog"),
+        "mtcnn (CPU), upsample -": lambda: DlibDetector(finder="mtcnn"),
         "haar": HaarDetector,
     }
     if not names:

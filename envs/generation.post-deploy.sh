@@ -11,4 +11,4 @@ fi
 # The locked versions (requirements.lock, `make lock`), torch as pip chooses for this
 # machine's platform; then the package itself, its dependencies already in place.
 python -m pip install -r requirements.lock
-python -m pip install --no-deps --editable .
+python -m pip install --no-deps --editable . facenet-pytorch==2.6.0  # its pins are outdated

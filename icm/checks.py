@@ -165,7 +165,7 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
                 yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
             face = labeler.get("face") or {}
             if face.get("model"):  # dlib's is a folder of its two files, the others' a file
-                dlib = face.get("detector", "dlib") in ("dlib", "dlib-hog")
+                dlib = face.get("detector", "dlib") in ("dlib", "dlib-hog", "mtcnn")
                 kind = "dlib models" if dlib else "file"
                 yield f"concepts.{name}.{key}.face.model", str(face["model"]), kind
             if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":

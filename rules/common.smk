@@ -421,14 +421,39 @@ def is_toy(wildcards):
     return MODELS[wildcards.model]["family"] == "toy"
 
 
-def fid_reference(wildcards):
-    """What clean-fid compares against: a folder, a custom-statistics name, or nothing."""
+def fid_source(wildcards):
+    """The FID reference a concept names: a folder of images (the rendered toy world's for
+    `toy-world`), a statistics file or custom-statistics name, or nothing."""
     reference = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"]
     if reference == "toy-world":
         return f"results/{wildcards.model}/{wildcards.concept}/reference/images"
     if reference and reference.startswith("stats:"):
         return reference.removeprefix("stats:")
     return reference
+
+
+def fid_from_images(wildcards):
+    """Whether the FID reference is images (featurized once, compute_fid_statistics)."""
+    source = fid_source(wildcards)
+    stats = CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"] or ""
+    return bool(source) and not stats.startswith("stats:") and not source.endswith(".npz")
+
+
+def fid_images(wildcards):
+    """Input: the reference images, a rule's folder (the toy world's) or a local folder's
+    files, so that replacing one recomputes the statistics."""
+    source = fid_source(wildcards)
+    if CONCEPTS[wildcards.concept]["evaluation"]["fid_reference"] == "toy-world":
+        return source
+    return local_files(source) or source
+
+
+def fid_reference(wildcards):
+    """What every FID of the (model, concept) compares against: the reference images'
+    statistics, computed once, or the statistics the concept names; None without one."""
+    if fid_from_images(wildcards):
+        return f"results/{wildcards.model}/{wildcards.concept}/reference/fid_statistics.npz"
+    return fid_source(wildcards)
 
 
 def steer_files(name, variant="{variant}"):
@@ -438,14 +463,15 @@ def steer_files(name, variant="{variant}"):
 
 
 def metric_inputs(wildcards):
-    """Images and tables of the variant (and of the original, for CLIP-I), and every local
-    file the metrics read (`scoring_inputs`)."""
+    """Images and tables of the variant (and the original's embeddings, for CLIP-I), and
+    every local file the metrics read (`scoring_inputs`)."""
     inputs = {
         "steered": steer_files("samples.csv")(wildcards),
         "images": steer_files("images")(wildcards),
     }
-    if ORIGINAL and wildcards.variant != ORIGINAL:
-        inputs["original"] = steer_files("samples.csv", ORIGINAL)(wildcards)
+    if ORIGINAL and wildcards.variant != ORIGINAL:  # embedded once, by its own metrics job
+        inputs["original_embeddings"] = (f"results/{wildcards.model}/{wildcards.concept}/"
+                                         f"metrics/{ORIGINAL}.embeddings.safetensors")
     return {**inputs, **scoring_inputs(wildcards)}
 
 
@@ -456,8 +482,8 @@ def scoring_inputs(wildcards, fid=True):
     inputs = {"checkpoints": labeler_files(concept["evaluation"]["labeler"]
                                            or concept["labeler"])}
     reference = concept["evaluation"]["fid_reference"] if fid else None
-    if reference == "toy-world":
-        inputs["reference"] = fid_reference(wildcards)  # rendered by render_reference
+    if reference and fid_from_images(wildcards):
+        inputs["reference"] = fid_reference(wildcards)  # made by compute_fid_statistics
     elif reference and reference.startswith("stats:"):
         stats = clean_fid_stats_file(fid_reference(wildcards))
         inputs["reference"] = local_files(stats)

@@ -19,12 +19,37 @@ rule render_reference:
         "../workflow_scripts/render_reference.py"
 
 
+rule compute_fid_statistics:
+    input:
+        reference=fid_images,
+        toy_features=lambda wildcards: [config["toy"]["features"]["path"]]
+                                       if is_toy(wildcards) else [],
+    output:
+        "results/{model}/{concept}/reference/fid_statistics.npz",
+    log:
+        "logs/{model}/{concept}/reference/fid_statistics.log",
+    params:
+        folder=fid_source,
+        backend=lambda wildcards: "toy" if is_toy(wildcards) else "inception",
+        device=config["evaluation"]["device"],
+        code=job_code("fid_statistics_job"),
+    threads: model_threads
+    resources:
+        gpu=lambda wildcards: metrics_gpu(wildcards),
+        slurm_partition=lambda wildcards: partition(metrics_gpu(wildcards)),
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/compute_fid_statistics.py"
+
+
 rule compute_metrics:
     input:
         unpack(metric_inputs),
     output:
         metrics="results/{model}/{concept}/metrics/{variant}.json",
         labels="results/{model}/{concept}/metrics/{variant}.labels.csv",
+        embeddings="results/{model}/{concept}/metrics/{variant}.embeddings.safetensors",
     log:
         "logs/{model}/{concept}/metrics/{variant}.log",
     params:

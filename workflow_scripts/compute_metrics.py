@@ -11,10 +11,11 @@ with logging_to(sm.log[0]):
         evaluation=sm.params.evaluation,
         variant=sm.wildcards.variant,
         steered=list(sm.input.steered),
-        original=list(sm.input.get("original", [])),
+        original_embeddings=sm.input.get("original_embeddings"),
         fid_reference=sm.params.fid_reference,
         toy_features=sm.input.get("toy_features"),
         output=sm.output.metrics,
         output_labels=sm.output.labels,
+        output_embeddings=sm.output.embeddings,
     )
 end_job_process()

@@ -25,7 +25,8 @@ import yaml
 from icm.generation.samples import concept_samples, shard_samples
 
 #: Work counted per job, summed per stage.
-UNITS = ("jobs", "images", "denoiser_rows", "train_examples", "face_images", "store_bytes")
+UNITS = ("jobs", "images", "denoiser_rows", "train_examples", "face_images", "hog_face_images",
+         "store_bytes")
 
 
 @dataclass
@@ -223,7 +224,7 @@ class Work:
                                                 self.model(w["model"]))
         prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
         n = alphas * per_prompt * len(prompts)
-        return {**self.images(w["model"], n), "face_images": self.faces(w["concept"], n)}
+        return {**self.images(w["model"], n), **self.faces(w["concept"], n)}
 
     def _inject_prompts(self, w: Mapping[str, str]) -> dict[str, int]:
         """Each sample as it is and once per (cross-attention site, class) injected."""
@@ -246,16 +247,20 @@ class Work:
 
     def _compute_metrics(self, w: Mapping[str, str]) -> dict[str, int]:
         n = len(self.evaluation_samples(w["model"], w["concept"]))
-        return {"face_images": self.faces(w["concept"], n)}
+        return self.faces(w["concept"], n)
 
-    def faces(self, concept: str, n: int) -> int:
+    def faces(self, concept: str, n: int) -> dict[str, int]:
         """Of ``n`` images labelled by the concept's evaluation labeler (metrics and the
-        calibration's FD), those whose faces dlib finds on the CPU: all of them under
-        FairFace with its own face pipeline, none otherwise."""
+        calibration's FD), those whose faces dlib finds on the CPU, by its finder: all of
+        them under FairFace with dlib's CNN (``face_images``) or HOG (``hog_face_images``);
+        MTCNN's batches run with the job's model time, its landmarks in milliseconds."""
         c = self.concept(concept)
         labeler = (c.get("evaluation") or {}).get("labeler") or c["labeler"]
-        dlib = (labeler.get("face") or {}).get("detector", "dlib") == "dlib"
-        return n if labeler.get("type") == "fairface" and dlib else 0
+        if labeler.get("type") != "fairface":
+            return {}
+        unit = {"dlib": "face_images", "dlib-hog": "hog_face_images"}.get(
+            (labeler.get("face") or {}).get("detector", "dlib"))
+        return {unit: n} if unit else {}
 
     def store_bytes(self, model: str, samples: int) -> int:
         """An activation store's size before compression: samples x steps x the widths of

@@ -21,8 +21,10 @@ DEFAULT_RATES: dict[str, Any] = {
     "denoiser_row_s": {"sd15": 1.276 / (20 * 8 * 2), "toy": 0.12 / (20 * 2)},
     # A LoRA training example: a forward and a backward pass, about three rows' work.
     "train_example_rows": 3.0,
-    # dlib's CNN face detector and landmarks at FairFace's settings, 512 px, one CPU core.
+    # dlib's CNN face detector and landmarks at FairFace's settings, 512 px, one CPU core;
+    # its HOG detector with the same landmarks (`detector: dlib-hog`; benchmarks/README.md).
     "face_image_cpu_s": 26.0,
+    "hog_face_image_cpu_s": 0.28,
 }
 
 
@@ -47,7 +49,13 @@ def hours(row: Mapping[str, int], models: set[str], rates: Mapping[str, Any]) ->
         rate = max(per_row)  # one model per target in practice; the slower if several
         rows = row["denoiser_rows"] + row["train_examples"] * rates["train_example_rows"]
         gpu = rows * rate / 3600
-    return {"gpu_hours": gpu, "cpu_hours": row["face_images"] * rates["face_image_cpu_s"] / 3600}
+    return {"gpu_hours": gpu, "cpu_hours": face_seconds(row, rates) / 3600}
+
+
+def face_seconds(row: Mapping[str, int], rates: Mapping[str, Any]) -> float:
+    """CPU seconds of a row's face crops, by dlib finder."""
+    return row.get("face_images", 0) * rates["face_image_cpu_s"] + \
+        row.get("hog_face_images", 0) * rates["hog_face_image_cpu_s"]
 
 
 def report(table: Mapping[str, Mapping[str, int]], models: set[str],
@@ -83,6 +91,5 @@ def job_minutes(row: Mapping[str, int], model: str, threads: int, rates: Mapping
         "train_example_rows"]
     if rows and rate is None:
         return None
-    seconds = rows * (rate or 0.0) + row.get("face_images", 0) * rates[
-        "face_image_cpu_s"] / max(1, threads)
+    seconds = rows * (rate or 0.0) + face_seconds(row, rates) / max(1, threads)
     return int(np.ceil(margin * seconds / 60)) + STARTUP_MINUTES

@@ -45,6 +45,7 @@ JOBS: dict[str, str] = {
     "rank_injection_job": "icm.jobs.injection",
     "rank_sites_job": "icm.jobs.probing",
     "render_reference_job": "icm.jobs.evaluation",
+    "fid_statistics_job": "icm.jobs.evaluation",
     "score_head_relevance_job": "icm.jobs.head_maps",
     "steer_shard_job": "icm.jobs.steering",
     "target_table_job": "icm.jobs.evaluation",

@@ -40,6 +40,48 @@ TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "FD_draw_floor", "n_images", "n
                  *(f"{m}_backend" for m in METRIC_COLUMNS)]
 
 
+def write_embeddings(path: str | Path, embeddings: np.ndarray, samples: Sequence[int],
+                     backend: str) -> None:
+    """A variant's image embeddings by sample (safetensors, float32)."""
+    from safetensors.numpy import save_file
+
+    from icm.io.atomic import written
+
+    with written(path) as partial:
+        save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
+                   "sample": np.asarray(samples, dtype=np.int64)}, str(partial),
+                  metadata={"what": "image embeddings of CLIP-I and CLIP-T, row per sample",
+                            "backend": backend})
+
+
+def embeddings_of(path: str | Path, samples: Sequence[int]) -> np.ndarray:
+    """The rows of ``samples`` in an embeddings file; a sample it lacks is an error (the
+    original and a variant share their seeds)."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    index = {int(s): i for i, s in enumerate(stored["sample"])}
+    missing = [int(s) for s in samples if int(s) not in index]
+    if missing:
+        raise ValueError(f"{path} has no embeddings of samples {missing[:10]}: the original "
+                         "variant must hold every sample a steered variant has")
+    return stored["embeddings"][[index[int(s)] for s in samples]]
+
+
+def fid_statistics_job(*, folder: str | Path, backend: str, toy_features: str | None,
+                       device: str, output: str | Path) -> None:
+    """The FID reference's feature statistics, computed once per (model, concept): every
+    FID of its metrics and calibration jobs then reads them instead of featurizing the
+    reference images again (the same mean and covariance clean-fid computes per call)."""
+    from icm.evaluation.metrics import write_fid_statistics
+    from icm.io.atomic import written
+
+    with written(output) as partial:
+        write_fid_statistics(folder, partial, backend=backend, toy_features=toy_features,
+                             device=str(resolve_device(device)))
+    log.info("FID statistics of %s (%s features) in %s", folder, backend, output)
+
+
 def render_reference_job(
     world: Mapping[str, Any], concept: Mapping[str, Any], n: int, seed: int, output: str | Path
 ) -> None:
@@ -81,16 +123,18 @@ def compute_metrics_job(
     evaluation: Mapping[str, Any],
     variant: str,
     steered: Sequence[str | Path],
-    original: Sequence[str | Path],
+    original_embeddings: str | Path | None,
     fid_reference: str | None,
     toy_features: str | None,
     output: str | Path,
     output_labels: str | Path,
+    output_embeddings: str | Path,
 ) -> None:
-    """Metrics of one variant (``output``) and per image its label, class confidences and
-    CLIP-I (``output_labels``, for the target tables). ``original``: the unsteered
-    variant's shard tables, for CLIP-I (same seeds, paired by sample); empty when this is
-    the original itself."""
+    """Metrics of one variant (``output``), per image its label, class confidences and
+    CLIP-I (``output_labels``, for the target tables), and its images' embeddings
+    (``output_embeddings``, by sample). ``original_embeddings``: the unsteered variant's,
+    for CLIP-I (same seeds, paired by sample: its images are embedded once, by its own
+    metrics job); None when this is the original itself."""
     # Imported here: the other jobs of this module score nothing (icm.io.fingerprints).
     from icm.evaluation.metrics import (
         clip_t,
@@ -120,10 +164,11 @@ def compute_metrics_job(
     labels = labelled["label"]
     embeddings = embedder.embed_images(images)
     clip_i, per_image = math.nan, np.full(len(rows), np.nan)
-    if original:
-        base = read_shards(original).set_index("sample").loc[rows["sample"]]
-        per_image = paired_cosines(embeddings, embedder.embed_images(load_images(base["image"])))
+    if original_embeddings:
+        per_image = paired_cosines(embeddings, embeddings_of(original_embeddings,
+                                                             rows["sample"]))
         clip_i = float(per_image.mean())
+    write_embeddings(output_embeddings, embeddings, rows["sample"], embedder.name)
     if toy:
         text_alignment = prompt_agreement(list(rows["prompt"]), images)
         text_backend = "toy oracle: prompt attributes present"

@@ -42,7 +42,7 @@ log = logging.getLogger("icm")
 #: widely used 112 x 112 ArcFace alignment, as fractions of the face square.
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                      [41.5493, 92.3655], [70.7299, 92.2041]]) / 112.0
-DETECTORS = ("dlib", "dlib-hog", "yunet", "haar", "none")
+DETECTORS = ("dlib", "dlib-hog", "mtcnn", "yunet", "haar", "none")
 #: The dlib model files FairFace uses, as ``face-recognition-models`` names them.
 DLIB_FILES = ("mmod_human_face_detector.dat", "shape_predictor_5_face_landmarks.dat")
 
@@ -78,6 +78,19 @@ def _dlib() -> Any:
     return dlib
 
 
+def _mtcnn(device: str) -> Any:
+    """facenet-pytorch's MTCNN, its weights shipped inside that package (no download)."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError as error:
+        raise FaceDetectorNotAvailableError(
+            "the mtcnn face finder needs facenet-pytorch: pip install --no-deps "
+            "facenet-pytorch (its declared pins predate the torch this project uses; its "
+            "MTCNN runs with it), or set `labeler.face.detector` to dlib or dlib-hog") \
+            from error
+    return MTCNN(keep_all=True, device=device)
+
+
 def missing_dlib_files(folder: Path | None) -> list[str]:
     """Which of dlib's two model files ``folder`` lacks (all of them for no folder): what
     DlibDetector loads, and what the workflow's start-up check asks of `face.model`."""
@@ -107,10 +120,11 @@ class DlibDetector:
     (``benchmarks/face_crops.py`` measures how far)."""
 
     NAMES = {"cnn": "dlib MMOD CNN + 5-point landmarks",
-             "hog": "dlib HOG + 5-point landmarks"}
+             "hog": "dlib HOG + 5-point landmarks",
+             "mtcnn": "MTCNN (torch) + dlib 5-point landmarks"}
 
     def __init__(self, model: str | None = None, max_size: int | None = 800,
-                 upsample: int = 1, finder: str = "cnn") -> None:
+                 upsample: int = 1, finder: str = "cnn", device: str = "cpu") -> None:
         folder = Path(model) if model else packaged_dlib_models()
         missing = missing_dlib_files(folder)
         if missing:
@@ -125,8 +139,12 @@ class DlibDetector:
         dlib = _dlib()
         self.folder, self.max_size, self.upsample = folder, max_size, int(upsample)
         self.finder, self.name = finder, self.NAMES[finder]
-        self._detector = dlib.cnn_face_detection_model_v1(str(folder / DLIB_FILES[0])) \
-            if finder == "cnn" else dlib.get_frontal_face_detector()
+        if finder == "cnn":
+            self._detector = dlib.cnn_face_detection_model_v1(str(folder / DLIB_FILES[0]))
+        elif finder == "hog":
+            self._detector = dlib.get_frontal_face_detector()
+        else:
+            self._detector = _mtcnn(device)
         self._landmarks = dlib.shape_predictor(str(folder / DLIB_FILES[1]))
 
     def _resized(self, image: Image.Image) -> tuple[np.ndarray, float]:
@@ -145,12 +163,41 @@ class DlibDetector:
         if self.finder == "cnn":
             return [(found.rect, float(found.confidence))
                     for found in self._detector(rgb, self.upsample)]
+        if self.finder == "mtcnn":
+            return self._mtcnn_boxes([rgb])[0]
         rects, scores, _ = self._detector.run(rgb, self.upsample, 0.0)
         return list(zip(rects, map(float, scores), strict=True))
+
+    def _mtcnn_boxes(self, pixels: Sequence[np.ndarray]) -> list[list[tuple[Any, float]]]:
+        """MTCNN's boxes of same-sized images in one batch (on its device)."""
+        dlib = _dlib()
+        boxes, scores = self._detector.detect(np.stack(pixels))
+        return [[(dlib.rectangle(*(int(round(v)) for v in box)), float(score))
+                 for box, score in zip(found, probs, strict=True)] if found is not None else []
+                for found, probs in zip(boxes, scores, strict=True)]
 
     def detect(self, image: Image.Image) -> list[Face]:
         rgb, scale = self._resized(image)
         return self.faces(rgb, scale, self._boxes(rgb))
+
+    def detect_many(self, images: Sequence[Image.Image], batch_size: int = 32
+                    ) -> list[list[Face]]:
+        """``detect`` of each image; MTCNN finds the faces of a batch of same-sized images in
+        one call (on the GPU where it runs), the others one image at a time."""
+        if self.finder != "mtcnn":
+            return [self.detect(image) for image in images]
+        resized = [self._resized(image) for image in images]
+        out: list[list[Face]] = [[] for _ in images]
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, (rgb, _) in enumerate(resized):
+            by_size.setdefault(rgb.shape, []).append(i)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start:start + batch_size]
+                found = self._mtcnn_boxes([resized[i][0] for i in chunk])
+                for i, boxes in zip(chunk, found, strict=True):
+                    out[i] = self.faces(resized[i][0], resized[i][1], boxes)
+        return out
 
     def faces(self, rgb: np.ndarray, scale: float, boxes: Sequence[tuple[Any, float]]
               ) -> list[Face]:
@@ -297,7 +344,9 @@ class FaceCropper:
     def crop(self, image: Image.Image) -> Image.Image | None:
         global _DETECTED_HERE
         _DETECTED_HERE = True
-        faces = self.detector.detect(image)
+        return self._largest_chip(image, self.detector.detect(image))
+
+    def _largest_chip(self, image: Image.Image, faces: Sequence[Face]) -> Image.Image | None:
         if not faces:
             return None
         face = max(faces, key=lambda f: f.box[2] * f.box[3])
@@ -311,6 +360,11 @@ class FaceCropper:
 
         images = [im.convert("RGB") for im in images]
         label = f"finding faces ({self.detector.name})"
+        if getattr(self.detector, "finder", None) == "mtcnn":  # batches, on its device
+            found = self.detector.detect_many(images)
+            return [self._largest_chip(im, faces)
+                    for im, faces in zip(tqdm(images, desc=label, leave=False), found,
+                                         strict=True)]
         if self._pool is None or len(images) < 2:
             return [self.crop(im) for im in tqdm(images, desc=label, leave=False)]
         return list(tqdm(self._pool.imap(_crop_in_worker, images, chunksize=1),
@@ -327,7 +381,12 @@ def _crop_in_worker(image: Image.Image) -> Image.Image | None:
     return _WORKER_CROPPER.crop(image)
 
 
-def make_cropper(spec: Mapping[str, Any] | None, workers: int = 1) -> FaceCropper | None:
+#: The face finders whose boxes dlib's landmarks and chip follow, by `detector` name.
+DLIB_FINDERS = {"dlib": "cnn", "dlib-hog": "hog", "mtcnn": "mtcnn"}
+
+
+def make_cropper(spec: Mapping[str, Any] | None, workers: int = 1,
+                 device: str = "cpu") -> FaceCropper | None:
     """The cropper a labeler's ``face`` settings name (None: the paper's dlib detector, its
     models from the installed ``face-recognition-models``); ``detector: none`` gives None
     (whole images). Every model file is checked here, before any image is read."""
@@ -337,9 +396,11 @@ def make_cropper(spec: Mapping[str, Any] | None, workers: int = 1) -> FaceCroppe
         raise ValueError(f"unknown face detector {detector!r}; use one of {DETECTORS}")
     if detector == "none":
         return None
-    if detector in ("dlib", "dlib-hog"):
+    if detector in DLIB_FINDERS:
         found: Any = DlibDetector(spec.get("model"), spec.get("max_size", 800),
-                                  spec.get("upsample", 1), "cnn" if detector == "dlib" else "hog")
+                                  spec.get("upsample", 1), DLIB_FINDERS[detector], device)
+        if detector == "mtcnn":
+            workers = 1  # torch batches it (on the GPU where there is one): no forks
     elif detector == "yunet":
         found = YuNetDetector(spec.get("model"), spec.get("score_threshold", 0.7))
     else:

@@ -321,8 +321,9 @@ def make_labeler(spec: Mapping[str, Any], classes: Sequence[str], device: str = 
         from icm.labeling.faces import make_cropper
 
         check_fairface_weights(spec.get("weights"))  # before any face worker is forked
-        # face detection runs on the CPU cores torch was given (the job's ``threads:``)
-        faces = make_cropper(spec.get("face"), workers=torch.get_num_threads())
+        # face detection runs on the CPU cores torch was given (the job's ``threads:``), or
+        # MTCNN's batches on the job's device
+        faces = make_cropper(spec.get("face"), workers=torch.get_num_threads(), device=device)
         return FairFaceLabeler(spec.get("attribute") or "gender", classes, spec.get("weights"),
                                device=device, faces=faces)
     raise ValueError(f"unknown labeler type {kind!r}")

@@ -12,7 +12,12 @@ from PIL import Image
 
 from icm.evaluation.targets import read_labels, target_rows
 from icm.io.atomic import write_table
-from icm.jobs.evaluation import collect_table_job, compute_metrics_job, plot_grid_job
+from icm.jobs.evaluation import (
+    collect_table_job,
+    compute_metrics_job,
+    embeddings_of,
+    plot_grid_job,
+)
 from icm.steering.plan import STEER_COLUMNS
 
 CLIP = {"type": "clip", "model": "ViT-S-32-alt", "pretrained": None, "prompts": None}
@@ -41,13 +46,27 @@ def test_metrics_table_and_grid_with_clip_backends(tmp_path):
                "reference": None}
     evaluation = {"device": "cpu", "clip_model": "ViT-S-32-alt", "clip_pretrained": None}
     outputs = {}
-    for variant, tables, base in (("original", [original], []), ("icm", [steered], [original])):
+    embedded = tmp_path / "original.embeddings.safetensors"
+    for variant, tables, base in (("original", [original], None), ("icm", [steered], embedded)):
         outputs[variant] = tmp_path / f"{variant}.json"
         compute_metrics_job(toy=False, concept=concept, evaluation=evaluation, variant=variant,
-                            steered=tables, original=base, fid_reference=None,
+                            steered=tables, original_embeddings=base, fid_reference=None,
                             toy_features=None, output=outputs[variant],
-                            output_labels=tmp_path / f"{variant}.labels.csv")
+                            output_labels=tmp_path / f"{variant}.labels.csv",
+                            output_embeddings=tmp_path / f"{variant}.embeddings.safetensors")
     icm = json.loads(outputs["icm"].read_text())
+    # CLIP-I reads the original's embeddings, made once by its own job, paired by sample.
+    from safetensors.numpy import load_file
+
+    from icm.evaluation.metrics import paired_cosines
+
+    stored = {v: load_file(str(tmp_path / f"{v}.embeddings.safetensors"))
+              for v in ("original", "icm")}
+    assert list(stored["original"]["sample"]) == [0, 1, 2, 3]
+    cosines = paired_cosines(stored["icm"]["embeddings"], stored["original"]["embeddings"])
+    assert np.isclose(icm["CLIP-I"], cosines.mean())
+    with pytest.raises(ValueError, match=r"no embeddings of samples \[7\]"):
+        embeddings_of(tmp_path / "original.embeddings.safetensors", [0, 7])
     assert icm["n_images"] == 4 and 0 <= icm["FD"] <= math.sqrt(0.5) + 1e-9
     assert -1 <= icm["CLIP-I"] < 0.9999 and -1 <= icm["CLIP-T"] <= 1  # different images
     assert "ViT-S-32-alt" in icm["backends"]["CLIP-T"] and math.isnan(icm["FID"])

@@ -237,3 +237,23 @@ def test_the_hog_finder_gives_the_cnn_s_face_and_chip_far_faster():
     assert hog.crop(Image.fromarray(noise)) is None
     with pytest.raises(ValueError, match="unknown dlib face finder"):
         DlibDetector(finder="mmod")
+
+
+def test_mtcnn_boxes_give_the_cnn_s_landmarks_and_batches_change_nothing():
+    """`mtcnn` (torch, batched on the job's device) boxes the real face taller than dlib's
+    CNN, and dlib's landmarks on its box land within 4 % of the chip; crops of a batch are
+    the crops of one image at a time; a faceless image has none."""
+    pytest.importorskip("facenet_pytorch", reason="make install installs facenet-pytorch")
+    photo = Image.open(PHOTO).convert("RGB")
+    cnn, mtcnn = make_cropper(QUICK), make_cropper({**QUICK, "detector": "mtcnn"})
+    assert mtcnn._pool is None  # no forked workers around torch
+    reference, found = cnn.detector.detect(photo)[0], mtcnn.detector.detect(photo)
+    assert len(found) == 1 and iou(found[0].box, reference.box) > 0.5
+    side = reference.box[2] * 1.5
+    assert np.linalg.norm(found[0].landmarks - reference.landmarks, axis=1).max() < 0.04 * side
+    turned = photo.rotate(20, resample=Image.BICUBIC, fillcolor=(128, 128, 128))
+    batch = mtcnn.crop_many([photo, turned, Image.new("RGB", photo.size)])
+    assert batch[2] is None
+    for image, crop in zip((photo, turned), batch[:2], strict=True):
+        assert np.abs(np.asarray(crop, float) - np.asarray(mtcnn.crop(image), float)).max() < 2
+    assert correlation(cnn.crop(photo), batch[0]) > 0.9
