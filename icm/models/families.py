@@ -162,13 +162,14 @@ def family_named(name: str) -> Family:
 
 def family_of(denoiser: nn.Module) -> Family:
     """The (first) family whose denoiser class this is: families sharing a class (the UNets)
-    share their site kinds and order, which is all a denoiser alone decides."""
+    share their site kinds and order, which is all a denoiser alone decides. Another class
+    is an error naming it (an SD3 transformer must not be read as a UNet)."""
     cls = type(denoiser).__name__
     for family in FAMILIES.values():
         if family.denoiser_class == cls:
             return family
-    # An unknown denoiser (a test double, a new UNet variant): attention modules as UNets.
-    return FAMILIES["sd15"]
+    raise ValueError(f"no family has the denoiser class {cls}; the families' are "
+                     f"{sorted({f.denoiser_class for f in FAMILIES.values()})}")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -179,6 +179,47 @@ def _from_hub(spec: ModelSpec, **kwargs: Any) -> DiffusionPipeline:
         ) from online_error
 
 
+#: Denoisers of families this project does not have, with why (one sentence each).
+REFUSED = {
+    "SD3Transformer2DModel": "Stable Diffusion 3 and 3.5 (MMDiT) are not supported: their "
+    "text and image streams meet in joint attention, which none of the families' site kinds "
+    "reads (their `attn2` is image-only self-attention in SD3.5, absent in SD3-medium), so "
+    "capture and steering would silently miss the text stream",
+}
+
+
+def check_denoiser(pipe: DiffusionPipeline, spec: ModelSpec) -> None:
+    """The loaded denoiser is the configured family's: a model of another architecture
+    would be read with the wrong site kinds (an SD3 model taken for SD1.5), so it stops
+    here, naming the class and the family."""
+    from icm.models.families import FAMILIES, family_named
+
+    family = family_named(spec.family)
+    denoiser = getattr(pipe, family.denoiser, None)
+    if denoiser is None:  # the denoiser under the other families' attribute, if any
+        denoiser = next((d for a in ("unet", "transformer")
+                         if (d := getattr(pipe, a, None)) is not None), None)
+    cls = type(denoiser).__name__
+    pipeline = type(pipe).__name__
+    if cls == family.denoiser_class:
+        # The UNet families share a denoiser class: their pipelines tell them apart.
+        others = [f.name for f in FAMILIES.values() if pipeline in f.pipelines]
+        if family.pipelines and pipeline not in family.pipelines and others:
+            raise ValueError(f"model {spec.name!r} ({spec.source}) is configured as family "
+                             f"{spec.family!r} but is a {pipeline}, family {others[0]}'s: "
+                             f"set `family: {others[0]}`")
+        return
+    if cls in REFUSED:
+        raise ValueError(f"model {spec.name!r} ({spec.source}): its denoiser is {cls}. "
+                         f"{REFUSED[cls]}.")
+    known = [f.name for f in FAMILIES.values() if pipeline in f.pipelines] or \
+        [f.name for f in FAMILIES.values() if f.denoiser_class == cls]
+    hint = f"; it is family {known[0]}'s: set `family: {known[0]}`" if known else ""
+    raise ValueError(f"model {spec.name!r} ({spec.source}) is configured as family "
+                     f"{spec.family!r}, whose denoiser (pipe.{family.denoiser}) is a "
+                     f"{family.denoiser_class}, but it loaded a {cls}{hint}")
+
+
 def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> DiffusionPipeline:
     """Load ``spec.source`` (local directory or hub id) ready for inference on ``device``."""
     target = resolve_device(device)
@@ -203,6 +244,7 @@ def load_pipeline(spec: ModelSpec, device: str | torch.device = "auto") -> Diffu
     else:
         pipe = _from_hub(spec, **kwargs)
 
+    check_denoiser(pipe, spec)  # before any work: a model taken for another family
     if scheduler_cls is not None:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
     check_scheduler(pipe.scheduler)  # before any work: order-2 schedulers are refused

@@ -189,3 +189,32 @@ def test_full_sd15_unet_on_meta_golden_sites():
     assert names == EXPECTED_SD15_ATTENTION_SITES
     assert all(p.device.type == "meta" for p in unet.parameters())
     assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # the real SD1.5 UNet
+
+
+def test_a_denoiser_of_another_family_stops_at_load(tiny_dir):
+    """The configured family must be the loaded model's: tiny SD1.5 configured as SDXL or
+    FLUX is refused naming both, and SD3's MMDiT transformer is refused in one sentence
+    (never read as a UNet: `family_of` knows no such class)."""
+    from diffusers import SD3Transformer2DModel
+
+    from icm.models.families import family_of
+    from icm.models.loading import check_denoiser
+
+    with pytest.raises(ValueError, match="configured as family 'sdxl' but is a "
+                                         "StableDiffusionPipeline, family sd15's"):
+        load_pipeline(ModelSpec("tiny", "sdxl", str(tiny_dir), "float32"), device="cpu")
+    with pytest.raises(ValueError, match=r"family 'flux', whose denoiser \(pipe.transformer\) "
+                                         "is a FluxTransformer2DModel, but it loaded a "
+                                         "UNet2DConditionModel; it is family sd15's"):
+        load_pipeline(ModelSpec("tiny", "flux", str(tiny_dir), "float32"), device="cpu")
+    sd3 = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                attention_head_dim=8, num_attention_heads=2,
+                                joint_attention_dim=16, caption_projection_dim=16,
+                                pooled_projection_dim=8, out_channels=4, pos_embed_max_size=16)
+    pipe = type("StableDiffusion3Pipeline", (), {"transformer": sd3})()
+    with pytest.raises(ValueError, match="its denoiser is SD3Transformer2DModel. Stable "
+                                         "Diffusion 3 and 3.5 .* are not supported"):
+        check_denoiser(pipe, ModelSpec("sd3", "sd15", "x/y", "float32"))
+    with pytest.raises(ValueError, match="no family has the denoiser class "
+                                         "SD3Transformer2DModel"):
+        family_of(sd3)
