@@ -71,8 +71,11 @@ def aggregate(maps: Mapping[str, np.ndarray | torch.Tensor], mode: Mode = "all",
               relevance: Mapping[Head, float] | None = None, k: int | float | None = None,
               size: int = 64, exclude: Sequence[str] = ()) -> torch.Tensor:
     """(images, words, size, size) word maps from per-site (images, heads, words, y, x) maps.
-    ``exclude``: sites left out (e.g. DAAM's lowest resolution or the mid block)."""
-    kept = {s: m for s, m in maps.items() if s not in set(exclude)}
+    ``exclude``: sites or module prefixes left out (``mid_block``: every site in it), the
+    rule of the study's ``exclude``."""
+    from icm.head_maps.study import excluded
+
+    kept = {s: m for s, m in maps.items() if not excluded(s, list(exclude))}
     if not kept:
         raise ValueError("every site is excluded")
     up = upsampled(kept, size)

@@ -13,17 +13,17 @@ import numpy as np
 from PIL import Image
 
 from icm.head_maps.aggregation import Head
-from icm.head_maps.study import (
-    excluded,
-)
+from icm.head_maps.study import kept_site
 
 SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "words", "image"]
 
 
 def read_split(tables: Sequence[str | Path], stores: Sequence[str | Path],
-               exclude: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+               exclude: Sequence[str] = (), sites: str = "daam"
+               ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """The sample rows (image paths made absolute) and the float32 maps (site -> (samples,
-    heads, words, y, x)) of a split's shards, in shard order, ``exclude``'d sites left out."""
+    heads, words, y, x)) of a split's shards, in shard order: the sites of the rule
+    ``sites`` (``icm.head_maps.study.SITE_RULES``), ``exclude``'d sites left out."""
     import zarr
 
     from icm.io.activations import read_checked
@@ -41,12 +41,13 @@ def read_split(tables: Sequence[str | Path], stores: Sequence[str | Path],
             raise ValueError(f"{store} holds {group.attrs.get('n_samples')} samples, "
                              f"{table} lists {len(shard_rows)}")
         for site in group.attrs["sites"]:
-            if not excluded(site, list(exclude)):
+            if kept_site(site, tuple(group[site].shape[-2:]), group.attrs.get("default_size"),
+                         sites, list(exclude)):
                 parts.setdefault(site, []).append(
                     read_checked(group, store, site).astype(np.float32))
         rows += shard_rows
     if not parts:
-        raise ValueError(f"every site is excluded ({list(exclude)})")
+        raise ValueError(f"every site is excluded (sites: {sites}, exclude: {list(exclude)})")
     return rows, {site: np.concatenate(chunks) for site, chunks in parts.items()}
 
 

@@ -9,6 +9,8 @@ image or with any image of the other stages).
 
 from __future__ import annotations
 
+import math
+
 import itertools
 import string
 from collections.abc import Mapping
@@ -129,3 +131,39 @@ def hrv_concepts(spec: Mapping[str, Any]) -> dict[str, list[str]]:
 def excluded(site: str, exclude: list[str]) -> bool:
     """Whether ``exclude`` (sites or module prefixes) leaves ``site`` out."""
     return any(site == e or site.startswith(e.rstrip(".") + ".") for e in exclude)
+
+
+#: The attn2 sites a study's heads come from (`head_maps.sites`): DAAM's, or every one.
+SITE_RULES = {
+    "daam": "DAAM's sites: no mid block, no map of factor 8 (castorini/daam 0.2)",
+    "every": "every cross-attention site",
+}
+
+
+def daam_keeps(site: str, map_shape: tuple[int, int], default_size: int) -> bool:
+    """DAAM's choice of cross-attention maps (castorini/daam 0.2, arXiv:2210.04885), as its
+    tracer makes it: the mid block is never hooked, and a map of h x w positions is dropped
+    when its factor int(sqrt(L // (h * w))) is 8, where L is DAAM's latent size, 4096 when
+    the model's default image side (the denoiser's ``sample_size`` times the VAE's factor) is
+    512 or 1024 px, else 9216. On SD1.5 at 512 px that drops only the mid block's 8 x 8
+    maps; at other sizes it can drop whole levels."""
+    if site == "mid_block" or site.startswith("mid_block."):
+        return False
+    latent = 4096 if default_size in (512, 1024) else 9216
+    return int(math.sqrt(latent // (map_shape[0] * map_shape[1]))) != 8
+
+
+def kept_site(site: str, map_shape: tuple[int, int], default_size: int | None, rule: str,
+              exclude: list[str]) -> bool:
+    """Whether a site's maps enter the study: by the site rule, and not ``exclude``'d."""
+    if rule not in SITE_RULES:
+        raise ValueError(f"unknown head_maps.sites {rule!r}; use one of {list(SITE_RULES)}")
+    if excluded(site, exclude):
+        return False
+    if rule == "daam":
+        if default_size is None:
+            raise ValueError("the store does not record the model's default image size "
+                             "(`default_size`), which DAAM's site rule needs: capture again")
+        return daam_keeps(site, map_shape, default_size)
+    return True
+

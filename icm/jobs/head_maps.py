@@ -42,6 +42,7 @@ from icm.head_maps.reading import (
 )
 from icm.head_maps.relevance import hrv_of_votes
 from icm.head_maps.study import (
+    SITE_RULES,
     STREAM,
     hrv_concepts,
     slot_names,
@@ -55,8 +56,16 @@ log = logging.getLogger("icm")
 
 RELEVANCE_COLUMNS = ["relevance", "word", "site", "head", "score", "rank"]
 TABLE_COLUMNS = ["split", "word", "method", "relevance", "k", "tau", "miou", "miou_low",
-                 "miou_high", "n", "diff", "diff_low", "diff_high"]
+                 "miou_high", "n", "diff", "diff_low", "diff_high", "sites"]
 CURVE_COLUMNS = ["split", "word", "relevance", "order", "k", "tau", "miou"]
+
+
+def default_size(pipe: Any, denoiser: Any) -> int:
+    """The model's default image side in pixels: the denoiser's ``sample_size`` times the
+    VAE's factor (1 for the pixel-space toy), as DAAM reads it."""
+    size = denoiser.config.sample_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 1) or 1)
 
 
 def capture_head_maps_job(
@@ -95,6 +104,8 @@ def capture_head_maps_job(
         "model": {"name": model_name, "family": spec.family, "source": source,
                   "dtype": spec.dtype, "scheduler": type(pipe.scheduler).__name__},
         "concept": concept_name, "split": split, "slots": slot_names(study),
+        # the model's default image side, which DAAM's site rule reads (study.daam_keeps)
+        "default_size": default_size(pipe, denoiser),
         "window": dict(study["window"]), "sampler": settings.record(),
         "base_seed": generation["base_seed"], "seed_stream": STREAM, "seed_rule": SEED_RULE,
         "shard": shard, "n_shards": model["n_shards"],
@@ -155,7 +166,7 @@ def score_head_relevance_job(
     from icm.head_maps.relevance import agreement, concentration, oracle_iou, rank_stability
 
     slots, sources = slot_names(study), list(study["relevance"])
-    rows, maps = read_split(tables, stores, study["exclude"])
+    rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
     heads = heads_of(maps)
     size = study["map_size"]
     masks = read_masks(study["masks"], rows, slots) if "oracle" in sources else None
@@ -194,7 +205,7 @@ def score_head_relevance_job(
         "oracle": "oracle is per-head IoU with the train split's masks: an upper bound, not "
                   "available without masks" if "oracle" in sources else None,
         "train_samples": len(rows), "settings": {k: study[k] for k in (
-            "oracle_tau", "stability_groups", "map_size", "exclude", "hrv_words")},
+            "oracle_tau", "stability_groups", "map_size", "exclude", "sites", "hrv_words")},
         "hrv_concepts": hrv_concepts(study), "versions": package_versions()})
 
 
@@ -214,7 +225,7 @@ def evaluate_head_maps_job(
     scores = read_relevance(relevance)
     table, curve = [], []
     for split, (tables, stores) in splits.items():
-        rows, maps = read_split(tables, stores, study["exclude"])
+        rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
         masks = read_masks(study["masks"], rows, slots)
         for w, slot in enumerate(slots):
             chosen = {source: per[slot] for source, per in scores.items()}
@@ -231,7 +242,9 @@ def evaluate_head_maps_job(
                                    "order": order, "k": c, "tau": tau, "miou": v}
                                   for c, v in zip(counts, values, strict=True)]
         log.info("%s: %d images evaluated", split, len(rows))
-    write_table(output_table, table, TABLE_COLUMNS)
+    rule = SITE_RULES[study["sites"]] + (f", without {', '.join(study['exclude'])}"
+                                         if study["exclude"] else "")
+    write_table(output_table, [{**row, "sites": rule} for row in table], TABLE_COLUMNS)
     write_table(output_curve, curve, CURVE_COLUMNS)
     write_json(output_record, {
         "what": "mIoU of each head selection's word-map segmentation against the masks, "
@@ -239,7 +252,7 @@ def evaluate_head_maps_job(
         "masks": dict(study["masks"]), "relevance_fitted_on": "train",
         "label_free_choice": label_free_choice(table),
         "settings": {k: study[k] for k in ("ks", "taus", "seed", "map_size", "exclude",
-                                           "curve_points")},
+                                           "sites", "curve_points")},
         "versions": package_versions()})
 
 
@@ -262,7 +275,7 @@ def plot_head_maps_job(
     plot_relevance(scores, outputs["relevance"])
 
     slots, size = slot_names(study), study["map_size"]
-    rows, maps = read_split(*held_out, study["exclude"])
+    rows, maps = read_split(*held_out, study["exclude"], study["sites"])
     images = read_images(rows)
     masks = read_masks(study["masks"], rows, slots, images)
     shown = [i for i, row in enumerate(rows) if int(row["repeat"]) < per_prompt]

@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from icm.checks import config_problems
@@ -138,7 +139,8 @@ def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
              "window": {"start": 0, "stop": None}, "store_dtype": "float16", "hrv_words": None,
              "masks": {"type": "folder", "path": str(tmp_path / "masks")},
              "relevance": ["hrv", "oracle", "agreement"], "oracle_tau": 0.4,
-             "stability_groups": 2, "exclude": [], "map_size": 16, "ks": [2], "taus": [0.4],
+             "stability_groups": 2, "exclude": [], "sites": "daam", "map_size": 16, "ks": [2],
+             "taus": [0.4],
              "seed": 0, "curve_points": 3}
     splits = {}
     for split in ("train", "held-out"):
@@ -181,3 +183,50 @@ def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
                                output_table=tmp_path / "t.csv", output_curve=tmp_path / "c.csv",
                                output_record=tmp_path / "t.json")
     assert not (tmp_path / "t.csv").exists()
+
+
+@pytest.mark.parametrize("resolution", [32, 48])
+def test_the_default_sites_are_exactly_daam_s_on_tiny_sd15(tmp_path, resolution):
+    """`sites: daam` keeps what DAAM's tracer keeps (castorini/daam 0.2, its rule written
+    out here): no mid block, and no map whose factor int(sqrt(L // (h w))) is 8, L = 4096
+    for a model made for 512 or 1024 px, else 9216. Tiny SD1.5 is made for 32 px (L 9216):
+    at 32 px its 16 x 16 and 8 x 8 maps stay (factors 6, 12) and only the mid block goes;
+    at 48 px its 12 x 12 maps have factor 8 and go too. `every` keeps all; `exclude` takes
+    module prefixes in the aggregation as in the study."""
+    import math
+
+    import zarr
+
+    from icm.head_maps.aggregation import aggregate
+    from icm.head_maps.reading import read_split
+    from icm.jobs.head_maps import capture_head_maps_job
+    from icm.models.tiny import save_tiny_sd15
+
+    folder = save_tiny_sd15(tmp_path / "tiny")
+    model = {"family": "sd15", "dtype": "float32", "steps": 1, "resolution": resolution,
+             "batch_size": 2, "n_shards": 1, "scheduler": "default", "variant": None,
+             "guidance_scale": 7.5}
+    study = {**STUDY, "held_out_samples_per_prompt": 1, "window": {"start": 0, "stop": None},
+             "store_dtype": "float32"}
+    out = tmp_path / "held-out"
+    capture_head_maps_job(model_name="tiny-sd15", model=model, source=str(folder),
+                          concept_name="objects", study=study,
+                          generation={"base_seed": 0, "device": "cpu"}, split="held-out",
+                          shard=0, images_dir=out / "images", table=out / "samples.csv",
+                          store=out / "maps.zarr")
+    group = zarr.open_group(out / "maps.zarr", mode="r")
+    assert group.attrs["default_size"] == 32  # sample_size 16 x the VAE's factor 2
+    every = list(group.attrs["sites"])
+    latent = 9216
+    daam = [s for s in every if not s.startswith("mid_block")
+            and int(math.sqrt(latent // math.prod(group[s].shape[-2:]))) != 8]
+    _, kept = read_split([out / "samples.csv"], [out / "maps.zarr"])
+    assert list(kept) == daam and any(s.startswith("mid_block") for s in every)
+    dropped_levels = {group[s].shape[-1] for s in every if s not in daam and "mid" not in s}
+    assert dropped_levels == ({12} if resolution == 48 else set())
+    _, wide = read_split([out / "samples.csv"], [out / "maps.zarr"], sites="every")
+    assert list(wide) == every
+    by_prefix = aggregate(wide, exclude=["mid_block"], size=8)
+    by_name = aggregate({s: m for s, m in wide.items() if not s.startswith("mid_block")},
+                        size=8)
+    assert torch.equal(by_prefix, by_name)
