@@ -9,9 +9,8 @@ image or with any image of the other stages).
 
 from __future__ import annotations
 
-import math
-
 import itertools
+import math
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
