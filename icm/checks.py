@@ -144,6 +144,10 @@ def head_map_problems(key: str, study: Mapping[str, Any] | None) -> list[str]:
         problems.append(f"{key}.head_maps.stability_groups: {study.get('stability_groups')} "
                         "groups of repeats, but train_samples_per_prompt is "
                         f"{study.get('train_samples_per_prompt')}: some groups would be empty")
+    odd = [k for k in study.get("ks") or [] if isinstance(k, float) and k > 1]
+    if odd:
+        problems.append(f"{key}.head_maps.ks: {odd} are neither counts (integers) nor "
+                        "fractions of the heads (in (0, 1])")
     masks = study.get("masks") or {}
     if masks.get("type") == "folder" and not masks.get("path"):
         problems.append(f"{key}.head_maps.masks: type folder needs a path")

@@ -53,11 +53,22 @@ def heads_of(maps: Mapping[str, np.ndarray | torch.Tensor]) -> list[Head]:
     return [(site, h) for site, m in maps.items() for h in range(m.shape[1])]
 
 
+def head_count(k: int | float, n_heads: int) -> int:
+    """How many heads ``k`` asks for: an int is a count; a float in (0, 1] a fraction of all
+    ``n_heads`` (1.0: every head), rounded up, at least one."""
+    if isinstance(k, float):
+        if not 0 < k <= 1:
+            raise ValueError(f"k = {k}: a fraction of the heads is in (0, 1]; give a count "
+                             "as an integer")
+        return max(1, math.ceil(k * n_heads - 1e-9))
+    return int(k)
+
+
 def chosen_heads(heads: Sequence[Head], relevance: Mapping[Head, float],
                  k: int | float) -> list[Head]:
-    """The ``k`` most relevant heads (``k`` < 1: that fraction of all heads, at least one);
+    """The ``k`` most relevant heads (``head_count``: a count, or a fraction of all heads);
     ties broken by (site, head) order, so the choice is deterministic."""
-    count = max(1, math.ceil(k * len(heads))) if isinstance(k, float) and k < 1 else int(k)
+    count = head_count(k, len(heads))
     if not 1 <= count <= len(heads):
         raise ValueError(f"k = {k} heads, but there are {len(heads)}")
     missing = [h for h in heads if h not in relevance]
@@ -115,26 +126,33 @@ def segment(word_map: torch.Tensor | np.ndarray, image_size: int, tau: float) ->
     return ((up - low) / (high - low) >= tau).numpy()
 
 
-def segment_batch(word_maps: torch.Tensor | np.ndarray, image_size: int,
+def segment_batch(word_maps: torch.Tensor | np.ndarray, image_size: int | tuple[int, int],
                   tau: float) -> np.ndarray:
-    """``segment`` of every (images, size, size) map at once: (images, H, W) booleans."""
+    """``segment`` of every (images, size, size) map at once: (images, H, W) booleans, the
+    image ``image_size`` a side or (H, W) (non-square images)."""
+    shape = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     tensor = torch.as_tensor(np.asarray(word_maps), dtype=torch.float32)[:, None]
-    up = F.interpolate(tensor, size=(image_size, image_size), mode="bicubic",
-                       align_corners=False)[:, 0]
+    up = F.interpolate(tensor, size=shape, mode="bicubic", align_corners=False)[:, 0]
     low = up.amin(dim=(1, 2), keepdim=True)
     span = up.amax(dim=(1, 2), keepdim=True) - low
     normalised = (up - low) / span.clamp_min(torch.finfo(torch.float32).tiny)
     return ((normalised >= tau) & (span > 0)).numpy()
 
 
-def ious(masks: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """IoU of each of (images, H, W) predicted masks with its truth (both empty: 1)."""
+#: IoU where prediction and truth are both empty: DAAM's 0 (its ``compute_iou`` divides by
+#: the union plus 1e-8), so an empty annotation scores nothing, as in DAAM's tables.
+EMPTY_IOU = 0.0
+
+
+def ious(masks: np.ndarray, truth: np.ndarray, empty: float = EMPTY_IOU) -> np.ndarray:
+    """IoU of each of (images, H, W) predicted masks with its truth (both empty: ``empty``,
+    DAAM's 0 by default)."""
     inter = np.logical_and(masks, truth).sum(axis=(1, 2))
     union = np.logical_or(masks, truth).sum(axis=(1, 2))
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return np.where(union > 0, inter / np.maximum(union, 1), empty)
 
 
-def iou(mask: np.ndarray, truth: np.ndarray) -> float:
-    """Intersection over union of two boolean masks (both empty: 1, nothing to find)."""
+def iou(mask: np.ndarray, truth: np.ndarray, empty: float = EMPTY_IOU) -> float:
+    """Intersection over union of two boolean masks (both empty: ``empty``, DAAM's 0)."""
     union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 1.0
+    return float(np.logical_and(mask, truth).sum() / union) if union else float(empty)

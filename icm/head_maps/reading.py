@@ -57,30 +57,36 @@ def read_images(rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 
 def read_masks(masks: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], slots: list[str],
-               images: np.ndarray | None = None) -> np.ndarray:
-    """(samples, slots, H, W) ground truth: the toy oracle's foreground of each image (the same
-    for every slot: the one object is what each word names), or ``<path>/<seed>-<slot>.png``."""
+               images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(samples, slots, H, W) ground truth and (samples, slots) whether it was given: the toy
+    oracle's foreground of each image (the same for every slot: the one object is what each
+    word names), or ``<path>/<seed>-<slot>.png`` at the image's size, where a missing file
+    means that word of that image is not annotated (not scored; none at all is an error)."""
     if masks["type"] == "oracle":
         from icm.toy.oracle import foreground_mask
 
         images = read_images(rows) if images is None else images
         fg = np.stack([foreground_mask(image) for image in images])
-        return np.repeat(fg[:, None], len(slots), axis=1)
+        return np.repeat(fg[:, None], len(slots), axis=1), np.ones((len(rows), len(slots)),
+                                                                   dtype=bool)
     folder = Path(masks["path"])
     files = [[folder / f"{row['seed']}-{slot}.png" for slot in slots] for row in rows]
-    missing = [str(f) for per in files for f in per if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} masks missing in {folder}, e.g. {missing[:3]} "
-                                "(one <seed>-<slot>.png per generated image and slot)")
+    annotated = np.array([[f.is_file() for f in per] for per in files], dtype=bool)
+    if not annotated.any():
+        raise FileNotFoundError(f"no masks in {folder} for these {len(rows)} images, e.g. "
+                                f"{[str(f) for f in files[0]]} (one <seed>-<slot>.png per "
+                                "annotated image and slot)")
     size = np.asarray(Image.open(rows[0]["image"])).shape[:2]
     out = np.zeros((len(rows), len(slots), *size), dtype=bool)
     for i, per in enumerate(files):
         for j, path in enumerate(per):
+            if not annotated[i, j]:
+                continue
             mask = np.asarray(Image.open(path).convert("L"))
             if mask.shape != size:
                 raise ValueError(f"{path} is {mask.shape}, its image {size}")
             out[i, j] = mask > 0
-    return out
+    return out, annotated
 
 
 def read_relevance(path: str | Path) -> dict[str, dict[str, dict[Head, float]]]:

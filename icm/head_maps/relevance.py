@@ -150,7 +150,7 @@ def oracle_iou(maps: Mapping[str, np.ndarray], word: int, masks: np.ndarray,
     H, W boolean ground truth): an oracle, usable only where masks exist."""
     stacked = word_stack(maps, word, size)
     images, heads = stacked.shape[:2]
-    pred = segment_batch(stacked.reshape(images * heads, size, size), masks.shape[-1], tau)
+    pred = segment_batch(stacked.reshape(images * heads, size, size), masks.shape[-2:], tau)
     truth = np.repeat(np.asarray(masks, dtype=bool), heads, axis=0)
     return ious(pred, truth).reshape(images, heads).mean(axis=0)
 

@@ -169,14 +169,17 @@ def score_head_relevance_job(
     rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
     heads = heads_of(maps)
     size = study["map_size"]
-    masks = read_masks(study["masks"], rows, slots) if "oracle" in sources else None
+    masks, annotated = read_masks(study["masks"], rows, slots) if "oracle" in sources \
+        else (None, None)
     hrv = hrv_of_votes(votes, heads, slots) if "hrv" in sources else None
     groups = np.asarray([int(r["repeat"]) for r in rows]) % study["stability_groups"]
     scores: dict[str, np.ndarray] = {}
     for w, slot in enumerate(slots):
         for source in sources:
             if source == "oracle":
-                value = oracle_iou(maps, w, masks[:, w], study["oracle_tau"], size)
+                keep = annotated[:, w]  # the train images annotated for this word
+                value = oracle_iou({s: m[keep] for s, m in maps.items()}, w, masks[keep, w],
+                                   study["oracle_tau"], size)
             elif source == "agreement":
                 value = agreement(maps, w, size)
             elif source == "concentration":
@@ -219,21 +222,23 @@ def evaluate_head_maps_job(
 ) -> None:
     """table.csv (every method on both splits, paired with ``all``) and curve.csv (mIoU of
     the k most and the k least relevant heads, held-out split)."""
-    from icm.head_maps.evaluation import WordScorer, curve_counts, evaluate
+    from icm.head_maps.evaluation import WordScorer, curve_counts, evaluate_split
 
     slots, size = slot_names(study), study["map_size"]
     scores = read_relevance(relevance)
     table, curve = [], []
     for split, (tables, stores) in splits.items():
         rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
-        masks = read_masks(study["masks"], rows, slots)
+        masks, annotated = read_masks(study["masks"], rows, slots)
+        prompts = [int(r["prompt_index"]) for r in rows]
+        table += evaluate_split(maps, masks, annotated, prompts, slots, split, scores,
+                                study["ks"], study["taus"], study["seed"], size)
         for w, slot in enumerate(slots):
-            chosen = {source: per[slot] for source, per in scores.items()}
-            table += evaluate(maps, masks[:, w], w, slot, split, chosen, study["ks"],
-                              study["taus"], study["seed"], size)
-            if split != "held-out":
+            keep = annotated[:, w]
+            if split != "held-out" or not keep.any():
                 continue
-            scorer = WordScorer(maps, w, masks[:, w], size)
+            chosen = {source: per[slot] for source, per in scores.items()}
+            scorer = WordScorer({s: m[keep] for s, m in maps.items()}, w, masks[keep, w], size)
             counts = curve_counts(len(scorer.heads), study["curve_points"])
             for source, relevance_of in chosen.items():
                 for tau in study["taus"]:
@@ -241,7 +246,8 @@ def evaluate_head_maps_job(
                         curve += [{"split": split, "word": slot, "relevance": source,
                                    "order": order, "k": c, "tau": tau, "miou": v}
                                   for c, v in zip(counts, values, strict=True)]
-        log.info("%s: %d images evaluated", split, len(rows))
+        log.info("%s: %d images, %d of %d (image, word) pairs annotated", split, len(rows),
+                 int(annotated.sum()), annotated.size)
     rule = SITE_RULES[study["sites"]] + (f", without {', '.join(study['exclude'])}"
                                          if study["exclude"] else "")
     write_table(output_table, [{**row, "sites": rule} for row in table], TABLE_COLUMNS)
@@ -277,7 +283,7 @@ def plot_head_maps_job(
     slots, size = slot_names(study), study["map_size"]
     rows, maps = read_split(*held_out, study["exclude"], study["sites"])
     images = read_images(rows)
-    masks = read_masks(study["masks"], rows, slots, images)
+    masks, _ = read_masks(study["masks"], rows, slots, images)  # unannotated: empty
     shown = [i for i, row in enumerate(rows) if int(row["repeat"]) < per_prompt]
     panel_rows, panels_by_slot = [], []
     for w, slot in enumerate(slots):

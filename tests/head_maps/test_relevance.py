@@ -64,7 +64,7 @@ def test_concept_voting_counts_one_vote_per_head_image_step_and_sequence(tiny_pi
 
 def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
     from icm.head_maps.aggregation import iou
-    from icm.head_maps.evaluation import evaluate
+    from icm.head_maps.evaluation import POOLED, evaluate_split
 
     maps, masks = planted_maps(images=12)
     decoy = np.zeros((8, 8))
@@ -72,18 +72,48 @@ def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
     maps["b.attn2"][:, :, 0] += decoy
     truth = {("a.attn2", 2): 1.0}
     relevance = {(s, h): float((s, h) in truth) for s in maps for h in range(4)}
-    rows = evaluate(maps, masks, 0, "shape", "held-out", {"oracle": relevance}, ks=[1],
-                    taus=[0.4])
-    by = {(r["method"], r["relevance"]): r for r in rows}
-    assert set(by) == {("all", "none"), ("random-k", "random"), ("topk", "oracle"),
-                       ("bottom-k", "oracle")}
-    top, everything = by["topk", "oracle"], by["all", "none"]
+    prompts = np.arange(12) // 3  # 4 prompts of 3 images
+    rows = evaluate_split(maps, masks[:, None], np.ones((12, 1), bool), prompts, ["shape"],
+                          "held-out", {"oracle": {"shape": relevance}}, ks=[1, 1.0],
+                          taus=[0.4])
+    by = {(r["word"], r["method"], r["relevance"], r["k"]): r for r in rows}
+    assert {key[1:] for key in by} == {("all", "none", 8), ("random-k", "random", 1),
+                                       ("topk", "oracle", 1), ("bottom-k", "oracle", 1),
+                                       ("random-k", "random", 8), ("topk", "oracle", 8),
+                                       ("bottom-k", "oracle", 8)}
+    top, everything = by["shape", "topk", "oracle", 1], by["shape", "all", "none", 8]
     assert top["miou"] > 0.9 and top["miou"] > everything["miou"]
-    assert top["diff_low"] > 0  # the paired interval excludes zero
-    assert by["bottom-k", "oracle"]["miou"] < everything["miou"]
+    assert top["diff_low"] > 0  # the paired interval, over prompts, excludes zero
+    assert by["shape", "bottom-k", "oracle", 1]["miou"] < everything["miou"]
+    # k = 1.0 is every head (a fraction), k = 1 one head (a count)
+    assert by["shape", "topk", "oracle", 8]["miou"] == pytest.approx(everything["miou"])
     for row in rows:
         assert row["miou_low"] <= row["miou"] <= row["miou_high"] and row["n"] == 12
-    assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    # one word: the pooled rows are that word's
+    assert by[POOLED, "topk", "oracle", 1]["miou"] == top["miou"]
+    assert iou(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 0.0  # DAAM's convention
+
+
+def test_pooled_rows_count_only_annotated_pairs_and_intervals_resample_prompts():
+    """Two word slots, one annotated on half the images: each word scores its own images,
+    pooled rows every annotated (image, word) pair; non-square masks; a prompt-level
+    interval is wider than an image-level one when prompts differ."""
+    from icm.head_maps.evaluation import POOLED, bootstrap, evaluate_split
+
+    maps, masks = planted_maps(images=8)
+    maps = {s: np.concatenate([m, m[:, :, :1] * 0.5], axis=2) for s, m in maps.items()}
+    wide = np.pad(masks, ((0, 0), (0, 0), (0, 4)))  # 16 x 20 images
+    annotated = np.ones((8, 2), bool)
+    annotated[4:, 1] = False
+    rows = evaluate_split(maps, np.stack([wide, wide], axis=1), annotated, np.arange(8) // 2,
+                          ["shape", "color"], "held-out", {}, ks=[2], taus=[0.4])
+    n = {(r["word"], r["method"]): r["n"] for r in rows}
+    assert n["shape", "all"] == 8 and n["color", "all"] == 4 and n[POOLED, "all"] == 12
+    values = np.repeat([0.1, 0.9, 0.2, 0.8], 5)
+    prompts = np.repeat(np.arange(4), 5)
+    by_prompt = bootstrap(values, groups=prompts)
+    by_image = bootstrap(values)
+    assert by_prompt[1] - by_prompt[0] > by_image[1] - by_image[0]
 
 
 def test_the_fast_scorer_equals_aggregate_segment_and_iou_image_by_image():

@@ -93,6 +93,8 @@ def config():
      "concepts.objects: neither prompts nor a head_maps study"),
     (lambda s: s.update(train_samples_per_prompt=2, stability_groups=3),
      "concepts.objects.head_maps.stability_groups: 3 groups of repeats"),
+    (lambda s: s.update(ks=[4, 2.5]),
+     "concepts.objects.head_maps.ks: [2.5] are neither counts (integers) nor fractions"),
 ])
 def test_the_workflow_refuses_a_broken_study_at_start(config, mutate, message):
     cfg = copy.deepcopy(config)
@@ -174,15 +176,29 @@ def test_the_study_jobs_run_on_tiny_sana_and_sdxl(tmp_path, family):
                            output_curve=tmp_path / "curve.csv",
                            output_record=tmp_path / "table.json")
     table = pd.read_csv(tmp_path / "table.csv")
-    assert set(table["split"]) == {"train", "held-out"} and (table["n"][
-        table["split"] == "held-out"] == 2).all()
-    # A mask missing for one image stops the evaluation, naming it.
-    next((tmp_path / "masks").glob("*.png")).unlink()
-    with pytest.raises(FileNotFoundError, match="1 masks missing"):
+    held = table[table["split"] == "held-out"]
+    assert set(table["split"]) == {"train", "held-out"}
+    assert (held["n"][held["word"] != "pooled"] == 2).all()
+    assert (held["n"][held["word"] == "pooled"] == 4).all()  # 2 images x 2 words
+    assert set(table["sites"]) == {"DAAM's sites: no mid block, no map of factor 8 "
+                                   "(castorini/daam 0.2)"}
+    # A mask missing for one held-out image and word: that pair is not annotated, not scored.
+    seed = pd.read_csv(tmp_path / "held-out" / "samples.csv")["seed"].iloc[0]
+    (tmp_path / "masks" / f"{seed}-color.png").unlink()
+    evaluate_head_maps_job(study=study, splits=splits, relevance=tmp_path / "relevance.csv",
+                           output_table=tmp_path / "t.csv", output_curve=tmp_path / "c.csv",
+                           output_record=tmp_path / "t.json")
+    fewer = pd.read_csv(tmp_path / "t.csv")
+    fewer = fewer[fewer["split"] == "held-out"].groupby("word")["n"].max()
+    assert fewer.to_dict() == {"color": 1, "pooled": 3, "shape": 2}
+    # No mask at all stops it, naming the folder, and writes nothing.
+    for mask in (tmp_path / "masks").glob("*.png"):
+        mask.unlink()
+    with pytest.raises(FileNotFoundError, match="no masks in"):
         evaluate_head_maps_job(study=study, splits=splits, relevance=tmp_path / "relevance.csv",
-                               output_table=tmp_path / "t.csv", output_curve=tmp_path / "c.csv",
-                               output_record=tmp_path / "t.json")
-    assert not (tmp_path / "t.csv").exists()
+                               output_table=tmp_path / "u.csv", output_curve=tmp_path / "v.csv",
+                               output_record=tmp_path / "u.json")
+    assert not (tmp_path / "u.csv").exists()
 
 
 @pytest.mark.parametrize("resolution", [32, 48])
