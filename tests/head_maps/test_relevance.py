@@ -136,3 +136,13 @@ def test_the_fast_scorer_equals_aggregate_segment_and_iou_image_by_image():
         [iou(segment(everything[i, 0], 16, 0.4), masks[i]) for i in range(len(masks))])
     curve = scorer.curve(relevance, [1, 8], 0.4)
     assert curve["most"][-1] == pytest.approx(curve["least"][-1])  # all heads either way
+
+
+def test_the_oracle_scores_heads_block_by_block_as_all_at_once(monkeypatch):
+    """Bounded memory: with blocks of one head the oracle's scores are those of one pass."""
+    import icm.head_maps.relevance as relevance
+
+    maps, masks = planted_maps(images=4, seed=2)
+    whole = oracle_iou(maps, 0, masks)
+    monkeypatch.setattr(relevance, "ORACLE_BLOCK_BYTES", 1)
+    np.testing.assert_array_equal(relevance.oracle_iou(maps, 0, masks), whole)
