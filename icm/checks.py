@@ -134,10 +134,19 @@ def head_map_problems(key: str, study: Mapping[str, Any] | None) -> list[str]:
         return [f"{key}.head_maps: {error}"]
     problems = []
     if "hrv" in study.get("relevance", []) and \
-            sorted(hrv_concepts(study)) != sorted(slot_names(study)):
+            not set(slot_names(study)) <= set(hrv_concepts(study)):
         problems.append(f"{key}.head_maps.hrv_words: concepts {sorted(hrv_concepts(study))} "
-                        f"must be the slots {slot_names(study)} (each slot's heads are "
-                        "ranked by its concept's votes)")
+                        f"must include the slots {slot_names(study)} (each slot's heads are "
+                        "ranked by its concept's votes; other concepts are distractors)")
+    if "hrv-published" in study.get("relevance", []):
+        spec = study.get("hrv_vectors") or {}
+        if not (spec.get("vectors") and spec.get("head_index") and spec.get("concepts")):
+            problems.append(f"{key}.head_maps.hrv_vectors: the hrv-published source needs "
+                            "HRV's vector files")
+        elif sorted(spec.get("slots") or {}) != sorted(slot_names(study)) or \
+                not set(spec["slots"].values()) <= set(spec["concepts"]):
+            problems.append(f"{key}.head_maps.hrv_vectors.slots: {spec['slots']} must map "
+                            f"each slot {slot_names(study)} to one of its concepts")
     relevance = study.get("relevance", [])
     if "stability" in relevance and \
             study.get("train_samples_per_prompt", 16) < study.get("stability_groups", 4):
@@ -177,6 +186,10 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
         if (evaluation.get("clip") or {}).get("pretrained"):
             yield (f"concepts.{name}.evaluation.clip.pretrained",
                    str(evaluation["clip"]["pretrained"]), "weights")
+        vectors = (concept.get("head_maps") or {}).get("hrv_vectors") or {}
+        for part in ("vectors", "head_index"):
+            if vectors.get(part):
+                yield f"concepts.{name}.head_maps.hrv_vectors.{part}", str(vectors[part]), "file"
         masks = (concept.get("head_maps") or {}).get("masks") or {}
         if masks.get("type") == "folder" and masks.get("path"):
             yield f"concepts.{name}.head_maps.masks.path", str(masks["path"]), "folder"

@@ -516,7 +516,7 @@ HEAD_MAPS = "results/{model}/{concept}/head-maps"
 STUDY_KEYS = ("prompts", "template", "slots", "held_out", "window", "store_dtype")
 TRAIN_KEYS = (*STUDY_KEYS, "train_samples_per_prompt", "hrv_words")
 RELEVANCE_KEYS = (*TRAIN_KEYS, "masks", "relevance", "oracle_tau", "stability_groups",
-                  "exclude", "sites", "map_size")
+                  "exclude", "sites", "map_size", "hrv_vectors")
 EVALUATION_KEYS = (*RELEVANCE_KEYS, "held_out_samples_per_prompt", "ks", "taus", "seed",
                    "curve_points")
 

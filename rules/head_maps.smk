@@ -58,6 +58,9 @@ rule score_head_relevance:
         votes=split_files("train", "votes.safetensors"),
         images=split_files("train", "images"),
         masks=oracle_mask_files,
+        hrv_vectors=lambda wildcards: [
+            f for key in ("vectors", "head_index") for f in local_files(
+                (CONCEPTS[wildcards.concept]["head_maps"].get("hrv_vectors") or {}).get(key))],
     output:
         table=f"{HEAD_MAPS}/relevance.csv",
         tensors=f"{HEAD_MAPS}/relevance.safetensors",

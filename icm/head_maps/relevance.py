@@ -55,50 +55,72 @@ def encode_texts(pipe: Any, texts: Sequence[str]) -> torch.Tensor:
 
 
 def voting_sequences(concepts: Mapping[str, Sequence[str]]) -> list[list[str]]:
-    """HRV's sequences: the i-th holds the i-th word of each concept (shorter lists wrap)."""
+    """Every concept's words in turn: the i-th list holds the i-th word of each concept
+    (shorter lists wrap). HRV draws one word per concept at random on each call
+    (``ConceptVoting``); these lists are what such draws cover."""
     longest = max(len(words) for words in concepts.values())
     return [[words[i % len(words)] for words in concepts.values()] for i in range(longest)]
 
 
 class ConceptVoting(SiteHooks):
-    """Counts, per ``attn2`` head, the votes of its image queries for each concept."""
+    """Counts, per ``attn2`` head, the votes of its image queries for each concept, as Head
+    Relevance Vectors (HRV, SNU-DRL/HRV) count them: each concept word is encoded on its own
+    (start token, then the word's tokens), so that no word's keys depend on the words before
+    it (CLIP's causal attention would); on every call one word per concept is drawn (seeded)
+    and the voting sequence is the start token followed by the drawn words' tokens, no end
+    or padding token, so the softmax runs over the concept words only. Each head's
+    conditional image queries attend to it; the probabilities, averaged over pixels and
+    over each word's tokens, give each concept a mass, and the largest gets the head's
+    vote (per image, per step)."""
 
     purpose = "head_votes"
     reads_inputs = True
 
     def __init__(self, pipe: Any, concepts: Mapping[str, Sequence[str]],
-                 sites: Sequence[str] | None = None, cfg: CFGMode = "auto") -> None:
+                 sites: Sequence[str] | None = None, cfg: CFGMode = "auto",
+                 seed: int = 0) -> None:
         chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
         super().__init__(pipe, chosen, cfg)
         self.concepts = list(concepts)
-        sequences = voting_sequences(concepts)
-        texts = [" ".join(words) for words in sequences]
-        self.context = encode_texts(pipe, texts)  # (sequences, tokens, width)
-        length = self.context.shape[1]
-        weights = torch.zeros(len(texts), length, len(self.concepts))
-        for s, (text, words) in enumerate(zip(texts, sequences, strict=True)):
-            for c, word in enumerate(words):
-                positions = word_positions(pipe, text, word, instruction=False)
-                weights[s, positions, c] = 1.0 / len(positions)
-        self.weights = weights
+        self.words: list[list[torch.Tensor]] = []  # per concept, per word: (tokens, width)
+        start = None
+        for words in concepts.values():
+            states = encode_texts(pipe, list(words))  # (words, T, width), each on its own
+            encoded = []
+            for w, word in enumerate(words):
+                positions = word_positions(pipe, word, word, instruction=False)
+                encoded.append(states[w, positions])
+                start = states[w, :positions[0]][-1:] if start is None else start
+            self.words.append(encoded)
+        self.start = start  # the start token's state (the position before the first word)
+        self.generator = torch.Generator("cpu").manual_seed(int(seed))
         self.votes: dict[str, torch.Tensor] = {}
+
+    def sequence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw: the (1, L, width) voting sequence and (L, concepts) token weights."""
+        drawn = [encoded[int(torch.randint(len(encoded), (1,), generator=self.generator))]
+                 for encoded in self.words]
+        context = torch.cat([self.start, *drawn])[None]
+        weights = torch.zeros(context.shape[1], len(self.concepts))
+        at = 1  # after the start token
+        for c, tokens in enumerate(drawn):
+            weights[at:at + len(tokens), c] = 1.0 / len(tokens)
+            at += len(tokens)
+        return context, weights
 
     def on_call(self, site: str, step: int, module: nn.Module, args: tuple, kwargs: dict,
                 output: Any) -> None:
         hidden = args[0] if args else kwargs["hidden_states"]
         rows = hidden[self.cond_slice(hidden.shape[0])]
         with torch.no_grad():
-            context = self.context.to(rows.device, rows.dtype)
-            weights = self.weights.to(rows.device)
+            context, weights = self.sequence()
+            keys = context.to(rows.device, rows.dtype).expand(rows.shape[0], -1, -1)
+            probs = attention_probabilities(module, rows, keys)  # (B, heads, N, L)
+            mass = probs.mean(dim=2) @ weights.to(rows.device)  # (B, heads, concepts)
+            vote = torch.nn.functional.one_hot(mass.argmax(dim=-1), len(self.concepts))
+            total = vote.sum(dim=0).float()  # (heads, concepts)
             counts = self.votes.get(site)
-            for s in range(context.shape[0]):
-                keys = context[s:s + 1].expand(rows.shape[0], -1, -1)
-                probs = attention_probabilities(module, rows, keys)  # (B, heads, N, T)
-                mass = (probs @ weights[s]).mean(dim=2)  # (B, heads, concepts)
-                vote = torch.nn.functional.one_hot(mass.argmax(dim=-1), len(self.concepts))
-                total = vote.sum(dim=0).float()  # (heads, concepts)
-                counts = total if counts is None else counts + total
-            self.votes[site] = counts
+            self.votes[site] = total if counts is None else counts + total
         return None
 
     def relevance(self) -> tuple[list[Head], np.ndarray]:
@@ -199,3 +221,50 @@ def hrv_of_votes(votes: Sequence[str | Path], heads: list[Head], slots: list[str
     kept = total[[index[h] for h in heads]]
     relevance = hrv_from_votes(kept)  # (concepts, heads)
     return relevance[[concepts.index(slot) for slot in slots]]
+
+
+#: HRV's places, in its files' naming ("down, layer: 3, head: 5"), by module prefix.
+HRV_PLACES = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+
+def hrv_head_names(sites: Sequence[str], heads: Sequence[Head]) -> list[str]:
+    """HRV's name of each head: its place (down, mid, up), the index of its transformer
+    block's cross-attention within the place in forward order (HRV counts both attentions
+    of a block and halves: ``layer = count // 2``), and the head."""
+    layer: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for site in sites:
+        place = HRV_PLACES.get(site.split(".")[0])
+        if place is None:
+            raise ValueError(f"{site}: HRV names heads of UNet places {list(HRV_PLACES)} only")
+        layer[site] = counts.get(place, 0)
+        counts[place] = layer[site] + 1
+    return [f"{HRV_PLACES[s.split('.')[0]]}, layer: {layer[s]}, head: {h}" for s, h in heads]
+
+
+def published_hrv(vectors: str | Path, head_index: str | Path, concepts: Sequence[str],
+                  slot_concepts: Mapping[str, str], sites: Sequence[str],
+                  heads: Sequence[Head]) -> np.ndarray:
+    """(slots, heads) relevance from HRV's published vectors: ``vectors`` a .npy of
+    (concepts, heads) (its ``category_vectors_*.npy``: SD1.4's 34 x 128, SDXL's 34 x 1300),
+    ``head_index`` a .npy of each column's head name (``head_index_*.npy``, names as
+    ``hrv_head_names``), ``concepts`` the row names in order, ``slot_concepts`` each word
+    slot's concept. Rows in slot order, columns in ``heads`` order (the study's sites; the
+    file's other heads are left out); a head the file lacks is an error."""
+    table = np.load(vectors)
+    names = [str(n) for n in np.load(head_index, allow_pickle=False)]
+    if table.shape != (len(concepts), len(names)):
+        raise ValueError(f"{vectors} is {table.shape}, but {len(concepts)} concepts and "
+                         f"{len(names)} head names ({head_index}) were given")
+    column = {name: i for i, name in enumerate(names)}
+    wanted = hrv_head_names(sites, heads)
+    missing = [n for n in wanted if n not in column]
+    if missing:
+        raise ValueError(f"{head_index} names no head {missing[:3]} ({len(missing)} of "
+                         f"{len(wanted)} missing): vectors of another model?")
+    unknown = sorted(set(slot_concepts.values()) - set(concepts))
+    if unknown:
+        raise ValueError(f"concepts {unknown} are not rows of {vectors}: {list(concepts)}")
+    rows = [list(concepts).index(c) for c in slot_concepts.values()]
+    return table[np.ix_(rows, [column[n] for n in wanted])]
+

@@ -116,7 +116,7 @@ def capture_head_maps_job(
     }
     images_dir, table = Path(images_dir), Path(table)
     rows: list[dict[str, object]] = []
-    voting = ConceptVoting(pipe, hrv_concepts(study), sites) if votes else None
+    voting = ConceptVoting(pipe, hrv_concepts(study), sites, seed=shard) if votes else None
     with (
         atomic_directory(images_dir) as partial_images,
         HeadMapStoreWriter(store, mine, attrs, study["store_dtype"],
@@ -163,7 +163,13 @@ def score_head_relevance_job(
     from safetensors.numpy import save_file
 
     from icm.head_maps.aggregation import heads_of
-    from icm.head_maps.relevance import agreement, concentration, oracle_iou, rank_stability
+    from icm.head_maps.relevance import (
+        agreement,
+        concentration,
+        oracle_iou,
+        published_hrv,
+        rank_stability,
+    )
 
     slots, sources = slot_names(study), list(study["relevance"])
     rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
@@ -172,6 +178,15 @@ def score_head_relevance_job(
     masks, annotated = read_masks(study["masks"], rows, slots) if "oracle" in sources \
         else (None, None)
     hrv = hrv_of_votes(votes, heads, slots) if "hrv" in sources else None
+    published = None
+    if "hrv-published" in sources:
+        import zarr
+
+        spec = study.get("hrv_vectors") or {}
+        every_site = list(zarr.open_group(Path(stores[0]), mode="r").attrs["sites"])
+        published = published_hrv(spec["vectors"], spec["head_index"], spec["concepts"],
+                                  {slot: spec["slots"][slot] for slot in slots}, every_site,
+                                  heads)
     groups = np.asarray([int(r["repeat"]) for r in rows]) % study["stability_groups"]
     scores: dict[str, np.ndarray] = {}
     for w, slot in enumerate(slots):
@@ -188,6 +203,8 @@ def score_head_relevance_job(
                 value = rank_stability(np.stack([
                     agreement({s: m[groups == g] for s, m in maps.items()}, w, size)
                     for g in range(study["stability_groups"]) if (groups == g).any()]))
+            elif source == "hrv-published":
+                value = published[w]
             else:
                 value = hrv[w]
             scores[f"{source}/{slot}"] = np.asarray(value, dtype=np.float64)
@@ -208,7 +225,8 @@ def score_head_relevance_job(
         "oracle": "oracle is per-head IoU with the train split's masks: an upper bound, not "
                   "available without masks" if "oracle" in sources else None,
         "train_samples": len(rows), "settings": {k: study[k] for k in (
-            "oracle_tau", "stability_groups", "map_size", "exclude", "sites", "hrv_words")},
+            "oracle_tau", "stability_groups", "map_size", "exclude", "sites", "hrv_words")}
+        | {"hrv_vectors": study.get("hrv_vectors")},
         "hrv_concepts": hrv_concepts(study), "versions": package_versions()})
 
 

@@ -48,18 +48,36 @@ def test_hrv_rows_average_one_and_follow_the_votes():
         [["red", "circle"], ["blue", "circle"]]
 
 
-def test_concept_voting_counts_one_vote_per_head_image_step_and_sequence(tiny_pipe):
+def test_concept_voting_counts_one_vote_per_head_image_and_step_as_hrv(tiny_pipe):
+    """HRV's voting: each word encoded on its own, the sequence the start token and one drawn
+    word per concept (no end or padding token), one vote per head, image and step; the
+    draws are seeded (same seed, same votes)."""
     concepts = {"color": ["red", "blue"], "shape": ["circle", "square"]}
     steps, images = 2, 2
-    with ConceptVoting(tiny_pipe, concepts) as voting:
-        generator = [torch.Generator("cpu").manual_seed(i) for i in range(images)]
-        tiny_pipe(["a photo"] * images, num_inference_steps=steps, height=32, width=32,
-                  generator=generator, output_type="np")
-        heads, relevance = voting.relevance()
-    for votes in voting.votes.values():  # (heads, concepts)
-        np.testing.assert_array_equal(votes.sum(dim=1).numpy(), images * steps * 2)
+
+    def votes(seed):
+        with ConceptVoting(tiny_pipe, concepts, seed=seed) as voting:
+            generator = [torch.Generator("cpu").manual_seed(i) for i in range(images)]
+            tiny_pipe(["a photo"] * images, num_inference_steps=steps, height=32, width=32,
+                      generator=generator, output_type="np")
+            return voting, *voting.relevance()
+
+    voting, heads, relevance = votes(0)
+    for counts in voting.votes.values():  # (heads, concepts)
+        np.testing.assert_array_equal(counts.sum(dim=1).numpy(), images * steps)
     assert relevance.shape == (2, len(heads))
     np.testing.assert_allclose(relevance.mean(axis=1), 1.0, rtol=1e-6)
+    context, weights = voting.sequence()
+    assert context.shape[1] == 1 + int((weights > 0).sum())  # start token + drawn words
+    np.testing.assert_array_equal(weights.sum(dim=0).numpy(), [1.0, 1.0])
+    assert weights[0].sum() == 0  # the start token votes for no concept
+    # the word's own encoding: "blue" alone, whatever word came before it in a sentence
+    from icm.head_maps.relevance import encode_texts
+
+    alone = encode_texts(tiny_pipe, ["blue"])[0, 1]
+    assert any(torch.equal(alone, w[0]) for w in voting.words[0])
+    again = votes(0)[0]
+    assert all(torch.equal(again.votes[s], voting.votes[s]) for s in voting.votes)
 
 
 def test_evaluation_rows_compare_each_method_with_all_on_the_same_images():
@@ -146,3 +164,37 @@ def test_the_oracle_scores_heads_block_by_block_as_all_at_once(monkeypatch):
     whole = oracle_iou(maps, 0, masks)
     monkeypatch.setattr(relevance, "ORACLE_BLOCK_BYTES", 1)
     np.testing.assert_array_equal(relevance.oracle_iou(maps, 0, masks), whole)
+
+
+def test_published_hrv_vectors_map_to_the_sites_in_hrv_s_head_order(tmp_path):
+    """A synthetic file of the shape HRV ships for SD1.4/1.5 (34 concepts x 128 heads, its
+    columns named "down, layer: l, head: h" in its own order: down, up, mid) is read in the
+    study's site order: a planted head of one concept comes out at its site, and a file of
+    another model's heads is refused."""
+    from icm.head_maps.relevance import hrv_head_names, published_hrv
+    from icm.hooks.head_maps import cross_attention_sites
+    from icm.models.configs import sd15_unet_config
+    from icm.models.meta import denoiser_on_meta
+
+    sites = cross_attention_sites(denoiser_on_meta(sd15_unet_config()))
+    heads = [(s, h) for s in sites for h in range(8)]
+    assert len(heads) == 128
+    places = {"down": 6, "up": 9, "mid": 1}  # HRV's 16 layers of SD1.x
+    names = [f"{place}, layer: {layer}, head: {h}" for place in ("down", "up", "mid")
+             for layer in range(places[place]) for h in range(8)]
+    assert sorted(hrv_head_names(sites, heads)) == sorted(names)
+    concepts = [f"concept {i}" for i in range(33)] + ["Animals"]
+    table = np.random.default_rng(0).random((34, 128)) * 0.1
+    planted = names.index("up, layer: 4, head: 3")  # the 5th up-block attn2, head 3
+    table[33, planted] = 5.0
+    np.save(tmp_path / "vectors.npy", table)
+    np.save(tmp_path / "index.npy", np.array(names))
+    got = published_hrv(tmp_path / "vectors.npy", tmp_path / "index.npy", concepts,
+                        {"animal": "Animals"}, sites, heads)
+    assert got.shape == (1, 128)
+    up_sites = [s for s in sites if s.startswith("up_blocks")]
+    assert heads[int(np.argmax(got[0]))] == (up_sites[4], 3)
+    np.save(tmp_path / "other.npy", np.array([n.replace("down", "input") for n in names]))
+    with pytest.raises(ValueError, match="vectors of another model"):
+        published_hrv(tmp_path / "vectors.npy", tmp_path / "other.npy", concepts,
+                      {"animal": "Animals"}, sites, heads)
