@@ -41,14 +41,17 @@ def test_toy_head_maps_to_their_table_and_plots_and_an_edit_reruns_only_what_rea
     relevance = pd.read_csv(base / "relevance.csv")
     assert set(relevance["relevance"]) == {"hrv", "oracle", "agreement", "concentration",
                                            "stability"}
-    assert len(relevance) == 5 * 2 * 56  # sources x words x heads
+    assert len(relevance) == 5 * 2 * 48  # sources x words x heads (DAAM's sites: no mid)
     table = pd.read_csv(base / "table.csv")
     for column in ("split", "word", "method", "relevance", "k", "tau", "miou", "miou_low",
-                   "miou_high", "n", "diff", "diff_low", "diff_high"):
+                   "miou_high", "n", "diff", "diff_low", "diff_high", "sites"):
         assert column in table.columns
     held_rows = table[table["split"] == "held-out"]
     assert set(held_rows["method"]) == {"all", "topk", "bottom-k", "random-k"}
-    assert (held_rows["n"] == 12).all()
+    words = held_rows["word"] != "pooled"
+    assert (held_rows["n"][words] == 12).all() and (held_rows["n"][~words] == 24).all()
+    assert set(table["sites"]) == {"DAAM's sites: no mid block, no map of factor 8 "
+                                   "(castorini/daam 0.2)"}
     assert ((held_rows["miou_low"] <= held_rows["miou"])
             & (held_rows["miou"] <= held_rows["miou_high"])).all()
     oracle = held_rows[(held_rows["method"] == "topk") & (held_rows["relevance"] == "oracle")]
@@ -97,3 +100,42 @@ def test_the_sd15_head_map_config_plans_gpu_capture_and_refuses_a_missing_mask_f
                                "plot_head_maps": 1, "total": 11}
     capture = out.split("rule capture_train_head_maps:")[1].split("rule ")[0]
     assert "gpu=1" in capture and "slurm_partition=gpu" in capture
+
+
+@pytest.mark.slow
+def test_the_documented_sd15_recipe_runs_on_tiny_sd15_with_a_mask_folder(workdir):
+    """docs/head-maps.md's two steps with configs/sd15-head-maps.yaml as a user runs them,
+    on tiny SD1.5 (2 shards here): generate every shard of both splits, draw a mask per
+    image and slot at the image's size (all but one: an unannotated pair is not scored),
+    then the table and plots."""
+    import numpy as np
+    from PIL import Image
+
+    base = "results/tiny-sd15/animals/head-maps"
+    masks = workdir / "data/head-maps/sd15-animals"
+    masks.mkdir(parents=True)  # the folder must exist at start (docs: mkdir -p)
+    overlay = ("--configfile", str(TEST_CONFIG), "configs/sd15-head-maps.yaml")
+    step1 = [f"{base}/{split}/shard-{k:03d}/samples.csv" for split in ("train", "held-out")
+             for k in range(2)]
+    result = snakemake(workdir, "--cores", "2", *overlay, "--", *step1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.concat([pd.read_csv(workdir / path) for path in step1])
+    assert len(rows) == 9 * 5 + 3 * 10  # train and held-out prompts x their samples
+    first = workdir / step1[0]
+    size = Image.open(first.parent / pd.read_csv(first)["image"].iloc[0]).size[::-1]
+    for n, seed in enumerate(rows["seed"]):
+        for slot in ("animal", "furniture"):
+            if n == 0 and slot == "furniture":
+                continue  # one train pair left unannotated
+            mask = np.zeros(size, np.uint8)
+            mask[:, : size[1] // 2] = 255
+            Image.fromarray(mask).save(masks / f"{seed}-{slot}.png")
+    result = snakemake(workdir, "--cores", "2", *overlay, "--", f"{base}/curve.png")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(workdir / base / "table.csv")
+    n = table[table["method"] == "all"].groupby(["split", "word"])["n"].max().to_dict()
+    assert n == {("held-out", "animal"): 30, ("held-out", "furniture"): 30,
+                 ("held-out", "pooled"): 60, ("train", "animal"): 45,
+                 ("train", "furniture"): 44, ("train", "pooled"): 89}
+    for name in ("curve", "tau", "overlays", "relevance"):
+        assert (workdir / base / f"{name}.png").stat().st_size > 0
