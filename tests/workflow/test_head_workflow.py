@@ -114,13 +114,16 @@ def test_the_documented_sd15_recipe_runs_on_tiny_sd15_with_a_mask_folder(workdir
     base = "results/tiny-sd15/animals/head-maps"
     masks = workdir / "data/head-maps/sd15-animals"
     masks.mkdir(parents=True)  # the folder must exist at start (docs: mkdir -p)
-    overlay = ("--configfile", str(TEST_CONFIG), "configs/sd15-head-maps.yaml")
+    fewer = workdir / "fewer.yaml"  # the recipe's steps on fewer images: 2 per prompt
+    fewer.write_text("concepts:\n  animals:\n    head_maps: {train_samples_per_prompt: 2, "
+                     "stability_groups: 2, held_out_samples_per_prompt: 2}\n")
+    overlay = ("--configfile", str(TEST_CONFIG), "configs/sd15-head-maps.yaml", str(fewer))
     step1 = [f"{base}/{split}/shard-{k:03d}/samples.csv" for split in ("train", "held-out")
              for k in range(2)]
     result = snakemake(workdir, "--cores", "2", *overlay, "--", *step1)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = pd.concat([pd.read_csv(workdir / path) for path in step1])
-    assert len(rows) == 9 * 5 + 3 * 10  # train and held-out prompts x their samples
+    assert len(rows) == 9 * 2 + 3 * 2  # train and held-out prompts x their samples
     first = workdir / step1[0]
     size = Image.open(first.parent / pd.read_csv(first)["image"].iloc[0]).size[::-1]
     for n, seed in enumerate(rows["seed"]):
@@ -134,8 +137,8 @@ def test_the_documented_sd15_recipe_runs_on_tiny_sd15_with_a_mask_folder(workdir
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(workdir / base / "table.csv")
     n = table[table["method"] == "all"].groupby(["split", "word"])["n"].max().to_dict()
-    assert n == {("held-out", "animal"): 30, ("held-out", "furniture"): 30,
-                 ("held-out", "pooled"): 60, ("train", "animal"): 45,
-                 ("train", "furniture"): 44, ("train", "pooled"): 89}
+    assert n == {("held-out", "animal"): 6, ("held-out", "furniture"): 6,
+                 ("held-out", "pooled"): 12, ("train", "animal"): 18,
+                 ("train", "furniture"): 17, ("train", "pooled"): 35}
     for name in ("curve", "tau", "overlays", "relevance"):
         assert (workdir / base / f"{name}.png").stat().st_size > 0
