@@ -24,7 +24,7 @@ DEFAULT_RATES: dict[str, Any] = {
     # dlib's CNN face detector and landmarks at FairFace's settings, 512 px, one CPU core;
     # its HOG detector with the same landmarks (`detector: dlib-hog`; benchmarks/README.md).
     "face_image_cpu_s": 26.0,
-    "hog_face_image_cpu_s": 0.28,
+    "hog_face_image_cpu_s": 0.21,
 }
 
 
