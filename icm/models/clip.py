@@ -81,6 +81,8 @@ def uses_quick_gelu(network: torch.nn.Module) -> bool:
 class ClipEmbedder:
     """open_clip image and text towers; embeddings are L2-normalised float32 numpy rows."""
 
+    RANDOM_WEIGHTS_SEED = 0
+
     def __init__(
         self,
         model: str = "ViT-L-14",
@@ -94,8 +96,13 @@ class ClipEmbedder:
         self.device, self.batch_size = device, batch_size
         options = clip_arguments(model, pretrained, checkpoint_tag)
         try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=pretrained, device=device, **options)
+            # Random weights (tests, offline mechanics) are seeded: every job that builds
+            # this model gets the same one, so embeddings stored by one job (the original's,
+            # for CLIP-I) compare with another's.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.RANDOM_WEIGHTS_SEED)
+                self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                    model, pretrained=pretrained, device=device, **options)
         except Exception as error:  # open_clip raises several kinds for missing weights
             raise MetricBackendNotAvailableError(
                 f"CLIP model {model!r} with weights {pretrained!r} could not be loaded: {error}\n"

@@ -62,10 +62,11 @@ def test_an_edit_changes_exactly_the_jobs_that_run_the_module(library):
     edit(library / "evaluation/metrics.py", "def paired_cosine(",
          "_EDITED = 1\n\n\ndef paired_cosine(")
     after = fingerprints(library)
-    # The metrics, the calibration that scores with them, and (through the calibration
-    # module's imports, a cheap over-inclusion) its trade-off plot.
+    # The metrics, the FID statistics they read, the calibration that scores with them, and
+    # (through the calibration module's imports, a cheap over-inclusion) its trade-off plot.
     assert {j for j in before if after[j] != before[j]} == {
-        "compute_metrics_job", "calibrate_unsteered_job", "calibrate_variant_job", "tradeoff_job"}
+        "compute_metrics_job", "fid_statistics_job", "calibrate_unsteered_job",
+        "calibrate_variant_job", "tradeoff_job"}
 
     edit(library / "hooks/registry.py", "class DoubleHookError",
          "_EDITED = 1\n\n\nclass DoubleHookError")

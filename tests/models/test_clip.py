@@ -41,3 +41,20 @@ def test_a_local_checkpoint_says_which_weights_it_holds(tmp_path):
         clip_arguments("ViT-L-14-quickgelu", str(path), checkpoint_tag="laion2b_s32b_b82k")
     with pytest.raises(ValueError, match="agree"):
         clip_arguments("ViT-L-14", "openai", checkpoint_tag="laion2b_s32b_b82k")
+
+
+def test_random_weights_are_the_same_in_every_job():
+    """A random-weight CLIP (tests, offline mechanics) is seeded, so that embeddings stored
+    by one job (the original's, for CLIP-I) compare with another job's."""
+    import numpy as np
+    from PIL import Image
+
+    from icm.models.clip import ClipEmbedder
+
+    image = [Image.new("RGB", (32, 32), (200, 10, 10))]
+    torch.manual_seed(123)  # whatever the caller's random state
+    first = ClipEmbedder("ViT-S-32-alt", None).embed_images(image)
+    state = torch.random.get_rng_state()
+    second = ClipEmbedder("ViT-S-32-alt", None).embed_images(image)
+    assert np.array_equal(first, second)
+    assert torch.equal(state, torch.random.get_rng_state())  # the caller's stream untouched

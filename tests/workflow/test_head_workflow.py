@@ -58,7 +58,7 @@ def test_toy_head_maps_to_their_table_and_plots_and_an_edit_reruns_only_what_rea
     worst = held_rows[(held_rows["method"] == "bottom-k") & (held_rows["relevance"] == "oracle")]
     assert oracle["miou"].mean() > worst["miou"].mean()  # the most relevant heads see it
     record = json.loads((base / "table.json").read_text())
-    assert {c["word"] for c in record["label_free_choice"]} == {"shape", "color"}
+    assert {c["word"] for c in record["label_free_choice"]} == {"shape", "color", "pooled"}
     for name in ("curve", "tau", "overlays", "relevance", "misread"):
         assert (base / f"{name}.png").stat().st_size > 0
     assert list(pd.read_csv(base / "misread.csv").columns)[:4] == ["sample", "seed", "prompt",
