@@ -481,9 +481,10 @@ def check_what_reruns(workdir, tmp_path):
     # Library code: an edit reruns the jobs that run it; a comment or docstring reruns nothing.
     metrics = workdir / "icm/evaluation/metrics.py"
     original = edit(metrics, "def paired_cosine(", "_EDITED = 1\n\n\ndef paired_cosine(")
-    # All three score images: the metrics, the sweeps and their shared alpha 0.
+    # All four score images: the metrics, the sweeps, their shared alpha 0 and the FID
+    # reference's statistics.
     assert plan() == recalibrated | {"compute_metrics": 6, "calibrate_unsteered": 1,
-                                     "total": 23}
+                                     "compute_fid_statistics": 1, "total": 24}
     metrics.write_text(original.replace('"""Evaluation metrics', '"""Metrics of evaluation', 1))
     assert plan() == {}
     hooks = workdir / "icm/hooks/registry.py"
@@ -499,7 +500,7 @@ def check_what_reruns(workdir, tmp_path):
     assert plan() == {}  # touched, same content
     sidecar.write_text(sidecar.read_text() + "\n")
     assert plan() == recalibrated | {"compute_metrics": 6, "calibrate_unsteered": 1,
-                                     "total": 23}
+                                     "compute_fid_statistics": 1, "total": 24}
     weights = workdir / "resources/models/toy/unet/diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes())  # an in-place write, as `git checkout` does
     replaced = plan()
