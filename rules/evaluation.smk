@@ -24,6 +24,9 @@ rule compute_fid_statistics:
         reference=fid_images,
         toy_features=lambda wildcards: [config["toy"]["features"]["path"]]
                                        if is_toy(wildcards) else [],
+        toy_features_sidecar=lambda wildcards: [  # the net's architecture, read on load
+            str(Path(config["toy"]["features"]["path"]).with_suffix(".json"))]
+            if is_toy(wildcards) else [],
     output:
         "results/{model}/{concept}/reference/fid_statistics.npz",
     log:
