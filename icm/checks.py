@@ -178,7 +178,9 @@ def _paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
                 yield f"concepts.{name}.{key}.weights", str(labeler["weights"]), "file"
             face = labeler.get("face") or {}
             if face.get("model"):  # dlib's is a folder of its two files, the others' a file
-                dlib = face.get("detector", "dlib") in ("dlib", "dlib-hog", "mtcnn")
+                from icm.labeling.faces import DLIB_FINDERS
+
+                dlib = face.get("detector", "dlib") in DLIB_FINDERS
                 kind = "dlib models" if dlib else "file"
                 yield f"concepts.{name}.{key}.face.model", str(face["model"]), kind
             if labeler.get("pretrained") and labeler.get("type", "clip") == "clip":
@@ -281,6 +283,7 @@ def sample_streams(config: Mapping[str, Any], model: str, concept: str
                    ) -> Iterator[tuple[str, list, int, str]]:
     """(stream, its samples, the batch size its jobs shard by, the keys that set its count)
     for every sample stream the concept has, as its jobs plan them."""
+    from icm.costs.plan import Work
     from icm.generation.samples import concept_samples
     from icm.head_maps.study import split_samples
 
@@ -292,9 +295,7 @@ def sample_streams(config: Mapping[str, Any], model: str, concept: str
         yield ("localization", concept_samples(c, m, generation), m["batch_size"],
                f"{key}.prompts x {per_prompt}")
         steering = c.get("steering") or {}
-        prompts = (c.get("evaluation") or {}).get("prompts") or c["prompts"]
-        yield ("evaluation", concept_samples(c, m, generation, steering["samples_per_prompt"],
-                                             stream="evaluation", prompts=prompts),
+        yield ("evaluation", Work(config, stores=False).evaluation_samples(model, concept),
                steering.get("batch_size") or m["batch_size"],
                f"{key}.evaluation.prompts x {key}.steering.samples_per_prompt")
     if c.get("specific_prompts"):

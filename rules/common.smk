@@ -4,12 +4,11 @@
 # file it reads: model files, checkpoints, reference images), its params (only the config it
 # uses, never resources), its script and, through the `code` param, the icm library code
 # its job function runs (icm.io.fingerprints).
+import functools
 import re
 from pathlib import Path
 
 import yaml
-
-import functools
 
 from icm.checks import config_problems, run_problems
 from icm.costs.plan import Job, Work
@@ -448,6 +447,21 @@ def fid_images(wildcards):
     return local_files(source) or source
 
 
+def toy_feature_inputs(wildcards):
+    """The toy feature net and its sidecar (its architecture, read on load), for the toy's
+    scoring jobs; nothing elsewhere."""
+    if not is_toy(wildcards):
+        return {}
+    weights = config["toy"]["features"]["path"]
+    return {"toy_features": weights,
+            "toy_features_sidecar": str(Path(weights).with_suffix(".json"))}
+
+
+def fid_statistics_inputs(wildcards):
+    """The reference images and, on the toy, the feature net that featurizes them."""
+    return {"reference": fid_images(wildcards), **toy_feature_inputs(wildcards)}
+
+
 def fid_reference(wildcards):
     """What every FID of the (model, concept) compares against: the reference images'
     statistics, computed once, or the statistics the concept names; None without one."""
@@ -489,11 +503,8 @@ def scoring_inputs(wildcards, fid=True):
         inputs["reference"] = local_files(stats)
     elif reference:
         inputs["reference"] = local_files(reference) or reference
-    if is_toy(wildcards):
-        weights = config["toy"]["features"]["path"]
-        inputs["toy_features"] = weights
-        inputs["toy_features_sidecar"] = str(Path(weights).with_suffix(".json"))
-    else:
+    inputs.update(toy_feature_inputs(wildcards))
+    if not is_toy(wildcards):
         inputs["checkpoints"] += local_files(metric_settings(wildcards)["clip_pretrained"])
     return inputs
 

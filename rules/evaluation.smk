@@ -21,12 +21,7 @@ rule render_reference:
 
 rule compute_fid_statistics:
     input:
-        reference=fid_images,
-        toy_features=lambda wildcards: [config["toy"]["features"]["path"]]
-                                       if is_toy(wildcards) else [],
-        toy_features_sidecar=lambda wildcards: [  # the net's architecture, read on load
-            str(Path(config["toy"]["features"]["path"]).with_suffix(".json"))]
-            if is_toy(wildcards) else [],
+        unpack(fid_statistics_inputs),
     output:
         "results/{model}/{concept}/reference/fid_statistics.npz",
     log:

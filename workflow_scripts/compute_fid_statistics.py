@@ -3,10 +3,8 @@
 from icm.jobs import end_job_process, fid_statistics_job, logging_to
 
 sm = snakemake  # noqa: F821 (injected by Snakemake)
-features = sm.input.get("toy_features") or []  # the toy's feature net, else none
-features = [features] if isinstance(features, str) else list(features)
 with logging_to(sm.log[0]):
     fid_statistics_job(folder=sm.params.folder, backend=sm.params.backend,
-                       toy_features=features[0] if features else None,
-                       device=sm.params.device, output=sm.output[0])
+                       toy_features=sm.input.get("toy_features"), device=sm.params.device,
+                       output=sm.output[0])
 end_job_process()

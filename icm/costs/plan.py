@@ -192,11 +192,9 @@ class Work:
         """A head-map study's shard of one split (its map store is not counted)."""
         from icm.head_maps.study import split_samples
 
-        m = self.model(w["model"])
         samples = split_samples(self.concept(w["concept"])["head_maps"], split,
                                 self.config["generation"]["base_seed"])
-        mine = shard_samples(samples, int(m["n_shards"]), int(w["shard"]), int(m["batch_size"]))
-        return self.images(w["model"], len(mine))
+        return self.images(w["model"], len(self.shard(w["model"], samples, w["shard"])))
 
     def _capture_train_head_maps(self, w: Mapping[str, str]) -> dict[str, int]:
         return self._capture_head_maps(w, "train")
