@@ -14,7 +14,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from icm.head_maps.study import has_study, hrv_concepts, slot_names, split_prompts
+from icm.head_maps.study import (
+    HRV_NEEDS_CROSS_ATTENTION,
+    has_study,
+    hrv_concepts,
+    slot_names,
+    split_prompts,
+)
 from icm.probing.pairs import ONE_VS_REST, REST, concept_pairs
 
 #: The calibration's unsteered images, shared by every variant's sweep (rules/calibration.smk).
@@ -276,7 +282,27 @@ def run_problems(config: Mapping[str, Any], model: str, concept: str,
     (``prompt_problems``; ``model_dir`` is the model's folder where it is local). Checked for
     the pairs a run asks for (``rules/common.smk``), before any job starts."""
     return count_problems(config, model, concept) + \
-        prompt_problems(config, model, concept, model_dir)
+        prompt_problems(config, model, concept, model_dir) + \
+        head_map_family_problems(config, model, concept)
+
+
+def head_map_family_problems(config: Mapping[str, Any], model: str, concept: str) -> list[str]:
+    """A head-map study on a model whose family has no word maps, or asks FLUX's joint
+    attention for HRV's votes (``icm.head_maps.relevance.HRV_NEEDS_CROSS_ATTENTION``)."""
+    from icm.models.families import family_named
+
+    study = config["concepts"][concept].get("head_maps")
+    if not has_study(study):
+        return []
+    family = family_named(config["models"][model]["family"])
+    key = f"concepts.{concept}.head_maps"
+    if family.map_kind is None:
+        return [f"{key}: {model}'s family {family.name} has no attention read as word maps"]
+    hrv = [r for r in study.get("relevance", []) if r.startswith("hrv")]
+    if family.map_kind != "attn2" and hrv:
+        return [f"{key}.relevance: {hrv} on {model}: "
+                + HRV_NEEDS_CROSS_ATTENTION.format(family=family.name)]
+    return []
 
 
 def sample_streams(config: Mapping[str, Any], model: str, concept: str

@@ -185,3 +185,21 @@ def test_a_prompt_the_text_encoder_would_cut_is_refused_with_its_token_count(con
     assert problems == [f"concepts.gender.prompts[{index}]: {long!r} is 78 tokens, but sd15's "
                         "text encoder reads 77: the rest would be cut"]
     assert run_problems(config, "sd15", "gender") == []  # no tokenizer on disk: not checked
+
+
+def test_hrv_on_joint_attention_is_refused_and_the_other_sources_pass(config):
+    """FLUX's word maps are joint attention, where HRV's votes have no meaning: a study
+    asking for them fails at start; the same study without them passes, and on a UNet both
+    pass."""
+    objects = config["concepts"]["objects"]["head_maps"]  # the toy study: hrv by default
+    assert "hrv" in objects["relevance"]
+    flux = run_problems(config, "tiny-flux", "objects")
+    assert [p for p in flux if ".relevance" in p] == [
+        "concepts.objects.head_maps.relevance: ['hrv'] on tiny-flux: HRV's concept-word "
+        "voting needs cross-attention, whose keys are the text encoder's states; flux's "
+        "joint attention reads the text stream of the blocks before it, which no word encoded "
+        "alone has: choose its heads by oracle, agreement, concentration or stability"]
+    objects["relevance"] = ["oracle", "agreement"]
+    assert not [p for p in run_problems(config, "tiny-flux", "objects") if ".relevance" in p]
+    objects["relevance"] = ["hrv", "hrv-published"]
+    assert not [p for p in run_problems(config, "tiny-sd15", "objects") if ".relevance" in p]

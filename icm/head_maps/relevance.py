@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from icm.head_maps.aggregation import Head, ious, segment_batch, word_stack
+from icm.head_maps.study import HRV_NEEDS_CROSS_ATTENTION
 from icm.head_maps.tokens import word_positions
-from icm.hooks.head_maps import attention_probabilities, cross_attention_sites
+from icm.hooks.head_maps import attention_probabilities, word_map_sites
 from icm.hooks.registry import CFGMode, SiteHooks
 from icm.hooks.sites import denoiser_of
 from icm.models.families import family_of
@@ -79,7 +80,10 @@ class ConceptVoting(SiteHooks):
     def __init__(self, pipe: Any, concepts: Mapping[str, Sequence[str]],
                  sites: Sequence[str] | None = None, cfg: CFGMode = "auto",
                  seed: int = 0) -> None:
-        chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
+        family = family_of(denoiser_of(pipe))
+        if family.map_kind != "attn2":
+            raise ValueError(HRV_NEEDS_CROSS_ATTENTION.format(family=family.name))
+        chosen = list(sites) if sites is not None else word_map_sites(denoiser_of(pipe))
         super().__init__(pipe, chosen, cfg)
         self.concepts = list(concepts)
         self.words: list[list[torch.Tensor]] = []  # per concept, per word: (tokens, width)

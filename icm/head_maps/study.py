@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from icm.generation.samples import Sample, plan_samples
+from icm.models.families import kind_of
 
 SPLITS = ("train", "held-out")
 STREAM = "head-maps"
@@ -132,10 +133,20 @@ def excluded(site: str, exclude: list[str]) -> bool:
     return any(site == e or site.startswith(e.rstrip(".") + ".") for e in exclude)
 
 
-#: The attn2 sites a study's heads come from (`head_maps.sites`): DAAM's, or every one.
+#: Why HRV's voting has no joint-attention form: its words are encoded alone and fed as the
+#: keys of every site, but a joint attention's text keys are the text stream of the blocks
+#: before it, which no word encoded alone has.
+HRV_NEEDS_CROSS_ATTENTION = (
+    "HRV's concept-word voting needs cross-attention, whose keys are the text encoder's "
+    "states; {family}'s joint attention reads the text stream of the blocks before it, which "
+    "no word encoded alone has: choose its heads by oracle, agreement, concentration or "
+    "stability")
+
+
+#: The sites a study's heads come from (`head_maps.sites`): DAAM's, or every one.
 SITE_RULES = {
     "daam": "DAAM's sites: no mid block, no map of factor 8 (castorini/daam 0.2)",
-    "every": "every cross-attention site",
+    "every": "every word-map site (cross-attention; FLUX: joint attention)",
 }
 
 
@@ -145,7 +156,10 @@ def daam_keeps(site: str, map_shape: tuple[int, int], default_size: int) -> bool
     when its factor int(sqrt(L // (h * w))) is 8, where L is DAAM's latent size, 4096 when
     the model's default image side (the denoiser's ``sample_size`` times the VAE's factor) is
     512 or 1024 px, else 9216. On SD1.5 at 512 px that drops only the mid block's 8 x 8
-    maps; at other sizes it can drop whole levels."""
+    maps; at other sizes it can drop whole levels. DAAM has no rule for joint attention
+    (FLUX): every such site is kept."""
+    if kind_of(site).name == "joint":
+        return True
     if site == "mid_block" or site.startswith("mid_block."):
         return False
     latent = 4096 if default_size in (512, 1024) else 9216

@@ -10,7 +10,12 @@ prompt is a row of the family table (``Family.text_encoding``):
   instruction (when the call uses one), padded to the instruction's length + 298, then only
   the first token and the last ``max_sequence_length - 1`` kept (SanaPipeline.encode_prompt).
   Positions are searched in the prompt's part only, never in the instruction (found from the
-  fast tokenizer's character offsets).
+  fast tokenizer's character offsets);
+* ``t5`` (FLUX): the T5 tokenizer's ids (``tokenizer_2``) with its end token, padded to the
+  call's ``max_sequence_length`` (512 by default), as ``FluxPipeline`` encodes them; CLIP's
+  pooled vector only modulates the blocks and has no positions.
+
+Words are looked up with the tokenizer of those positions (``Family.prompt_tokenizer``).
 """
 
 from __future__ import annotations
@@ -28,18 +33,28 @@ def _call_default(pipe: Any, name: str) -> Any:
     return None if parameter is None else parameter.default
 
 
+def prompt_tokenizer(pipe: Any) -> Any:
+    """The tokenizer of the text positions the denoiser attends to (FLUX: its T5's)."""
+    return getattr(pipe, family_of(denoiser_of(pipe)).prompt_tokenizer)
+
+
 def encoded_tokens(pipe: Any, prompt: str, arguments: Mapping[str, Any] | None = None,
                    instruction: bool = True) -> tuple[list[int], int]:
     """(ids at every text position the denoiser sees, first position of the prompt itself).
     ``arguments``: the pipeline call's own arguments (e.g. SANA's
     ``complex_human_instruction``); ``instruction=False`` encodes as ``encode_prompt`` does
     by default (no instruction: how HRV's voting sequences are encoded)."""
-    tokenizer = pipe.tokenizer
+    tokenizer = prompt_tokenizer(pipe)
     arguments = dict(arguments or {})
     rule = family_of(denoiser_of(pipe)).text_encoding
     if rule == "padded":
         ids = tokenizer(prompt, padding="max_length", truncation=True,
                         max_length=tokenizer.model_max_length).input_ids
+        return list(ids), 0
+    if rule == "t5":
+        keep = int(arguments.get("max_sequence_length")
+                   or _call_default(pipe, "max_sequence_length") or 512)
+        ids = tokenizer(prompt, padding="max_length", max_length=keep, truncation=True).input_ids
         return list(ids), 0
     if rule != "sana":
         raise ValueError(f"unknown text encoding {rule!r}")
@@ -72,7 +87,7 @@ def word_positions(pipe: Any, prompt: str, word: str,
     """Text positions of ``word`` in ``prompt`` as the pipeline encodes it: every sub-word
     token of every occurrence (as a word of its own or after a space, both tokenizations
     tried); an absent word is an error naming both."""
-    tokenizer = pipe.tokenizer
+    tokenizer = prompt_tokenizer(pipe)
     ids, start = encoded_tokens(pipe, prompt, arguments, instruction)
     if family_of(denoiser_of(pipe)).text_encoding == "sana":
         word = word.lower()

@@ -10,7 +10,11 @@ variant averages only the heads most relevant to a concept)::
 
 For every ``attn2`` site, each head's attention probabilities ``softmax(q k^T * scale)`` are
 recomputed from the module's own inputs (its ``to_q`` of the image tokens, ``to_k`` of the
-text tokens) in float32, for the conditional rows of the guidance batch only. The model's own
+text tokens) in float32, for the conditional rows of the guidance batch only. On FLUX, whose
+double-stream blocks attend over one joint sequence of text and image tokens (MMDiT), the
+sites are those joint attentions (``transformer_blocks.N.attn``): each head's image queries'
+probabilities on the text keys, from the softmax over the whole joint sequence, with the
+module's own norms and rotary embedding (``joint_attention_probabilities``). The model's own
 attention, fast kernel and output are left as they are, so the images do not change (tested
 bit for bit). A word's map is the mean over its sub-word tokens, every occurrence; maps are
 summed over the steps of the window on the device, at the site's native resolution.
@@ -30,12 +34,14 @@ from torch import nn
 from icm.head_maps.tokens import encoded_tokens, word_positions
 from icm.hooks.registry import CFGMode, SiteHooks
 from icm.hooks.sites import denoiser_of, list_sites
-from icm.models.families import kind_of
+from icm.models.families import KINDS, family_of, kind_of
 
 
-def cross_attention_sites(denoiser: nn.Module) -> list[str]:
-    """Every ``attn2`` site of a denoiser, in forward order: where word maps are read."""
-    return [s for s in list_sites(denoiser) if kind_of(s).name == "attn2"]
+def word_map_sites(denoiser: nn.Module) -> list[str]:
+    """Where word maps are read, in forward order: every site of the family's map kind
+    (``attn2``; FLUX's joint attention), none where the family has no such kind."""
+    kind = family_of(denoiser).map_kind
+    return list_sites(denoiser, [kind]) if kind else []
 
 
 def words_per_prompt(prompts: Sequence[str],
@@ -99,8 +105,43 @@ def attention_probabilities(module: nn.Module, hidden: torch.Tensor,
     return scores.softmax(dim=-1)
 
 
+def joint_attention_probabilities(module: nn.Module, hidden: torch.Tensor,
+                                  context: torch.Tensor, rotary: Any = None,
+                                  heads_per_chunk: int = 1) -> torch.Tensor:
+    """(batch, heads, image queries, text keys) probabilities of a FLUX joint attention
+    (``FluxAttention``: text first, then image, in one sequence), in float32: queries and
+    keys as its processor makes them (``to_q``/``to_k`` of the image, ``add_q_proj``/
+    ``add_k_proj`` of the text, their RMS norms, the rotary embedding over the joint
+    positions), the softmax of each image query over all keys, text and image, and its text
+    columns kept. Heads are taken ``heads_per_chunk`` at a time, so the image-to-image
+    scores never exist for all heads at once (at 1,024 px, 4,096 x 4,608 per head)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def split(states: torch.Tensor) -> torch.Tensor:  # (B, S, heads, head_dim)
+        return states.unflatten(-1, (-1, module.head_dim))
+
+    query = module.norm_q(split(module.to_q(hidden)))
+    key = module.norm_k(split(module.to_k(hidden)))
+    text_query = module.norm_added_q(split(module.add_q_proj(context)))
+    text_key = module.norm_added_k(split(module.add_k_proj(context)))
+    query, key = torch.cat([text_query, query], dim=1), torch.cat([text_key, key], dim=1)
+    if rotary is not None:
+        query = apply_rotary_emb(query, rotary, sequence_dim=1)
+        key = apply_rotary_emb(key, rotary, sequence_dim=1)
+    text = context.shape[1]
+    query = query[:, text:].transpose(1, 2).float()  # (B, heads, image, head_dim)
+    key = key.transpose(1, 2).float()
+    scale = query.shape[-1] ** -0.5  # scaled_dot_product_attention's default, as the module's
+    chunks = []
+    for h in range(0, query.shape[1], heads_per_chunk):
+        scores = query[:, h:h + heads_per_chunk] @ key[:, h:h + heads_per_chunk].transpose(-1, -2)
+        chunks.append((scores * scale).softmax(dim=-1)[..., :text])
+    return torch.cat(chunks, dim=1)
+
+
 class HeadMapCapture(SiteHooks):
-    """Forward hooks on ``attn2`` sites that sum each head's word maps over a step window."""
+    """Forward hooks on the family's word-map sites (``attn2``; FLUX's joint attention) that
+    sum each head's word maps over a step window."""
 
     purpose = "head_maps"
     reads_inputs = True
@@ -110,10 +151,15 @@ class HeadMapCapture(SiteHooks):
                  sites: Sequence[str] | None = None, images_per_prompt: int = 1,
                  window: StepWindow | None = None, keep_steps: bool = False,
                  cfg: CFGMode = "auto", arguments: Mapping[str, Any] | None = None) -> None:
-        chosen = list(sites) if sites is not None else cross_attention_sites(denoiser_of(pipe))
-        wrong = [s for s in chosen if kind_of(s).name != "attn2"]
+        family = family_of(denoiser_of(pipe))
+        chosen = list(sites) if sites is not None else word_map_sites(denoiser_of(pipe))
+        wrong = [s for s in chosen if kind_of(s).name != family.map_kind]
+        if not family.map_kind:
+            raise ValueError(f"{family.name} has no attention read as word maps")
         if wrong:
-            raise ValueError(f"head maps are read at cross-attention (attn2) sites, not {wrong}")
+            raise ValueError(f"{family.name}'s head maps are read at "
+                             f"{KINDS[family.map_kind].label} sites, not {wrong}")
+        self.packed = family.latent_layout == "packed"
         super().__init__(pipe, chosen, cfg)
         per_prompt = words_per_prompt(prompts, words)
         weights = token_weights(pipe, prompts, per_prompt, arguments)
@@ -134,6 +180,14 @@ class HeadMapCapture(SiteHooks):
         return self
 
     def _record_latent(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The latent's (y, x) grid: a (B, C, H, W) sample's, or, for packed tokens (FLUX),
+        the rows and columns of their position ids (``img_ids``: (N, 3), 0, row, column)."""
+        if self.packed:
+            ids = kwargs.get("img_ids")
+            if isinstance(ids, torch.Tensor):
+                ids = ids.reshape(-1, ids.shape[-1])
+                self._latent = (int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1)
+            return
         sample = args[0] if args else kwargs.get("sample")
         if isinstance(sample, torch.Tensor) and sample.ndim == 4:
             self._latent = (int(sample.shape[2]), int(sample.shape[3]))
@@ -141,7 +195,7 @@ class HeadMapCapture(SiteHooks):
     def _grid(self, site: str, tokens: int) -> tuple[int, int]:
         """(y, x) of a site's image tokens: the latent's shape divided by the site's level."""
         if self._latent is None:
-            raise RuntimeError("head maps need a denoiser that takes a (B, C, H, W) latent")
+            raise RuntimeError("head maps need a (B, C, H, W) latent or packed tokens' img_ids")
         height, width = self._latent
         factor = math.isqrt(height * width // tokens)
         if factor < 1 or (height // factor) * (width // factor) != tokens:
@@ -160,8 +214,14 @@ class HeadMapCapture(SiteHooks):
         rows = self.cond_slice(hidden.shape[0])
         mask = kwargs.get("attention_mask")
         with torch.no_grad():
-            probs = attention_probabilities(module, hidden[rows], context[rows],
-                                            None if mask is None else mask[rows])
+            if kind_of(site).name == "joint":
+                if mask is not None:
+                    raise RuntimeError(f"{site}: a masked joint attention is not supported")
+                probs = joint_attention_probabilities(module, hidden[rows], context[rows],
+                                                      kwargs.get("image_rotary_emb"))
+            else:
+                probs = attention_probabilities(module, hidden[rows], context[rows],
+                                                None if mask is None else mask[rows])
             images = probs.shape[0]
             if images != self.weights.shape[0]:
                 raise RuntimeError(f"{site}: {images} conditional rows, but the capture was "
@@ -216,7 +276,7 @@ def capture_head_maps(pipe: Any, prompts: Sequence[str],
                       sites: Sequence[str] | None = None, images_per_prompt: int = 1,
                       window: StepWindow | None = None, keep_steps: bool = False,
                       arguments: Mapping[str, Any] | None = None) -> HeadMapCapture:
-    """Context manager: per-head word maps at ``sites`` (default: every ``attn2`` site).
+    """Context manager: per-head word maps at ``sites`` (default: ``word_map_sites``).
     ``arguments``: the further arguments the pipeline is called with (SANA's instruction
     decides where the prompt's words sit)."""
     return HeadMapCapture(pipe, prompts, words, sites, images_per_prompt, window, keep_steps,

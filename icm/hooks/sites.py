@@ -33,16 +33,18 @@ def site_kind(site: str) -> str:
 
 
 def list_sites(denoiser: nn.Module, kinds: Iterable[str] | None = None) -> list[str]:
-    """All sites of the given kinds (default: every kind of the denoiser's family), in
+    """All sites of the given kinds (default: every kind of the denoiser's family; its word-map
+    kind may be asked for too), in
     forward order: registration order within a top-level group, groups in the family's
     forward order (UNets register ``mid_block`` after ``up_blocks``), a site that holds
     others after them."""
     family = family_of(denoiser)
     wanted = tuple(family.kinds if kinds is None else kinds)
-    unknown = set(wanted) - set(family.kinds)
+    known = list(dict.fromkeys([*family.kinds, *filter(None, [family.map_kind])]))
+    unknown = set(wanted) - set(known)
     if unknown:
         raise ValueError(f"unknown site kinds {sorted(unknown)} for {family.name}; "
-                         f"known: {list(family.kinds)}")
+                         f"known: {known}")
     rank = {group: i for i, group in enumerate(family.order)}
     names = [name for name, _ in denoiser.named_modules()
              if name and any(KINDS[k].matches(name) for k in wanted)]

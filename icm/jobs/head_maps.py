@@ -42,6 +42,7 @@ from icm.head_maps.reading import (
 )
 from icm.head_maps.relevance import hrv_of_votes
 from icm.head_maps.study import (
+    HRV_NEEDS_CROSS_ATTENTION,
     SITE_RULES,
     STREAM,
     hrv_concepts,
@@ -60,10 +61,19 @@ TABLE_COLUMNS = ["split", "word", "method", "relevance", "k", "tau", "miou", "mi
 CURVE_COLUMNS = ["split", "word", "relevance", "order", "k", "tau", "miou"]
 
 
+#: What a stored map is, by the family's word-map kind.
+MAP_RULES = {
+    "attn2": "softmax(q k^T * scale) per head",
+    "joint": "per head, each image query's softmax over the joint text and image keys, its "
+             "text-key columns",
+}
+
+
 def default_size(pipe: Any, denoiser: Any) -> int:
-    """The model's default image side in pixels: the denoiser's ``sample_size`` times the
-    VAE's factor (1 for the pixel-space toy), as DAAM reads it."""
-    size = denoiser.config.sample_size
+    """The model's default image side in pixels: the denoiser's ``sample_size`` (FLUX's
+    pipeline's ``default_sample_size``) times the VAE's factor (1 for the pixel-space toy),
+    as DAAM reads it."""
+    size = getattr(denoiser.config, "sample_size", None) or pipe.default_sample_size
     size = size[0] if isinstance(size, list | tuple) else size
     return int(size) * int(getattr(pipe, "vae_scale_factor", 1) or 1)
 
@@ -74,7 +84,8 @@ def capture_head_maps_job(
     images_dir: str | Path, table: str | Path, store: str | Path,
     votes: str | Path | None = None,
 ) -> None:
-    """Generate one shard of a split with map capture at every ``attn2`` site (and, given
+    """Generate one shard of a split with map capture at every word-map site (``attn2``;
+    FLUX's joint attention) (and, given
     ``votes``, HRV's concept-word votes of every head on the same calls)."""
     import torch
     from safetensors.torch import save_file
@@ -82,7 +93,7 @@ def capture_head_maps_job(
     from icm.generation.shard import GUIDANCE_ROWS, SamplerSettings, batches, generate_images
     from icm.head_maps.relevance import ConceptVoting
     from icm.head_maps.store import HeadMapStoreWriter
-    from icm.hooks.head_maps import StepWindow, capture_head_maps, cross_attention_sites
+    from icm.hooks.head_maps import StepWindow, capture_head_maps, word_map_sites
     from icm.hooks.sites import denoiser_of
     from icm.models.families import family_of
     from icm.models.loading import ModelSpec, load_pipeline
@@ -96,9 +107,9 @@ def capture_head_maps_job(
     pipe = load_pipeline(spec, device=generation["device"])
     settings = SamplerSettings.of(spec)
     denoiser = denoiser_of(pipe)
-    sites = cross_attention_sites(denoiser)
+    sites = word_map_sites(denoiser)
     if not sites:
-        raise ValueError(f"{model_name} has no cross-attention (attn2) sites: no word maps")
+        raise ValueError(f"{model_name} has no cross- or joint-attention sites: no word maps")
     window = StepWindow(**study["window"])
     attrs = {
         "model": {"name": model_name, "family": spec.family, "source": source,
@@ -109,14 +120,18 @@ def capture_head_maps_job(
         "window": dict(study["window"]), "sampler": settings.record(),
         "base_seed": generation["base_seed"], "seed_stream": STREAM, "seed_rule": SEED_RULE,
         "shard": shard, "n_shards": model["n_shards"],
-        "maps": "softmax(q k^T * scale) per head, mean over the word's tokens, summed over "
-                "the window's steps, conditional rows: "
-                + GUIDANCE_ROWS[family_of(denoiser).guidance],
+        "maps": MAP_RULES[family_of(denoiser).map_kind]
+                + ", mean over the word's tokens, summed over the window's steps, conditional "
+                "rows: " + GUIDANCE_ROWS[family_of(denoiser).guidance],
         "versions": package_versions(),
     }
     images_dir, table = Path(images_dir), Path(table)
     rows: list[dict[str, object]] = []
-    voting = ConceptVoting(pipe, hrv_concepts(study), sites, seed=shard) if votes else None
+    # HRV's votes need cross-attention (refused at start where a study asks for them on
+    # joint attention); there the votes file records why it holds none.
+    hrv_defined = family_of(denoiser).map_kind == "attn2"
+    voting = ConceptVoting(pipe, hrv_concepts(study), sites, seed=shard) \
+        if votes and hrv_defined else None
     with (
         atomic_directory(images_dir) as partial_images,
         HeadMapStoreWriter(store, mine, attrs, study["store_dtype"],
@@ -146,6 +161,11 @@ def capture_head_maps_job(
                 "heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
                 "what": "HRV votes (heads, concepts): per image, step and concept-word "
                         "sequence, one vote per head"})
+    elif votes:
+        with written(votes) as partial:
+            save_file({"votes": torch.zeros(0, 0)}, str(partial), metadata={
+                "heads": "[]", "concepts": "[]", "what": "no HRV votes: "
+                + HRV_NEEDS_CROSS_ATTENTION.format(family=family_of(denoiser).name)})
 
 
 # -- reading a split back ----------------------------------------------------------------

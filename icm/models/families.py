@@ -18,7 +18,8 @@ listing read one table instead of branching on the family name:
   unconditional branch (FLUX with ``true_cfg_scale > 1``), which hooks skip; ``schedule``
   names how the pipeline sets its timesteps (FLUX's shift by the image's token count);
   ``text_encoding`` how a prompt becomes the text positions cross-attention attends to
-  (SANA's instruction prefix and Gemma tokens, ``icm.head_maps.tokens``), and
+  (SANA's instruction prefix and Gemma tokens, FLUX's T5 tokens, ``icm.head_maps.tokens``),
+  ``map_kind`` the sites whose heads give word maps (FLUX: the joint attention), and
   ``text_projection`` the denoiser's modules the encoder's states pass before any
   cross-attention (SANA's caption projection and norm).
 
@@ -67,6 +68,11 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
              width="proj_out"),
     SiteKind("double", "double-stream block", r"transformer_blocks\.\d+", image=1,
              width="ff.net.2"),
+    # The joint attention inside a double-stream block (FLUX): image and text queries over
+    # one sequence of text and image keys. Not captured nor steered (the block is); its
+    # image-query to text-key probabilities are the family's word maps (``Family.map_kind``).
+    SiteKind("joint", "joint attention (image queries to text keys)",
+             r"transformer_blocks\.\d+\.attn"),
     # The UNet bottleneck, the mid-block output (B, C, H, W) that h-space methods edit
     # (arXiv:2210.10960, Asyrp): pooled over positions and steered at every position.
     SiteKind("h-space", "bottleneck (mid-block output)", r"mid_block", width="resnets.1.conv2",
@@ -109,6 +115,9 @@ class Family:
     prompt_tokenizer: str = "tokenizer"
     prompt_length: tuple[str, int] | None = None
     shared_inputs: tuple[str, ...] = ()
+    # Where per-head word maps are read (icm.hooks.head_maps): cross-attention, or FLUX's
+    # joint attention (its image queries' probabilities on the text keys); None: nowhere.
+    map_kind: str | None = "attn2"
 
     def selects(self, selection: str) -> bool:
         """Whether a layer selection exists in this family: ``cross`` needs cross-attention
@@ -140,7 +149,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            objective="flow", lora_projections=("attn.to_q", "attn.to_k", "attn.to_v"),
            latent_layout="packed", shared_inputs=("txt_ids", "img_ids"),
            pipelines=("FluxPipeline",), prompt_tokenizer="tokenizer_2",
-           prompt_length=("max_sequence_length", 512)),
+           prompt_length=("max_sequence_length", 512), text_encoding="t5", map_kind="joint"),
 )}
 
 

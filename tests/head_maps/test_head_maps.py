@@ -267,3 +267,78 @@ def test_sana_prompt_positions_start_where_the_instructions_space_merges_into_th
     assert tokens[start] == "\u2581c"  # merged: half instruction, half prompt
     positions = word_positions(pipe, "circle on a red mat", "circle", arguments)
     assert positions[0] == start and len(positions) == len("circle")
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    from icm.models.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(seed=0)
+
+
+FLUX_PROMPTS = ["a photo of a doctor", "a portrait of a nurse"]
+FLUX_CALL = {"height": 32, "width": 16, "num_inference_steps": 2, "guidance_scale": 3.5,
+             "max_sequence_length": 12, "output_type": "np"}  # non-square: 16 x 8 tokens
+
+
+def test_flux_maps_are_the_joint_softmax_on_text_keys_and_change_no_pixel(tiny_flux,
+                                                                          monkeypatch):
+    """FLUX's word maps: at every double-stream block's joint attention, each head's image
+    queries' probabilities on the word's T5 positions, out of the softmax over the whole
+    joint sequence. The reference is the attention the processor itself computes, made
+    explicit: diffusers' attention call replaced by softmax(q k^T / sqrt(d)) on the
+    processor's own (normed, rotated) queries and keys, recorded, and applied to its
+    values."""
+    import diffusers.models.transformers.transformer_flux as flux
+
+    from icm.head_maps.tokens import encoded_tokens
+    from icm.hooks.head_maps import word_map_sites
+
+    arguments = {"max_sequence_length": 12}
+    sites = word_map_sites(denoiser_of(tiny_flux))
+    assert sites == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    ids, _ = encoded_tokens(tiny_flux, FLUX_PROMPTS[0], arguments)
+    tokenizer = tiny_flux.tokenizer_2
+    assert ids == tokenizer(FLUX_PROMPTS[0], padding="max_length", max_length=12).input_ids
+    doctor = word_positions(tiny_flux, FLUX_PROMPTS[0], "doctor", arguments)
+    assert [ids[p] for p in doctor] == tokenizer("doctor", add_special_tokens=False).input_ids
+
+    def generator():
+        return [torch.Generator("cpu").manual_seed(i) for i in range(2)]
+
+    plain = tiny_flux(FLUX_PROMPTS, generator=generator(), **FLUX_CALL).images
+    with capture_head_maps(tiny_flux, FLUX_PROMPTS, [["photo", "doctor"], ["portrait", "nurse"]],
+                           arguments=arguments, keep_steps=True) as maps:
+        captured = tiny_flux(FLUX_PROMPTS, generator=generator(), **FLUX_CALL).images
+        out = maps.pop()
+    assert np.array_equal(plain, captured)  # bit for bit
+
+    recorded = []  # (B, heads, image queries, text keys) per call, blocks in forward order
+
+    def explicit(query, key, value, attn_mask=None, **_):
+        q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))  # (B, H, S, D)
+        probs = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(dim=-1)
+        recorded.append(probs[:, :, 12:, :12])
+        return (probs @ v).transpose(1, 2).to(query.dtype)
+
+    monkeypatch.setattr(flux, "dispatch_attention_fn", explicit)
+    tiny_flux(FLUX_PROMPTS, generator=generator(), **FLUX_CALL)
+    single = len(tiny_flux.transformer.single_transformer_blocks)
+    per_step = len(sites) + single  # the single-stream blocks call it too
+    for s, site in enumerate(sites):
+        for step in range(2):
+            probs = recorded[step * per_step + s]
+            nurse = word_positions(tiny_flux, FLUX_PROMPTS[1], "nurse", arguments)
+            expected = torch.stack([probs[0, :, :, doctor].mean(-1),
+                                    probs[1, :, :, nurse].mean(-1)])  # (B, H, image)
+            got = torch.from_numpy(out.per_step[site][:, step, :, 1])  # the second word
+            assert got.shape == (2, 2, 16, 8)  # 32 x 16 px: 16 x 8 packed tokens
+            torch.testing.assert_close(got.flatten(2), expected, rtol=1e-5, atol=1e-6)
+    assert out.words == [["photo", "doctor"], ["portrait", "nurse"]]
+
+
+def test_flux_refuses_hrv_votes_in_one_sentence(tiny_flux):
+    from icm.head_maps.relevance import ConceptVoting
+
+    with pytest.raises(ValueError, match="HRV's concept-word voting needs cross-attention"):
+        ConceptVoting(tiny_flux, {"who": ["doctor"], "what": ["photo"]})

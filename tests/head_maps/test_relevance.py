@@ -172,11 +172,11 @@ def test_published_hrv_vectors_map_to_the_sites_in_hrv_s_head_order(tmp_path):
     study's site order: a planted head of one concept comes out at its site, and a file of
     another model's heads is refused."""
     from icm.head_maps.relevance import hrv_head_names, published_hrv
-    from icm.hooks.head_maps import cross_attention_sites
+    from icm.hooks.head_maps import word_map_sites
     from icm.models.configs import sd15_unet_config
     from icm.models.meta import denoiser_on_meta
 
-    sites = cross_attention_sites(denoiser_on_meta(sd15_unet_config()))
+    sites = word_map_sites(denoiser_on_meta(sd15_unet_config()))
     heads = [(s, h) for s in sites for h in range(8)]
     assert len(heads) == 128
     places = {"down": 6, "up": 9, "mid": 1}  # HRV's 16 layers of SD1.x

@@ -142,3 +142,73 @@ def test_the_documented_sd15_recipe_runs_on_tiny_sd15_with_a_mask_folder(workdir
                  ("train", "furniture"): 17, ("train", "pooled"): 35}
     for name in ("curve", "tau", "overlays", "relevance"):
         assert (workdir / base / f"{name}.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_joint_attention_head_maps_on_tiny_flux_to_their_table(workdir):
+    """FLUX's word maps (its double-stream blocks' joint attention) through the same study:
+    capture into the same store, relevance without HRV (refused at start, in one sentence,
+    where a study asks for it), evaluation against a mask folder, the table and plots; a
+    study image is the plain pipeline's image of its seed, bit for bit."""
+    import numpy as np
+    from PIL import Image
+
+    from icm.generation.samples import Sample
+    from icm.generation.shard import SamplerSettings, generate_images
+    from icm.models.loading import ModelSpec, load_pipeline
+
+    base = "results/tiny-flux/jobs/head-maps"
+    masks = workdir / "data/head-maps/flux-jobs"
+    masks.mkdir(parents=True)
+    study = workdir / "flux-study.yaml"
+    study.write_text(
+        "concepts:\n  jobs:\n    head_maps:\n"
+        "      template: a {style} of a {who}\n"
+        "      slots: {style: [photo, portrait], who: [doctor, nurse, man, woman]}\n"
+        "      held_out: [a photo of a nurse, a portrait of a man]\n"
+        "      train_samples_per_prompt: 2\n      held_out_samples_per_prompt: 2\n"
+        "      stability_groups: 2\n      masks: {type: folder, path: data/head-maps/flux-jobs}\n"
+        "      relevance: [oracle, agreement, concentration, stability]\n"
+        "      ks: [1, 0.5]\n")
+    overlay = ("--configfile", str(TEST_CONFIG), str(study))
+    hrv = workdir / "hrv.yaml"
+    hrv.write_text("concepts: {jobs: {head_maps: {relevance: [hrv, oracle]}}}\n")
+    refused = snakemake(workdir, *overlay, str(hrv), "-n", "--", f"{base}/curve.png")
+    assert refused.returncode != 0
+    assert "concepts.jobs.head_maps.relevance: ['hrv'] on tiny-flux: HRV's concept-word " \
+           "voting needs cross-attention" in refused.stdout + refused.stderr
+    step1 = [f"{base}/{split}/shard-000/samples.csv" for split in ("train", "held-out")]
+    result = snakemake(workdir, "--cores", "2", *overlay, "--", *step1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.concat([pd.read_csv(workdir / path) for path in step1])
+    assert len(rows) == 6 * 2 + 2 * 2
+    store = xr.open_zarr(workdir / f"{base}/train/shard-000/maps.zarr")
+    assert "joint" in store.attrs["maps"]
+    assert sorted(store.data_vars) == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]
+    first = workdir / step1[0]
+    image = np.asarray(Image.open(first.parent / pd.read_csv(first)["image"].iloc[0]))
+    for n, seed in enumerate(rows["seed"]):
+        for slot in ("style", "who"):
+            mask = np.zeros(image.shape[:2], np.uint8)
+            half = slice(None, image.shape[1] // 2) if slot == "who" else \
+                slice(image.shape[1] // 2, None)
+            mask[:, half] = 255
+            Image.fromarray(mask).save(masks / f"{seed}-{slot}.png")
+    result = snakemake(workdir, "--cores", "2", *overlay, "--", f"{base}/curve.png")
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pd.read_csv(workdir / base / "table.csv")
+    assert set(table["relevance"].dropna()) >= {"oracle", "agreement"}
+    assert (table["sites"] == "daam").all() and table["miou"].notna().all()
+    for name in ("curve", "tau", "overlays", "relevance"):
+        assert (workdir / base / f"{name}.png").stat().st_size > 0
+    # The first train image, generated again without any hook: the same pixels.
+    row = pd.read_csv(first).iloc[0]
+    config = {"family": "flux", "dtype": "float32", "steps": 4, "guidance_scale": 3.5,
+              "resolution": 16}
+    spec = ModelSpec.from_config("tiny-flux", {**config,
+                                               "source": str(workdir / "results/models/tiny-flux")})
+    pipe = load_pipeline(spec, "cpu")
+    sample = Sample(**{k: row[k] for k in ("sample", "prompt_index", "repeat", "prompt",
+                                           "seed")})
+    plain = generate_images(pipe, [sample], SamplerSettings.of(spec))[0]
+    assert np.array_equal(np.asarray(plain), image)
