@@ -311,7 +311,7 @@ def sample_streams(config: Mapping[str, Any], model: str, concept: str
     for every sample stream the concept has, as its jobs plan them."""
     from icm.costs.plan import Work
     from icm.generation.samples import concept_samples
-    from icm.head_maps.study import split_samples
+    from icm.head_maps.study import hrv_samples, split_samples
 
     c, m, generation = config["concepts"][concept], config["models"][model], config["generation"]
     key = f"concepts.{concept}"
@@ -332,6 +332,10 @@ def sample_streams(config: Mapping[str, Any], model: str, concept: str
             yield (f"head-map {split}", split_samples(c["head_maps"], split,
                                                       generation["base_seed"]),
                    m["batch_size"], f"{key}.head_maps.{split.replace('-', '_')}_samples_per_prompt")
+        if c["head_maps"].get("hrv_prompts"):
+            yield ("HRV vote", hrv_samples(c["head_maps"], generation["base_seed"]),
+                   m["batch_size"], f"{key}.head_maps.hrv_prompts x "
+                   f"{key}.head_maps.hrv_samples_per_prompt")
 
 
 def count_problems(config: Mapping[str, Any], model: str, concept: str) -> list[str]:

@@ -526,6 +526,7 @@ def metric_settings(wildcards):
 HEAD_MAPS = "results/{model}/{concept}/head-maps"
 STUDY_KEYS = ("prompts", "template", "slots", "held_out", "window", "store_dtype")
 TRAIN_KEYS = (*STUDY_KEYS, "train_samples_per_prompt", "hrv_words")
+HRV_VOTE_KEYS = (*STUDY_KEYS, "hrv_words", "hrv_prompts", "hrv_samples_per_prompt")
 RELEVANCE_KEYS = (*TRAIN_KEYS, "masks", "relevance", "oracle_tau", "stability_groups",
                   "exclude", "sites", "map_size", "hrv_vectors")
 EVALUATION_KEYS = (*RELEVANCE_KEYS, "held_out_samples_per_prompt", "ks", "taus", "seed",
@@ -552,6 +553,14 @@ def study(*keys, masks_if_oracle=False):
 def split_files(split, name):
     """Input function: `name` in every shard folder of a split."""
     return shard_files(f"{HEAD_MAPS}/{split}/shard-{{shard}}/{name}")
+
+
+def hrv_vote_files(wildcards):
+    """HRV's votes: on the generic prompts' images where the study gives them
+    (`hrv_prompts`, rule count_head_votes), else the train split's."""
+    if CONCEPTS[wildcards.concept]["head_maps"]["hrv_prompts"]:
+        return shard_files(f"{HEAD_MAPS}/hrv-votes/shard-{{shard}}/votes.safetensors")(wildcards)
+    return split_files("train", "votes.safetensors")(wildcards)
 
 
 def mask_files(wildcards):

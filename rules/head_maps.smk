@@ -51,11 +51,36 @@ use rule capture_head_maps as capture_train_head_maps with:
         code=job_code("capture_head_maps_job"),
 
 
+rule count_head_votes:
+    input:
+        model=model_input,
+    output:
+        votes=f"{HEAD_MAPS}/hrv-votes/shard-{{shard}}/votes.safetensors",
+    log:
+        "logs/{model}/{concept}/head-maps/hrv-votes/shard-{shard}.log",
+    params:
+        model=model_params,
+        source=lambda wildcards: model_source(wildcards.model),
+        study=study(*HRV_VOTE_KEYS),
+        generation={k: config["generation"][k] for k in ("base_seed", "device")},
+        code=job_code("count_head_votes_job"),
+    threads: model_threads
+    resources:
+        gpu=gpu_resources,
+        mem_mb=mem_resources,
+        runtime=runtime_resources,
+        slurm_partition=model_partition,
+    conda:
+        "../envs/generation.yaml"
+    script:
+        "../workflow_scripts/count_head_votes.py"
+
+
 rule score_head_relevance:
     input:
         samples=split_files("train", "samples.csv"),
         stores=split_files("train", "maps.zarr"),
-        votes=split_files("train", "votes.safetensors"),
+        votes=hrv_vote_files,
         images=split_files("train", "images"),
         masks=oracle_mask_files,
         hrv_vectors=lambda wildcards: [

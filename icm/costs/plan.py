@@ -199,6 +199,14 @@ class Work:
     def _capture_train_head_maps(self, w: Mapping[str, str]) -> dict[str, int]:
         return self._capture_head_maps(w, "train")
 
+    def _count_head_votes(self, w: Mapping[str, str]) -> dict[str, int]:
+        """A shard of HRV's generic prompts' images (``hrv_prompts``), generated to vote."""
+        from icm.head_maps.study import hrv_samples
+
+        samples = hrv_samples(self.concept(w["concept"])["head_maps"],
+                              self.config["generation"]["base_seed"])
+        return self.images(w["model"], len(self.shard(w["model"], samples, w["shard"])))
+
     def _calibrate_steering(self, w: Mapping[str, str]) -> dict[str, int]:
         """Every alpha of the grid and the doublings past its top alpha (``max_doublings``):
         an upper bound, as a sweep stops doubling once CLIP-I falls. Alpha 0 is the

@@ -44,7 +44,7 @@ SEED_STREAMS: dict[str, int] = {"localization": 0, "calibration": 1, "evaluation
 # The columns of a shard's samples.csv (icm.generation.shard writes them; merging needs no model).
 SAMPLE_COLUMNS = ["sample", "prompt_index", "repeat", "prompt", "seed", "image"]
 #: Prompt sets by name: the tag a set's seeds mix in (0, the general prompts: none).
-PROMPT_SETS: dict[str, int] = {"general": 0, "specific": 1, "injection": 2}
+PROMPT_SETS: dict[str, int] = {"general": 0, "specific": 1, "injection": 2, "hrv": 3}
 SEED_RULE = ("stream << 30 | low 30 bits of numpy SeedSequence([base_seed, stream, "
              "prompt_index, repeat] + ([set tag] for a prompt set other than the general "
              "prompts)).generate_state(1, uint32); streams " +

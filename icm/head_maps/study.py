@@ -109,6 +109,15 @@ def split_samples(spec: Mapping[str, Any], split: str, base_seed: int) -> list[S
     return out
 
 
+def hrv_samples(spec: Mapping[str, Any], base_seed: int) -> list[Sample]:
+    """The images HRV's votes are counted on where the study gives generic prompts
+    (``hrv_prompts``, as HRV's 2,100): ``hrv_samples_per_prompt`` each, in the study's seed
+    stream under their own prompt-set tag, so no seed is shared with a map image."""
+    return plan_samples(list(spec.get("hrv_prompts") or []),
+                        int(spec.get("hrv_samples_per_prompt", 1)), base_seed, STREAM,
+                        prompt_set="hrv")
+
+
 def words_of(spec: Mapping[str, Any], samples: list[Sample]) -> list[list[str]]:
     """Each sample's words, in slot order."""
     prompts = study_prompts(spec)
@@ -164,6 +173,15 @@ def daam_keeps(site: str, map_shape: tuple[int, int], default_size: int) -> bool
         return False
     latent = 4096 if default_size in (512, 1024) else 9216
     return int(math.sqrt(latent // (map_shape[0] * map_shape[1]))) != 8
+
+
+def site_rule_text(rule: str, exclude: list[str], sites: list[str]) -> str:
+    """The site rule as table.csv names it: DAAM's (or every site), what ``exclude`` left
+    out, and, where the maps are joint attention (FLUX), that every such site is kept."""
+    text = SITE_RULES[rule]
+    if rule == "daam" and any(kind_of(s).name == "joint" for s in sites):
+        text += "; every joint-attention site (DAAM has no rule for them)"
+    return text + (f", without {', '.join(exclude)}" if exclude else "")
 
 
 def kept_site(site: str, map_shape: tuple[int, int], default_size: int | None, rule: str,

@@ -27,6 +27,7 @@ JOBS: dict[str, str] = {
     "calibrate_unsteered_job": "icm.jobs.calibration",
     "calibrate_variant_job": "icm.jobs.calibration",
     "capture_head_maps_job": "icm.jobs.head_maps",
+    "count_head_votes_job": "icm.jobs.head_maps",
     "collect_table_job": "icm.jobs.evaluation",
     "compute_metrics_job": "icm.jobs.evaluation",
     "concept_samples": "icm.jobs.generation",

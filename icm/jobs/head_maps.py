@@ -43,9 +43,10 @@ from icm.head_maps.reading import (
 from icm.head_maps.relevance import hrv_of_votes
 from icm.head_maps.study import (
     HRV_NEEDS_CROSS_ATTENTION,
-    SITE_RULES,
     STREAM,
     hrv_concepts,
+    hrv_samples,
+    site_rule_text,
     slot_names,
     split_samples,
     words_of,
@@ -85,10 +86,8 @@ def capture_head_maps_job(
     votes: str | Path | None = None,
 ) -> None:
     """Generate one shard of a split with map capture at every word-map site (``attn2``;
-    FLUX's joint attention) (and, given
-    ``votes``, HRV's concept-word votes of every head on the same calls)."""
-    import torch
-    from safetensors.torch import save_file
+    FLUX's joint attention) and, given ``votes``, HRV's concept-word votes of every head on
+    the same calls."""
 
     from icm.generation.shard import GUIDANCE_ROWS, SamplerSettings, batches, generate_images
     from icm.head_maps.relevance import ConceptVoting
@@ -153,19 +152,59 @@ def capture_head_maps_job(
                              "image": f"{images_dir.name}/{name}"})
             bar.update(len(batch))
     write_table(table, rows, SAMPLE_COLUMNS)
-    if voting is not None:
-        counts = torch.cat([voting.votes[s] for s in voting.sites]).contiguous()
+    if votes:
+        write_votes(votes, voting, family_of(denoiser).name, f"the {split} split's images")
+
+
+def write_votes(path: str | Path, voting: Any, family: str, images: str) -> None:
+    """HRV's (heads, concepts) vote counts with their heads and concepts; without
+    ``voting`` (joint attention, where HRV is refused at start), an empty file saying why."""
+    import torch
+    from safetensors.torch import save_file
+
+    if voting is None:
+        tensor, meta = torch.zeros(0, 0), {
+            "heads": "[]", "concepts": "[]",
+            "what": "no HRV votes: " + HRV_NEEDS_CROSS_ATTENTION.format(family=family)}
+    else:
+        tensor = torch.cat([voting.votes[s] for s in voting.sites]).contiguous().cpu()
         heads = [[s, h] for s in voting.sites for h in range(voting.votes[s].shape[0])]
-        with written(votes) as partial:
-            save_file({"votes": counts.cpu()}, str(partial), metadata={
-                "heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
+        meta = {"heads": json.dumps(heads), "concepts": json.dumps(voting.concepts),
                 "what": "HRV votes (heads, concepts): per image, step and concept-word "
-                        "sequence, one vote per head"})
-    elif votes:
-        with written(votes) as partial:
-            save_file({"votes": torch.zeros(0, 0)}, str(partial), metadata={
-                "heads": "[]", "concepts": "[]", "what": "no HRV votes: "
-                + HRV_NEEDS_CROSS_ATTENTION.format(family=family_of(denoiser).name)})
+                        f"sequence, one vote per head, on {images}"}
+    with written(path) as partial:
+        save_file({"votes": tensor}, str(partial), metadata=meta)
+
+
+def count_head_votes_job(
+    *, model_name: str, model: Mapping[str, Any], source: str, concept_name: str,
+    study: Mapping[str, Any], generation: Mapping[str, Any], shard: int, votes: str | Path,
+) -> None:
+    """HRV's votes on one shard of the study's generic prompts (``hrv_prompts``), as HRV
+    counts them on its own prompts: images are generated only to vote, and not kept."""
+    from icm.generation.shard import SamplerSettings, batches, generate_images
+    from icm.head_maps.relevance import ConceptVoting
+    from icm.hooks.head_maps import word_map_sites
+    from icm.hooks.sites import denoiser_of
+    from icm.models.loading import ModelSpec, load_pipeline
+
+    spec = ModelSpec.from_config(model_name, {**model, "source": source})
+    samples = hrv_samples(study, generation["base_seed"])
+    mine = shard_samples(samples, model["n_shards"], shard, model["batch_size"])
+    log.info("%s/%s HRV votes, shard %d: samples %d..%d of %d", model_name, concept_name,
+             shard, mine[0].sample, mine[-1].sample, len(samples))
+    pipe = load_pipeline(spec, device=generation["device"])
+    settings = SamplerSettings.of(spec)
+    denoiser = denoiser_of(pipe)
+    with (
+        ConceptVoting(pipe, hrv_concepts(study), word_map_sites(denoiser), seed=shard) as voting,
+        tqdm(total=len(mine), desc="HRV votes", unit="img", file=sys.stderr) as bar,
+    ):
+        for batch in batches(mine, model["batch_size"]):
+            generate_images(pipe, batch, settings)
+            bar.update(len(batch))
+    write_votes(votes, voting, spec.family,
+                f"{len(mine)} images of the generic prompts (hrv_prompts)")
 
 
 # -- reading a split back ----------------------------------------------------------------
@@ -286,8 +325,7 @@ def evaluate_head_maps_job(
                                   for c, v in zip(counts, values, strict=True)]
         log.info("%s: %d images, %d of %d (image, word) pairs annotated", split, len(rows),
                  int(annotated.sum()), annotated.size)
-    rule = SITE_RULES[study["sites"]] + (f", without {', '.join(study['exclude'])}"
-                                         if study["exclude"] else "")
+    rule = site_rule_text(study["sites"], study["exclude"], list(maps))
     write_table(output_table, [{**row, "sites": rule} for row in table], TABLE_COLUMNS)
     write_table(output_curve, curve, CURVE_COLUMNS)
     write_json(output_record, {

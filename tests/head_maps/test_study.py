@@ -248,3 +248,45 @@ def test_the_default_sites_are_exactly_daam_s_on_tiny_sd15(tmp_path, resolution)
     by_name = aggregate({s: m for s, m in wide.items() if not s.startswith("mid_block")},
                         size=8)
     assert torch.equal(by_prefix, by_name)
+
+
+def test_hrv_votes_on_generic_prompts_count_one_vote_per_head_image_and_step(tmp_path):
+    """``hrv_prompts``: HRV's votes counted on images of generic prompts (HRV's 2,100), with
+    seeds of their own, sharded like every stream; relevance reads them as the train
+    split's votes."""
+    import json
+
+    from safetensors import safe_open
+
+    from icm.head_maps.relevance import hrv_of_votes
+    from icm.head_maps.study import hrv_samples
+    from icm.jobs.head_maps import count_head_votes_job
+    from icm.models.tiny import build_sd15_pipeline, save_replica
+
+    generic = {**STUDY, "hrv_prompts": ["a photo", "a red thing", "a blue sky"],
+               "hrv_samples_per_prompt": 2, "hrv_words": {"shape": ["circle", "square"],
+                                                          "color": ["red", "blue"],
+                                                          "texture": ["furry"]}}
+    samples = hrv_samples(generic, base_seed=0)
+    assert len(samples) == 6 and {s.seed >> 30 for s in samples} == {SEED_STREAMS["head-maps"]}
+    maps = [s.seed for split in ("train", "held-out") for s in split_samples(generic, split, 0)]
+    assert not {s.seed for s in samples} & set(maps)
+    folder = save_replica(lambda seed: build_sd15_pipeline("tiny", seed=seed), tmp_path / "m")
+    model = {"family": "sd15", "dtype": "float32", "steps": 3, "resolution": 32,
+             "guidance_scale": 7.5, "batch_size": 2, "n_shards": 2, "scheduler": "default",
+             "variant": None}
+    for shard in (0, 1):
+        count_head_votes_job(model_name="tiny-sd15", model=model, source=str(folder),
+                             concept_name="objects", study=generic,
+                             generation={"base_seed": 0, "device": "cpu"}, shard=shard,
+                             votes=tmp_path / f"votes-{shard}.safetensors")
+    with safe_open(str(tmp_path / "votes-0.safetensors"), "pt") as handle:
+        votes = handle.get_tensor("votes")
+        meta = handle.metadata()
+    assert votes.shape[1] == 3 and "generic prompts" in meta["what"]
+    steps = 4  # the tiny model's PNDM: 3 steps are 4 loop steps
+    assert torch.all(votes.sum(dim=1) == 4 * steps)  # shard 0: 2 batches of 2 images
+    heads = [tuple(h) for h in json.loads(meta["heads"])]
+    relevance = hrv_of_votes([tmp_path / f"votes-{k}.safetensors" for k in (0, 1)], heads,
+                             ["shape", "color"])
+    assert relevance.shape == (2, len(heads))

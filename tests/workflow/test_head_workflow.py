@@ -198,7 +198,9 @@ def test_joint_attention_head_maps_on_tiny_flux_to_their_table(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     table = pd.read_csv(workdir / base / "table.csv")
     assert set(table["relevance"].dropna()) >= {"oracle", "agreement"}
-    assert (table["sites"] == "daam").all() and table["miou"].notna().all()
+    assert (table["sites"] == "DAAM's sites: no mid block, no map of factor 8 (castorini/daam "
+            "0.2); every joint-attention site (DAAM has no rule for them)").all()
+    assert table["miou"].notna().all()
     for name in ("curve", "tau", "overlays", "relevance"):
         assert (workdir / base / f"{name}.png").stat().st_size > 0
     # The first train image, generated again without any hook: the same pixels.
@@ -212,3 +214,19 @@ def test_joint_attention_head_maps_on_tiny_flux_to_their_table(workdir):
                                            "seed")})
     plain = generate_images(pipe, [sample], SamplerSettings.of(spec))[0]
     assert np.array_equal(np.asarray(plain), image)
+
+
+def test_generic_hrv_prompts_plan_vote_jobs_whose_votes_relevance_reads(workdir, tmp_path):
+    """With `hrv_prompts`, HRV's votes come from jobs of their own, one per shard, and the
+    relevance job reads their files instead of the train split's; without, none is planned."""
+    assert "count_head_votes" not in plan(workdir, tmp_path, "{}\n")
+    jobs = plan(workdir, tmp_path, "concepts:\n  objects:\n    head_maps: {hrv_prompts: "
+                "[a shape, a thing, a picture, a drawing], hrv_samples_per_prompt: 4}\n")
+    assert jobs["count_head_votes"] == jobs["capture_train_head_maps"]
+    path = tmp_path / "edit.yaml"  # the overlay plan() wrote
+    result = snakemake(workdir, "--configfile", str(TEST_CONFIG), str(path), "-n", "--",
+                       f"{BASE}/relevance.csv")
+    relevance = (result.stdout + result.stderr).split("rule score_head_relevance:")[1]
+    relevance = relevance.split("rule ")[0]
+    assert f"{BASE}/hrv-votes/shard-000/votes.safetensors" in relevance
+    assert "train/shard-000/votes.safetensors" not in relevance
