@@ -157,7 +157,6 @@ def main() -> None:
     run = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--forceall",
                           TARGET, "--configfile", bench.name], cwd=work, capture_output=True,
                          text=True)  # --forceall: a rerun in the same scratch copy times all
-    
     wall = time.perf_counter() - start
     (work / "benchmark.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
