@@ -96,13 +96,11 @@ def curve_counts(n_heads: int, points: int) -> list[int]:
     return [int(c) for c in grid]
 
 
-def word_values(maps: Mapping[str, np.ndarray], masks: np.ndarray, word: int,
-                relevances: Mapping[str, Mapping[Head, float]], ks: Sequence[int | float],
-                taus: Sequence[float], seed: int = 0, size: int = 64
+def word_values(scorer: WordScorer, relevances: Mapping[str, Mapping[Head, float]],
+                ks: Sequence[int | float], taus: Sequence[float], seed: int = 0
                 ) -> dict[tuple[str, str, int, float], np.ndarray]:
-    """Per (method, relevance, k, tau): each image's IoU for one word slot (``masks``: its
-    annotated images' masks, ``maps`` those images' maps). ``all`` under k = every head."""
-    scorer = WordScorer(maps, word, masks, size)
+    """Per (method, relevance, k, tau): each image's IoU for one word slot (the scorer of
+    its annotated images). ``all`` under k = every head."""
     heads = scorer.heads
     rng = np.random.default_rng(seed)
     draws = [random_relevance(heads, int(s)) for s in rng.integers(0, 2**31, RANDOM_DRAWS)]
@@ -142,20 +140,24 @@ def evaluate_split(maps: Mapping[str, np.ndarray], masks: np.ndarray, annotated:
                    prompts: Sequence[int], slots: Sequence[str], split: str,
                    relevances: Mapping[str, Mapping[str, Mapping[Head, float]]],
                    ks: Sequence[int | float], taus: Sequence[float], seed: int = 0,
-                   size: int = 64) -> list[dict[str, Any]]:
+                   size: int = 64, scorers: dict[str, WordScorer] | None = None
+                   ) -> list[dict[str, Any]]:
     """Every row of one split: per word slot over its annotated images, then ``pooled``
     over every annotated (image, word) pair. ``masks``: (images, slots, H, W);
     ``annotated``: (images, slots), False where no mask was given (not scored);
-    ``relevances``: source -> slot -> head relevance."""
+    ``relevances``: source -> slot -> head relevance. ``scorers``, where given, receives
+    each scored slot's ``WordScorer`` (its upsampled maps serve the curve too)."""
     prompts = np.asarray(prompts)
     rows, pooled, pooled_groups = [], {}, []
     for w, slot in enumerate(slots):
         keep = np.asarray(annotated[:, w], dtype=bool)
         if not keep.any():
             continue
-        values = word_values({s: m[keep] for s, m in maps.items()}, masks[keep, w], w,
-                             {name: per[slot] for name, per in relevances.items()}, ks, taus,
-                             seed, size)
+        scorer = WordScorer({s: m[keep] for s, m in maps.items()}, w, masks[keep, w], size)
+        if scorers is not None:
+            scorers[slot] = scorer
+        values = word_values(scorer, {name: per[slot] for name, per in relevances.items()},
+                             ks, taus, seed)
         rows += table_rows(split, slot, values, prompts[keep], seed)
         for key, v in values.items():
             pooled.setdefault(key, []).append(v)

@@ -308,14 +308,11 @@ def evaluate_head_maps_job(
         rows, maps = read_split(tables, stores, study["exclude"], study["sites"])
         masks, annotated = read_masks(study["masks"], rows, slots)
         prompts = [int(r["prompt_index"]) for r in rows]
+        scorers: dict[str, WordScorer] = {}
         table += evaluate_split(maps, masks, annotated, prompts, slots, split, scores,
-                                study["ks"], study["taus"], study["seed"], size)
-        for w, slot in enumerate(slots):
-            keep = annotated[:, w]
-            if split != "held-out" or not keep.any():
-                continue
+                                study["ks"], study["taus"], study["seed"], size, scorers)
+        for slot, scorer in scorers.items() if split == "held-out" else ():
             chosen = {source: per[slot] for source, per in scores.items()}
-            scorer = WordScorer({s: m[keep] for s, m in maps.items()}, w, masks[keep, w], size)
             counts = curve_counts(len(scorer.heads), study["curve_points"])
             for source, relevance_of in chosen.items():
                 for tau in study["taus"]:
