@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -87,3 +88,32 @@ def score_fd(labeler: Any, spec: Mapping[str, Any], images: Sequence[Image.Image
         return fd, per_prompt, FD_FROM_PROBABILITIES, labelled
     fd, per_prompt = fairness_discrepancy(list(labels), list(prompts), classes, reference)
     return fd, per_prompt, FD_FROM_LABELS, labelled
+
+
+def write_embeddings(path: str | Path, embeddings: np.ndarray, samples: Sequence[int],
+                     backend: str) -> None:
+    """A set's image embeddings by sample (safetensors, float32): a variant's, or the
+    calibration's unsteered images'."""
+    from safetensors.numpy import save_file
+
+    from icm.io.atomic import written
+
+    with written(path) as partial:
+        save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
+                   "sample": np.asarray(samples, dtype=np.int64)}, str(partial),
+                  metadata={"what": "image embeddings of CLIP-I and CLIP-T, row per sample",
+                            "backend": backend})
+
+
+def embeddings_of(path: str | Path, samples: Sequence[int]) -> np.ndarray:
+    """The rows of ``samples`` in an embeddings file; a sample it lacks is an error (the
+    original and a variant share their seeds)."""
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    index = {int(s): i for i, s in enumerate(stored["sample"])}
+    missing = [int(s) for s in samples if int(s) not in index]
+    if missing:
+        raise ValueError(f"{path} has no embeddings of samples {missing[:10]}: the original "
+                         "variant must hold every sample a steered variant has")
+    return stored["embeddings"][[index[int(s)] for s in samples]]

@@ -14,10 +14,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from icm.evaluation.scoring import fid_of_images, image_embedder, score_fd
+from icm.evaluation.scoring import (
+    embeddings_of,
+    fid_of_images,
+    image_embedder,
+    score_fd,
+    write_embeddings,
+)
 from icm.io.atomic import write_json, write_table
 from icm.labeling.labelers import make_labeler
 from icm.models.devices import resolve_device
@@ -89,10 +94,7 @@ def calibrate_unsteered_job(
     samples generated unsteered, in the batches steering cuts, scored as each sweep scores
     its alphas; the row, and the image embeddings that each variant's CLIP-I compares
     with."""
-    from safetensors.numpy import save_file
-
     from icm.generation.shard import SamplerSettings, batches, generate_images
-    from icm.io.atomic import written
     from icm.models.loading import ModelSpec, load_pipeline
 
     spec = ModelSpec.from_config(model_name, {**model, "source": source})
@@ -107,9 +109,8 @@ def calibrate_unsteered_job(
               for image in generate_images(pipe, batch, settings)]
     row, embeddings = scorer.row("unsteered", 0.0, images, None)
     write_table(output, [row], TRADEOFF_COLUMNS)
-    with written(output_embeddings) as partial:
-        save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)},
-                  str(partial), metadata={"what": "calibration images' embeddings, unsteered"})
+    write_embeddings(output_embeddings, embeddings, [s.sample for s in setup["samples"]],
+                     scorer.embedder.name)
 
 
 def calibrate_variant_job(
@@ -142,7 +143,6 @@ def calibrate_variant_job(
     per prompt), with the variant's sites and start as steering uses them; FID too given
     ``fid_reference`` (the rule passes one where the concept has it and
     ``calibration["fid"]`` is on)."""
-    from safetensors.numpy import load_file
 
     from icm.generation.shard import SamplerSettings
     from icm.models.loading import ModelSpec, load_pipeline
@@ -160,7 +160,7 @@ def calibrate_variant_job(
     log.info("%s: %d calibration images per alpha (%d prompts x %d, batches of %d, targets "
              "dealt evenly per prompt)", variant_name, len(setup["samples"]),
              len(setup["prompts"]), per_prompt, batch_size)
-    base = load_file(str(unsteered_embeddings))["embeddings"]
+    base = embeddings_of(unsteered_embeddings, [s.sample for s in setup["samples"]])
     zero = {**pd.read_csv(unsteered).iloc[0].to_dict(), "variant": variant_name}
     if int(zero["n_images"]) != len(setup["samples"]):
         raise ValueError(f"{unsteered} holds {zero['n_images']} images, the calibration "

@@ -40,34 +40,6 @@ TABLE_COLUMNS = ["variant", *METRIC_COLUMNS[:4], "FD_draw_floor", "n_images", "n
                  *(f"{m}_backend" for m in METRIC_COLUMNS)]
 
 
-def write_embeddings(path: str | Path, embeddings: np.ndarray, samples: Sequence[int],
-                     backend: str) -> None:
-    """A variant's image embeddings by sample (safetensors, float32)."""
-    from safetensors.numpy import save_file
-
-    from icm.io.atomic import written
-
-    with written(path) as partial:
-        save_file({"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
-                   "sample": np.asarray(samples, dtype=np.int64)}, str(partial),
-                  metadata={"what": "image embeddings of CLIP-I and CLIP-T, row per sample",
-                            "backend": backend})
-
-
-def embeddings_of(path: str | Path, samples: Sequence[int]) -> np.ndarray:
-    """The rows of ``samples`` in an embeddings file; a sample it lacks is an error (the
-    original and a variant share their seeds)."""
-    from safetensors.numpy import load_file
-
-    stored = load_file(str(path))
-    index = {int(s): i for i, s in enumerate(stored["sample"])}
-    missing = [int(s) for s in samples if int(s) not in index]
-    if missing:
-        raise ValueError(f"{path} has no embeddings of samples {missing[:10]}: the original "
-                         "variant must hold every sample a steered variant has")
-    return stored["embeddings"][[index[int(s)] for s in samples]]
-
-
 def fid_statistics_job(*, folder: str | Path, backend: str, toy_features: str | None,
                        device: str, output: str | Path) -> None:
     """The FID reference's feature statistics, computed once per (model, concept): every
@@ -146,9 +118,11 @@ def compute_metrics_job(
     from icm.evaluation.scoring import (
         FD_FROM_LABELS,
         FD_FROM_PROBABILITIES,
+        embeddings_of,
         fid_of_files,
         image_embedder,
         score_fd,
+        write_embeddings,
     )
 
     device = str(resolve_device(evaluation["device"]))

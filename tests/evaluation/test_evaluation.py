@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from icm.evaluation.scoring import embeddings_of
 from icm.evaluation.targets import read_labels, target_rows
 from icm.io.atomic import write_table
 from icm.jobs.evaluation import (
     collect_table_job,
     compute_metrics_job,
-    embeddings_of,
     plot_grid_job,
 )
 from icm.steering.plan import STEER_COLUMNS
