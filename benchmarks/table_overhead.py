@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -31,7 +30,6 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -42,13 +40,15 @@ WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "sche
                   "resources", "icm", "profiles", "configs"]
 MODEL, CONCEPT = "sd15-full", "lit-side"
 TARGET = f"results/{MODEL}/{CONCEPT}/table.csv"
-VARIANTS = ["original", "icm", "cross", "all", "random", "worst", "lora-top"]
+#: The table's variants: one of each kind of work (a calibrated layer selection, a second
+#: one, a LoRA); the other layer selections repeat the same stages' work.
+VARIANTS = ["original", "icm", "random", "lora-top"]
 
 
 def overlay(args: argparse.Namespace) -> dict:
     """The benchmark's config over config.yaml: the model at the benchmark's size, one shard,
-    the concept's every layer selection and a LoRA, a fixed steering start (random weights
-    read nothing, so the automatic start would stop)."""
+    ``VARIANTS``, a two-alpha calibration in the batches every other stage uses, a fixed
+    steering start (random weights read nothing, so the automatic start would stop)."""
     return {
         "models": {MODEL: {
             "family": "sd15", "source": f"resources/models/{MODEL}", "dtype": args.dtype,
@@ -67,30 +67,10 @@ def overlay(args: argparse.Namespace) -> dict:
         }},
         "probes": {"steer_start": 15},
         "steering": {"calibration": {"alphas": [2, 8], "batches_per_class": 1,
-                                     "batch_size": 2, "max_doublings": 0}},
+                                     "max_doublings": 0}},
         "finetuning": {"steps": args.train_steps, "batch_size": 2, "gradient_accumulation": 1,
                        "warmup_steps": 1},
     }
-
-
-def job_seconds(log: str) -> list[tuple[str, float]]:
-    """(rule, seconds) of each finished job, from the ``[date]`` lines Snakemake prints
-    before a job's ``rule NAME:`` block and before its ``Finished jobid: N`` line."""
-    started: dict[str, tuple[str, datetime]] = {}
-    done: list[tuple[str, float]] = []
-    stamp, rule = None, None
-    for line in log.splitlines():
-        if re.fullmatch(r"\[\w{3} \w{3} +\d+ [\d:]{8} \d{4}\]", line.strip()):
-            stamp = datetime.strptime(" ".join(line.strip("[] \n").split()),
-                                      "%a %b %d %H:%M:%S %Y")
-        elif (head := re.match(r"^(?:local)?rule (\w+):$", line)) and stamp:
-            rule = (head.group(1), stamp)
-        elif (jobid := re.match(r"^\s+jobid: (\d+)$", line)) and rule:
-            started[jobid.group(1)], rule = rule, None
-        elif (end := re.match(r"^Finished jobid: (\d+)", line)) and stamp:
-            name, start = started.pop(end.group(1))
-            done.append((name, (stamp - start).total_seconds()))
-    return done
 
 
 def bare_seconds_per_image(work: Path, config: dict, device: str, repeats: int) -> float:
@@ -124,7 +104,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples-per-prompt", type=int, default=16)
     parser.add_argument("--steered-per-prompt", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=8)
@@ -133,10 +113,12 @@ def main() -> None:
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="table-overhead-"))
-    for name in WORKFLOW_FILES:
+    for name in WORKFLOW_FILES:  # this checkout's code, over an earlier run's (kept: results)
         source, target = ROOT / name, work / name
-        if not target.exists():
-            (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target, dirs_exist_ok=True)
+        else:
+            shutil.copy(source, target)
     model_dir = work / f"resources/models/{MODEL}"
     if not model_dir.exists():
         from icm.models.tiny import build_sd15_pipeline, save_replica
@@ -148,7 +130,7 @@ def main() -> None:
     os.environ.update(PYTHONPATH=str(work), HF_HUB_OFFLINE="1")
     sys.path.insert(0, str(work))
 
-    from icm.costs.plan import load_config, plan, planned_jobs, rule_stages
+    from icm.costs.plan import job_seconds, load_config, plan, planned_jobs, rule_stages
 
     config = load_config([bench.name], work)
     counts = plan(planned_jobs([TARGET], [bench.name], work), config, rule_stages(work))
@@ -165,9 +147,11 @@ def main() -> None:
     bare = bare_seconds_per_image(work, config, args.device, args.repeats)
 
     stages, seconds, jobs = rule_stages(work), defaultdict(float), defaultdict(int)
+    by_rule: dict[str, list[float]] = defaultdict(list)
     for rule, s in job_seconds(run.stdout + run.stderr):
         seconds[stages.get(rule, "other")] += s
         jobs[stages.get(rule, "other")] += 1
+        by_rule[rule].append(s)
     print(f"\nfull-size SD1.5 architecture, {args.device} {args.dtype}, {args.resolution} px, "
           f"{args.steps} steps, batch {args.batch}; bare generation {bare:.3f} s per image\n")
     print("| stage | jobs | job time | images | bare generation | stage / its bare |")
@@ -181,6 +165,10 @@ def main() -> None:
     print(f"| **table** | {sum(jobs.values())} | {total:.0f} s | {images} | "
           f"{images * bare:.0f} s | **{total / (images * bare):.2f}** |")
     print(f"\nwall time {wall:.0f} s; LoRA training examples {counts['total']['train_examples']}")
+    print("\n| rule | jobs | seconds each (median) | total |\n|---|---:|---:|---:|")
+    for rule, times in sorted(by_rule.items(), key=lambda item: -sum(item[1])):
+        print(f"| {rule} | {len(times)} | {statistics.median(times):.0f} s | "
+              f"{sum(times):.0f} s |")
 
 
 if __name__ == "__main__":

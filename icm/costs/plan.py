@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,27 @@ def parse_dry_run(text: str) -> list[Job]:
             key, value = line.strip().split(": ", 1)
             setattr(jobs[-1], key, dict(p.split("=", 1) for p in value.split(", ")))
     return jobs
+
+
+def job_seconds(log: str) -> list[tuple[str, float]]:
+    """(rule, seconds) of each finished job of a Snakemake run's log, from the ``[date]``
+    lines it prints before a job's ``rule NAME:`` block and before its ``Finished jobid: N``
+    line (to the second): what each job took, for ``benchmarks/table_overhead.py``."""
+    started: dict[str, tuple[str, datetime]] = {}
+    done: list[tuple[str, float]] = []
+    stamp, rule = None, None
+    for line in log.splitlines():
+        if re.fullmatch(r"\[\w{3} \w{3} +\d+ [\d:]{8} \d{4}\]", line.strip()):
+            stamp = datetime.strptime(" ".join(line.strip("[] \n").split()),
+                                      "%a %b %d %H:%M:%S %Y")
+        elif (head := re.match(r"^(?:local)?rule (\w+):$", line)) and stamp:
+            rule = (head.group(1), stamp)
+        elif (jobid := re.match(r"^\s+jobid: (\d+)$", line)) and rule:
+            started[jobid.group(1)], rule = rule, None
+        elif (end := re.match(r"^Finished jobid: (\d+)", line)) and stamp:
+            name, start = started.pop(end.group(1))
+            done.append((name, (stamp - start).total_seconds()))
+    return done
 
 
 def load_config(configfiles: Sequence[str | Path], workdir: str | Path = ".") -> dict[str, Any]:

@@ -135,3 +135,29 @@ def test_time_limits_need_neither_torch_nor_a_built_models_folder():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_job_seconds_reads_each_job_from_start_to_finish_in_a_run_log():
+    """Jobs that overlap finish in another order than they started: each is matched by its
+    jobid (the log format of Snakemake 9's own run log)."""
+    from icm.costs.plan import job_seconds
+
+    log = """Select jobs to execute...
+Execute 2 jobs...
+[Mon Dec  7 20:24:29 2026]
+localrule generate_images:
+    output: results/x/generation/shard-000/images
+    jobid: 8
+    wildcards: model=x, concept=y, shard=000
+[Mon Dec  7 20:24:30 2026]
+rule fit_probes:
+    input: results/x/labels.csv
+    jobid: 3
+[Mon Dec  7 20:25:00 2026]
+Finished jobid: 3 (Rule: fit_probes)
+1 of 2 steps (50%) done
+[Mon Dec  7 20:26:11 2026]
+Finished jobid: 8 (Rule: generate_images)
+2 of 2 steps (100%) done
+"""
+    assert job_seconds(log) == [("fit_probes", 30.0), ("generate_images", 102.0)]

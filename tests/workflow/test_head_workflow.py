@@ -210,8 +210,8 @@ def test_joint_attention_head_maps_on_tiny_flux_to_their_table(workdir):
     spec = ModelSpec.from_config("tiny-flux", {**config,
                                                "source": str(workdir / "results/models/tiny-flux")})
     pipe = load_pipeline(spec, "cpu")
-    sample = Sample(**{k: row[k] for k in ("sample", "prompt_index", "repeat", "prompt",
-                                           "seed")})
+    sample = Sample(int(row["sample"]), int(row["prompt_index"]), int(row["repeat"]),
+                    row["prompt"], int(row["seed"]))
     plain = generate_images(pipe, [sample], SamplerSettings.of(spec))[0]
     assert np.array_equal(np.asarray(plain), image)
 
