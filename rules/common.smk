@@ -177,7 +177,11 @@ check_config()
 @functools.cache
 def check_run(model, concept):
     """Refuse a (model, concept) pair whose counts disagree or whose prompts the model's text
-    encoder would cut (icm.checks.run_problems), naming each key."""
+    encoder would cut (icm.checks.run_problems), naming each key. Once, in the Snakemake
+    that plans the run: a cluster job's own Snakemake (SLURM) skips it, as its pair was
+    checked before the job was submitted."""
+    if not workflow.is_main_process:
+        return
     local = model_source(model)
     problems = run_problems(config, model, concept, local if Path(local).is_dir() else None)
     if problems:

@@ -76,6 +76,31 @@ def test_an_edit_changes_exactly_the_jobs_that_run_the_module(library):
     assert {"generate_shard_job", "steer_shard_job"} <= hooking
 
 
+def test_the_code_cache_keeps_every_fingerprint_and_follows_an_edit(library, tmp_path,
+                                                                   monkeypatch):
+    """Module texts and imports kept between Snakemake starts (``code_cache_dir``): with no
+    cache, a cold one and a warm one the fingerprints are the same; entries are named by
+    content, so an edited module (here: a new import) is read afresh, never from a stale
+    entry."""
+    from icm.io import fingerprints as module
+
+    def fresh(cache: str) -> dict[str, str]:
+        for cached in (module._code_of_file, module._import_nodes, module._parse):
+            cached.cache_clear()  # as a new Snakemake process starts
+        monkeypatch.setenv("ICM_CODE_CACHE", cache)
+        return fingerprints(library)
+
+    plain = fresh("")
+    assert fresh(str(tmp_path / "cache")) == plain == fresh(str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("*.imports"))) > 10
+    assert "icm.hooks.registry" not in job_modules("collect_table_job", library)
+    edit(library / "evaluation/targets.py", "\nimport ", "\nimport icm.hooks.registry\nimport ")
+    edited = fresh(str(tmp_path / "cache"))
+    assert "icm.hooks.registry" in job_modules("collect_table_job", library)
+    assert edited["collect_table_job"] != plain["collect_table_job"]
+    assert fresh("") == edited
+
+
 def rule_blocks() -> dict[str, str]:
     """rule name -> its text, from every rules/*.smk."""
     blocks = {}
