@@ -394,16 +394,17 @@ def prompt_problems(config: Mapping[str, Any], model: str, concept: str,
     folder = tokenizer_folder(spec, family.prompt_tokenizer, model_dir)
     if folder is None:
         return []
-    tokenizer = _tokenizer(str(folder))
-    if tokenizer is None:
+    prompts = list(concept_prompts(config["concepts"][concept]))
+    counted = token_counts(str(folder), [prompt for _, prompt in prompts])
+    if counted is None:
         return []
-    limit = tokenizer.model_max_length
+    limit, counts = counted
     if family.prompt_length is not None:
         argument, default = family.prompt_length
         limit = int((spec.get("pipeline_arguments") or {}).get(argument, default))
     problems = []
-    for key, prompt in concept_prompts(config["concepts"][concept]):
-        n = len(tokenizer(prompt, verbose=False).input_ids)
+    for key, prompt in prompts:
+        n = counts[prompt]
         if n > limit:
             problems.append(f"concepts.{concept}.{key}: {prompt!r} is {n} tokens, but "
                             f"{model}'s text encoder reads {limit}: the rest would be cut")
@@ -422,6 +423,37 @@ def tokenizer_folder(spec: Mapping[str, Any], subfolder: str,
 
     found = try_to_load_from_cache(source, f"{subfolder}/tokenizer_config.json")
     return Path(found).parent if isinstance(found, str) else None
+
+
+def token_counts(folder: str, prompts: list[str]) -> tuple[int, dict[str, int]] | None:
+    """(the tokenizer's ``model_max_length``, each prompt's token count), None where the
+    folder's config names no tokenizer class. Counts are kept in the code cache
+    (``icm.io.fingerprints.code_cache_dir``) under the sha256 of the tokenizer's files, so a
+    Snakemake start loads no tokenizer (nor transformers, 1.6 s) for prompts counted before
+    by the same tokenizer."""
+    import hashlib
+    import json
+
+    from icm.io.fingerprints import code_cache_dir, write_cache_entry
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    cache = code_cache_dir()
+    entry = cache / f"tokens-{digest.hexdigest()}.json" if cache else None
+    known = json.loads(entry.read_text()) if entry is not None and entry.is_file() else {}
+    missing = [p for p in dict.fromkeys(prompts) if p not in known.get("counts", {})]
+    if missing or "limit" not in known:
+        tokenizer = _tokenizer(folder)
+        if tokenizer is None:
+            return None
+        known = {"limit": int(tokenizer.model_max_length), "counts": {
+            **known.get("counts", {}),
+            **{p: len(tokenizer(p, verbose=False).input_ids) for p in missing}}}
+        if entry is not None:
+            write_cache_entry(entry, json.dumps(known))
+    return known["limit"], {p: known["counts"][p] for p in prompts}
 
 
 @functools.cache

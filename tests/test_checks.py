@@ -203,3 +203,27 @@ def test_hrv_on_joint_attention_is_refused_and_the_other_sources_pass(config):
     assert not [p for p in run_problems(config, "tiny-flux", "objects") if ".relevance" in p]
     objects["relevance"] = ["hrv", "hrv-published"]
     assert not [p for p in run_problems(config, "tiny-sd15", "objects") if ".relevance" in p]
+
+
+def test_token_counts_are_kept_by_the_tokenizer_s_content(tmp_path, monkeypatch):
+    """A warm cache counts without loading the tokenizer; the counts are the tokenizer's."""
+    import shutil
+
+    import icm.checks as checks
+
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(TOY / "tokenizer", folder)
+    prompts = ["a circle", "a b c d e f g h"]
+    monkeypatch.setenv("ICM_CODE_CACHE", "")
+    plain = checks.token_counts(str(folder), prompts)
+    monkeypatch.setenv("ICM_CODE_CACHE", str(tmp_path / "cache"))
+    assert checks.token_counts(str(folder), prompts) == plain
+    assert plain[1]["a b c d e f g h"] == 10 and plain[0] == 8
+
+    def unused(folder):
+        raise AssertionError("a warm cache loads no tokenizer")
+
+    monkeypatch.setattr(checks, "_tokenizer", unused)
+    assert checks.token_counts(str(folder), prompts) == plain
+    with pytest.raises(AssertionError):  # a new prompt is counted by the tokenizer
+        checks.token_counts(str(folder), ["a square"])

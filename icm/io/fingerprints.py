@@ -85,7 +85,7 @@ def _import_nodes(path: Path, mtime_ns: int) -> tuple[ast.AST, ...]:
                   if isinstance(n, ast.Import | ast.ImportFrom))
     if entry is not None:  # relative imports name no icm module here (``_imports``)
         kept = [n for n in nodes if isinstance(n, ast.Import) or n.level == 0]
-        _keep(entry, "".join(ast.unparse(n) + "\n" for n in kept))
+        write_cache_entry(entry, "".join(ast.unparse(n) + "\n" for n in kept))
     return nodes
 
 
@@ -119,11 +119,11 @@ def _code_of_file(path: Path, mtime_ns: int) -> str:
         return entry.read_text()
     code = _without_docstrings(_parse(path, mtime_ns))
     if entry is not None:
-        _keep(entry, code)
+        write_cache_entry(entry, code)
     return code
 
 
-def _keep(entry: Path, text: str) -> None:
+def write_cache_entry(entry: Path, text: str) -> None:
     """Write a cache entry whole, then rename it: a reader never sees half of one. A
     read-only cache leaves fingerprints the same, only slower."""
     try:
