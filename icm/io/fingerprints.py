@@ -23,7 +23,7 @@ import ast
 import hashlib
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 
@@ -74,19 +74,15 @@ def _module_imports(name: str, root: Path) -> set[str]:
 
 @cache
 def _import_nodes(path: Path, mtime_ns: int) -> tuple[ast.AST, ...]:
-    """The module's import statements at any depth: from ``code_cache_dir()`` where its
-    content was seen before (kept as their source lines), else parsed and kept."""
-    source = path.read_bytes()
-    folder = code_cache_dir()
-    entry = folder / f"{hashlib.sha256(source).hexdigest()}.imports" if folder else None
-    if entry is not None and entry.is_file():
-        return tuple(ast.parse(entry.read_text()).body)
-    nodes = tuple(n for n in ast.walk(_parse(path, mtime_ns))
-                  if isinstance(n, ast.Import | ast.ImportFrom))
-    if entry is not None:  # relative imports name no icm module here (``_imports``)
-        kept = [n for n in nodes if isinstance(n, ast.Import) or n.level == 0]
-        write_cache_entry(entry, "".join(ast.unparse(n) + "\n" for n in kept))
-    return nodes
+    """The module's absolute import statements at any depth (relative ones name no icm
+    module here, ``_imports``), kept in the code cache as their source lines."""
+    def lines() -> str:
+        nodes = [n for n in ast.walk(_parse(path, mtime_ns))
+                 if isinstance(n, ast.Import) or isinstance(n, ast.ImportFrom) and n.level == 0]
+        return "".join(ast.unparse(n) + "\n" for n in nodes)
+
+    return tuple(ast.parse(cached_text(f"{_content_digest(path, mtime_ns)}.imports",
+                                       lines)).body)
 
 
 def _module_code(path: Path) -> str:
@@ -112,15 +108,27 @@ def code_cache_dir() -> Path | None:
 
 @cache
 def _code_of_file(path: Path, mtime_ns: int) -> str:
-    source = path.read_bytes()
+    return cached_text(_content_digest(path, mtime_ns),
+                       lambda: _without_docstrings(_parse(path, mtime_ns)))
+
+
+@cache
+def _content_digest(path: Path, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, once per version of the file: a cache entry's name."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cached_text(name: str, make: Callable[[], str]) -> str:
+    """``make()``, kept in ``code_cache_dir()`` as entry ``name`` (named by the content it
+    was made from) and read back there on a later start."""
     folder = code_cache_dir()
-    entry = folder / hashlib.sha256(source).hexdigest() if folder else None
+    entry = folder / name if folder else None
     if entry is not None and entry.is_file():
         return entry.read_text()
-    code = _without_docstrings(_parse(path, mtime_ns))
+    text = make()
     if entry is not None:
-        write_cache_entry(entry, code)
-    return code
+        write_cache_entry(entry, text)
+    return text
 
 
 def write_cache_entry(entry: Path, text: str) -> None:
