@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from icm.head_maps.study import (
-    HRV_NEEDS_CROSS_ATTENTION,
     has_study,
     hrv_concepts,
+    hrv_refusal,
     slot_names,
     split_prompts,
 )
@@ -288,7 +288,7 @@ def run_problems(config: Mapping[str, Any], model: str, concept: str,
 
 def head_map_family_problems(config: Mapping[str, Any], model: str, concept: str) -> list[str]:
     """A head-map study on a model whose family has no word maps, or asks FLUX's joint
-    attention for HRV's votes (``icm.head_maps.relevance.HRV_NEEDS_CROSS_ATTENTION``)."""
+    attention for HRV's votes (``icm.head_maps.study.hrv_refusal``)."""
     from icm.models.families import family_named
 
     study = config["concepts"][concept].get("head_maps")
@@ -299,9 +299,9 @@ def head_map_family_problems(config: Mapping[str, Any], model: str, concept: str
     if family.map_kind is None:
         return [f"{key}: {model}'s family {family.name} has no attention read as word maps"]
     hrv = [r for r in study.get("relevance", []) if r.startswith("hrv")]
-    if family.map_kind != "attn2" and hrv:
-        return [f"{key}.relevance: {hrv} on {model}: "
-                + HRV_NEEDS_CROSS_ATTENTION.format(family=family.name)]
+    refusal = hrv_refusal(family)
+    if refusal and hrv:
+        return [f"{key}.relevance: {hrv} on {model}: {refusal}"]
     return []
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from icm.head_maps.aggregation import Head, ious, segment_batch, word_stack
-from icm.head_maps.study import HRV_NEEDS_CROSS_ATTENTION
+from icm.head_maps.study import hrv_refusal
 from icm.head_maps.tokens import word_positions
 from icm.hooks.head_maps import attention_probabilities, word_map_sites
 from icm.hooks.registry import CFGMode, SiteHooks
@@ -80,9 +80,9 @@ class ConceptVoting(SiteHooks):
     def __init__(self, pipe: Any, concepts: Mapping[str, Sequence[str]],
                  sites: Sequence[str] | None = None, cfg: CFGMode = "auto",
                  seed: int = 0) -> None:
-        family = family_of(denoiser_of(pipe))
-        if family.map_kind != "attn2":
-            raise ValueError(HRV_NEEDS_CROSS_ATTENTION.format(family=family.name))
+        refusal = hrv_refusal(family_of(denoiser_of(pipe)))
+        if refusal:
+            raise ValueError(refusal)
         chosen = list(sites) if sites is not None else word_map_sites(denoiser_of(pipe))
         super().__init__(pipe, chosen, cfg)
         self.concepts = list(concepts)

@@ -152,6 +152,14 @@ HRV_NEEDS_CROSS_ATTENTION = (
     "stability")
 
 
+def hrv_refusal(family: Any) -> str | None:
+    """Why HRV cannot vote on a family's word maps (``icm.models.families.Family``), None
+    where it can: on cross-attention only."""
+    if family.map_kind == "attn2":
+        return None
+    return HRV_NEEDS_CROSS_ATTENTION.format(family=family.name)
+
+
 #: The sites a study's heads come from (`head_maps.sites`): DAAM's, or every one.
 SITE_RULES = {
     "daam": "DAAM's sites: no mid block, no map of factor 8 (castorini/daam 0.2)",

@@ -153,9 +153,9 @@ class HeadMapCapture(SiteHooks):
                  cfg: CFGMode = "auto", arguments: Mapping[str, Any] | None = None) -> None:
         family = family_of(denoiser_of(pipe))
         chosen = list(sites) if sites is not None else word_map_sites(denoiser_of(pipe))
-        wrong = [s for s in chosen if kind_of(s).name != family.map_kind]
         if not family.map_kind:
             raise ValueError(f"{family.name} has no attention read as word maps")
+        wrong = [s for s in chosen if kind_of(s).name != family.map_kind]
         if wrong:
             raise ValueError(f"{family.name}'s head maps are read at "
                              f"{KINDS[family.map_kind].label} sites, not {wrong}")

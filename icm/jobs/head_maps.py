@@ -42,9 +42,9 @@ from icm.head_maps.reading import (
 )
 from icm.head_maps.relevance import hrv_of_votes
 from icm.head_maps.study import (
-    HRV_NEEDS_CROSS_ATTENTION,
     STREAM,
     hrv_concepts,
+    hrv_refusal,
     hrv_samples,
     site_rule_text,
     slot_names,
@@ -106,6 +106,7 @@ def capture_head_maps_job(
     pipe = load_pipeline(spec, device=generation["device"])
     settings = SamplerSettings.of(spec)
     denoiser = denoiser_of(pipe)
+    family = family_of(denoiser)
     sites = word_map_sites(denoiser)
     if not sites:
         raise ValueError(f"{model_name} has no cross- or joint-attention sites: no word maps")
@@ -119,18 +120,18 @@ def capture_head_maps_job(
         "window": dict(study["window"]), "sampler": settings.record(),
         "base_seed": generation["base_seed"], "seed_stream": STREAM, "seed_rule": SEED_RULE,
         "shard": shard, "n_shards": model["n_shards"],
-        "maps": MAP_RULES[family_of(denoiser).map_kind]
+        "maps": MAP_RULES[family.map_kind]
                 + ", mean over the word's tokens, summed over the window's steps, conditional "
-                "rows: " + GUIDANCE_ROWS[family_of(denoiser).guidance],
+                "rows: " + GUIDANCE_ROWS[family.guidance],
         "versions": package_versions(),
     }
     images_dir, table = Path(images_dir), Path(table)
     rows: list[dict[str, object]] = []
     # HRV's votes need cross-attention (refused at start where a study asks for them on
     # joint attention); there the votes file records why it holds none.
-    hrv_defined = family_of(denoiser).map_kind == "attn2"
+    refusal = hrv_refusal(family)
     voting = ConceptVoting(pipe, hrv_concepts(study), sites, seed=shard) \
-        if votes and hrv_defined else None
+        if votes and refusal is None else None
     with (
         atomic_directory(images_dir) as partial_images,
         HeadMapStoreWriter(store, mine, attrs, study["store_dtype"],
@@ -153,19 +154,21 @@ def capture_head_maps_job(
             bar.update(len(batch))
     write_table(table, rows, SAMPLE_COLUMNS)
     if votes:
-        write_votes(votes, voting, family_of(denoiser).name, f"the {split} split's images")
+        write_votes(votes, voting, f"the {split} split's images", refusal)
 
 
-def write_votes(path: str | Path, voting: Any, family: str, images: str) -> None:
+def write_votes(path: str | Path, voting: Any, images: str, refusal: str | None = None
+                ) -> None:
     """HRV's (heads, concepts) vote counts with their heads and concepts; without
-    ``voting`` (joint attention, where HRV is refused at start), an empty file saying why."""
+    ``voting`` (joint attention, where HRV is refused at start), an empty file saying why
+    (``refusal``)."""
     import torch
     from safetensors.torch import save_file
 
     if voting is None:
         tensor, meta = torch.zeros(0, 0), {
             "heads": "[]", "concepts": "[]",
-            "what": "no HRV votes: " + HRV_NEEDS_CROSS_ATTENTION.format(family=family)}
+            "what": f"no HRV votes: {refusal}"}
     else:
         tensor = torch.cat([voting.votes[s] for s in voting.sites]).contiguous().cpu()
         heads = [[s, h] for s in voting.sites for h in range(voting.votes[s].shape[0])]
@@ -203,8 +206,7 @@ def count_head_votes_job(
         for batch in batches(mine, model["batch_size"]):
             generate_images(pipe, batch, settings)
             bar.update(len(batch))
-    write_votes(votes, voting, spec.family,
-                f"{len(mine)} images of the generic prompts (hrv_prompts)")
+    write_votes(votes, voting, f"{len(mine)} images of the generic prompts (hrv_prompts)")
 
 
 # -- reading a split back ----------------------------------------------------------------
